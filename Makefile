@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:  `make test`  and  `make demo`.
+# PYTHON picks the interpreter used to create .venv; TORCH_PIN is the torch pair installed
+# first (a CPU-friendly pin that lies on this project's build machines; CUDA users may
+# override it, e.g. `make test TORCH_PIN="torch torchvision"`).
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# Test-only reference for the Kaldi fbank parity test; --no-deps keeps the torch above.
+TORCHAUDIO_REF ?= torchaudio==2.11.0
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install $(TORCH_PIN)
+	$(BIN)/python -m pip install -r requirements-dev.txt
+	$(BIN)/python -m pip install --no-deps $(TORCHAUDIO_REF)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# Skips the tests marked `heavy` (reference-parity runs at full ViT-B width).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not heavy" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash run_demo.sh
+
+bench: $(STAMP)
+	$(BIN)/python bench/score_bench.py
+
+clean-venv:
+	rm -rf $(VENV)
