@@ -1,0 +1,151 @@
+"""BertAdam, the warmup-cosine schedule and the parameter groups of DESIGN §7."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from modules.optimization import (BertAdam, GroupClippedAdamW, OptimConfig, WarmupCosine,
+                                  build_optimizer, build_scheduler, parameter_groups,
+                                  parameter_role)
+
+
+def test_bertadam_hand_worked_step():
+    # p = [1, -2], g = [0.3, 0.4] (norm 0.5 < clip 1), lr 0.1, wd 0.2, betas (0.9, 0.98), eps 1e-6.
+    # m = 0.1 g, v = 0.02 g^2, m / sqrt(v) = 0.1 / sqrt(0.02) * sign(g) = 0.70710... (no bias correction)
+    # p' = p - 0.1 * (0.7071 * sign(g) + 0.2 * p)
+    p = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = BertAdam([p], lr=0.1, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, max_grad_norm=1.0)
+    p.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    opt.step()
+    ratio = 0.1 * 0.3 / (math.sqrt(0.02 * 0.09) + 1e-6)
+    ratio2 = 0.1 * 0.4 / (math.sqrt(0.02 * 0.16) + 1e-6)
+    expected = torch.tensor([1.0 - 0.1 * (ratio + 0.2 * 1.0), -2.0 - 0.1 * (ratio2 + 0.2 * -2.0)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_bertadam_clips_each_group_separately():
+    # Group a's gradient (norm 5) is clipped to norm 1; group b's (norm 0.5) is untouched.
+    a = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = BertAdam([{"params": [a]}, {"params": [b]}], lr=1.0, betas=(0.0, 0.0), eps=0.0,
+                   max_grad_norm=1.0)
+    a.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    b.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    opt.step()
+    # With betas 0 the first moment is the (clipped) gradient: check it was stored clipped.
+    torch.testing.assert_close(opt.state[a]["exp_avg"], torch.tensor([0.6, 0.8], dtype=torch.float64))
+    torch.testing.assert_close(opt.state[b]["exp_avg"], torch.tensor([0.3, 0.4], dtype=torch.float64))
+
+
+def test_warmup_cosine_values():
+    f = WarmupCosine(total_steps=100, warmup=0.1)
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert f(50) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scheduler_drives_group_lrs_and_roundtrips():
+    p = nn.Parameter(torch.zeros(2))
+    opt = BertAdam([{"params": [p], "lr": 2.0}])
+    sched = build_scheduler(opt, total_steps=20, warmup_proportion=0.1)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 1.0, 2.0 * 0.5 * (1 + math.cos(math.pi * 0.1)),
+                                 2.0 * 0.5 * (1 + math.cos(math.pi * 0.15))])
+    restored = build_scheduler(BertAdam([{"params": [p], "lr": 2.0}]), total_steps=20,
+                               warmup_proportion=0.1)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.last_epoch == 4
+    assert restored.lr_lambdas[0].total_steps == 20
+
+
+class _FakeCLIP(nn.Module):
+    """Parameter names of OpenAI CLIP, two resblocks per tower."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.token_embedding = nn.Embedding(10, d)
+        self.positional_embedding = nn.Parameter(torch.zeros(5, d))
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList([nn.Linear(d, d) for _ in range(2)])
+        self.ln_final = nn.LayerNorm(d)
+        self.text_projection = nn.Parameter(torch.zeros(d, d))
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.visual = nn.Module()
+        self.visual.conv1 = nn.Conv2d(3, d, 2, bias=False)
+        self.visual.class_embedding = nn.Parameter(torch.zeros(d))
+        self.visual.positional_embedding = nn.Parameter(torch.zeros(5, d))
+        self.visual.ln_pre = nn.LayerNorm(d)
+        self.visual.transformer = nn.Module()
+        self.visual.transformer.resblocks = nn.ModuleList([nn.Linear(d, d) for _ in range(2)])
+        self.visual.ln_post = nn.LayerNorm(d)
+        self.visual.proj = nn.Parameter(torch.zeros(d, d))
+
+
+class _FakeModel(nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.clip = _FakeCLIP(d)
+        self.ast = nn.Module()
+        self.ast.blocks = nn.ModuleList([nn.Linear(d, d)])
+        self.ast.norm = nn.LayerNorm(d)
+        self.audio_projection = nn.Linear(d, d, bias=False)
+        self.resampler = nn.Module()
+        self.resampler.query = nn.Parameter(torch.zeros(3, d))
+        self.resampler.ln = nn.LayerNorm(d)
+
+
+def test_parameter_roles():
+    assert parameter_role("ast.blocks.0.weight", 0) == "frozen"
+    assert parameter_role("ast.norm.weight", 0) == "new"
+    assert parameter_role("clip.visual.conv1.weight", 0) == "frozen"
+    assert parameter_role("clip.visual.ln_pre.bias", 0) == "frozen"
+    assert parameter_role("clip.token_embedding.weight", 0) == "frozen"
+    assert parameter_role("clip.transformer.resblocks.0.weight", 0) == "clip"
+    assert parameter_role("clip.transformer.resblocks.0.weight", 1) == "frozen"
+    assert parameter_role("clip.visual.transformer.resblocks.1.weight", 1) == "clip"
+    assert parameter_role("clip.logit_scale", 5) == "clip"
+    assert parameter_role("resampler.query", 0) == "query"
+    assert parameter_role("audio_projection.weight", 0) == "new"
+
+
+def test_parameter_groups_lrs_decay_and_freezing():
+    model = _FakeModel()
+    cfg = OptimConfig(lr=1e-4, coef_lr=1e-3, freeze_layer_num=1)
+    opt = build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"clip/decay", "clip/no_decay", "new/decay", "new/no_decay", "query/decay"}
+    assert groups["clip/decay"]["lr"] == pytest.approx(1e-7)
+    assert groups["new/decay"]["lr"] == pytest.approx(1e-4)
+    assert groups["query/decay"]["lr"] == pytest.approx(1e-2)
+    assert groups["clip/no_decay"]["weight_decay"] == 0.0
+    assert groups["clip/decay"]["weight_decay"] == pytest.approx(0.2)
+    assert set(groups["clip/decay"]["param_names"]) == {
+        "clip.transformer.resblocks.1.weight", "clip.text_projection",
+        "clip.visual.transformer.resblocks.1.weight", "clip.visual.proj"}
+    assert "clip.logit_scale" in groups["clip/no_decay"]["param_names"]
+    assert set(groups["new/no_decay"]["param_names"]) == {
+        "ast.norm.weight", "ast.norm.bias", "resampler.ln.weight", "resampler.ln.bias"}
+    assert groups["new/decay"]["param_names"] == ["audio_projection.weight"]
+    grouped = {n for g in groups.values() for n in g["param_names"]}
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name in grouped), name
+    assert not model.clip.visual.conv1.weight.requires_grad
+    assert not model.clip.transformer.resblocks[0].weight.requires_grad
+
+
+def test_adamw_variant_uses_the_same_groups():
+    model = _FakeModel()
+    cfg = OptimConfig(name="adamw")
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, GroupClippedAdamW)
+    assert [g["name"] for g in opt.param_groups] == [g["name"] for g in parameter_groups(model, cfg)]
+    with pytest.raises(ValueError, match="--optimizer"):
+        build_optimizer(model, OptimConfig(name="sgd"))
