@@ -74,8 +74,11 @@ class ASTConfig:
 
     @classmethod
     def tiny(cls) -> "ASTConfig":
-        """A narrow, shallow trunk over the full-size spectrogram, for fast tests."""
-        return cls(embed_dim=64, depth=2, num_heads=4)
+        """A narrow, shallow trunk over the full-size spectrogram, for fast tests.
+
+        Heads keep DeiT's width 64, so the config inferred from a tiny checkpoint is this one.
+        """
+        return cls(embed_dim=2 * DEIT_HEAD_DIM, depth=2, num_heads=2)
 
     @property
     def freq_patches(self) -> int:

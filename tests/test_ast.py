@@ -5,7 +5,8 @@ import torch
 from transformers import ASTConfig as HFASTConfig
 from transformers import ASTModel
 
-from modules.ast import AST, ASTConfig, CHECKPOINT_NAME, audioset_checkpoint_to_ast
+from modules.ast import (AST, CHECKPOINT_NAME, ASTConfig, audioset_checkpoint_to_ast,
+                         config_from_weights)
 
 PARITY_RTOL = 1e-4
 HF_TO_AUDIOSET = {
@@ -113,7 +114,7 @@ def test_grid_and_token_count():
     assert (cfg.freq_patches, cfg.time_patches) == (12, 101)
     assert cfg.num_output_tokens == 1213
     model = AST(ASTConfig.tiny())
-    assert model.pos_embed.shape == (1, 2 + 12 * 101, 64)
+    assert model.pos_embed.shape == (1, 2 + 12 * 101, 128)
 
 
 def test_config_inferred_from_checkpoint_and_fp16_accepted(tmp_path):
@@ -132,6 +133,7 @@ def test_converter_drops_heads_and_strips_prefixes():
     state = hf_to_audioset(hf_reference(ASTConfig.tiny()).state_dict())
     weights = audioset_checkpoint_to_ast(state)
     assert set(weights) == set(AST(ASTConfig.tiny()).state_dict())
+    assert config_from_weights(weights) == ASTConfig.tiny()
 
 
 def test_strict_load_names_bad_keys():
