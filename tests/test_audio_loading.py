@@ -138,7 +138,7 @@ class _ClipDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        fbank, has_audio = load_ast_input(self.paths[index], FbankConfig(), "zero", self.counter)
+        _, has_audio = load_ast_input(self.paths[index], FbankConfig(), "zero", self.counter)
         return has_audio
 
 

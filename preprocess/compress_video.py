@@ -1,0 +1,124 @@
+"""Re-encode videos at 3 fps with the shorter side 224, keeping the soundtrack (DESIGN §9).
+
+Writes ``<output_dir>/<video_id>.mp4`` with PyAV in-process (no ffmpeg binary needed):
+H.264 (libx264; mpeg4 where this PyAV build lacks libx264), yuv420p, bicubic resize,
+AAC audio. Frame-rate conversion keeps, for each output time k / fps, the first source
+frame at or after it (a source slower than the target repeats frames). Resumable;
+a JSON report lists videos without audio and failures. Example:
+
+    python preprocess/compress_video.py --video_dir data/MSRVTT/videos \
+        --output_dir data/MSRVTT/videos_3fps --workers 8
+"""
+from __future__ import annotations
+
+import fractions
+import os
+import sys
+from typing import List, Optional, Tuple
+
+import av
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from preprocess.media import MediaJob, Outcome, atomic_output, base_parser, run_batch  # noqa: E402
+
+DEFAULT_FPS = 3
+DEFAULT_SHORT_SIDE = 224
+PREFERRED_VIDEO_CODECS = ("libx264", "mpeg4")
+AUDIO_CODEC = "aac"
+PIXEL_FORMAT = "yuv420p"
+RESIZE_INTERPOLATION = "BICUBIC"
+# Half a microsecond of slack so a frame stamped exactly at an output time is not missed.
+TIME_SLACK_S = 5e-7
+
+
+def pick_video_codec() -> str:
+    for codec in PREFERRED_VIDEO_CODECS:
+        if codec in av.codecs_available:
+            return codec
+    raise RuntimeError(f"this PyAV build has none of the encoders {PREFERRED_VIDEO_CODECS}")
+
+
+def scaled_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
+    """(width, height) with the shorter side = ``short_side``, aspect kept, both even."""
+    scale = short_side / min(width, height)
+
+    def even(x: float) -> int:
+        return max(2, int(round(x / 2.0)) * 2)
+
+    if width <= height:
+        return short_side, even(height * scale)
+    return even(width * scale), short_side
+
+
+def _frame_time(frame: av.VideoFrame, index: int, stream: av.video.stream.VideoStream) -> float:
+    """Presentation time in seconds; falls back to the index at the nominal rate."""
+    if frame.time is not None:
+        return float(frame.time)
+    rate = stream.average_rate or stream.guessed_rate
+    return index / float(rate)
+
+
+def transcode(source: av.container.InputContainer, target: av.container.OutputContainer,
+              fps: int, short_side: int) -> bool:
+    """Copy the first video (resampled in time and space) and audio streams; True if audio."""
+    video_in = source.streams.video[0]
+    audio_in = source.streams.audio[0] if source.streams.audio else None
+    width, height = scaled_size(video_in.codec_context.width, video_in.codec_context.height,
+                                short_side)
+    video_out = target.add_stream(pick_video_codec(), rate=fps)
+    video_out.width, video_out.height, video_out.pix_fmt = width, height, PIXEL_FORMAT
+    audio_out = None
+    if audio_in is not None:
+        audio_out = target.add_stream(AUDIO_CODEC, rate=audio_in.codec_context.sample_rate)
+        audio_out.layout = audio_in.codec_context.layout
+    slot_rate = fractions.Fraction(1, fps)
+    next_slot, first_time, index = 0, None, 0
+    for packet in source.demux(*[s for s in (video_in, audio_in) if s is not None]):
+        for frame in packet.decode():
+            if packet.stream is audio_in:
+                frame.pts = None  # the encoder stamps audio by sample count
+                target.mux(audio_out.encode(frame))
+                continue
+            time = _frame_time(frame, index, video_in)
+            index += 1
+            first_time = time if first_time is None else first_time
+            while next_slot * slot_rate <= time - first_time + TIME_SLACK_S:
+                scaled = frame.reformat(width=width, height=height, format=PIXEL_FORMAT,
+                                        interpolation=RESIZE_INTERPOLATION)
+                scaled.pts, scaled.time_base = next_slot, slot_rate
+                target.mux(video_out.encode(scaled))
+                next_slot += 1
+    target.mux(video_out.encode(None))
+    if audio_out is not None:
+        target.mux(audio_out.encode(None))
+    return audio_in is not None
+
+
+def compress_one(job: MediaJob) -> Outcome:
+    """Write ``job.target`` (atomic) from ``job.source``."""
+    with atomic_output(job.target) as tmp:
+        with av.open(job.source) as source, av.open(tmp, "w") as target:
+            has_audio = transcode(source, target, int(job.options["fps"]),
+                                  int(job.options["short_side"]))
+    return Outcome(written=True, has_audio=has_audio)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0], "--output_dir", "output folder for <video_id>.mp4")
+    parser.add_argument("--fps", type=int, default=DEFAULT_FPS, help="output frame rate")
+    parser.add_argument("--short_side", type=int, default=DEFAULT_SHORT_SIDE,
+                        help="output length of the shorter side in pixels (even)")
+    args = parser.parse_args(argv)
+    if args.short_side % 2:
+        parser.error("--short_side must be even (yuv420p needs even dimensions)")
+    report_path = args.report or os.path.join(args.output_dir, "compress_video_report.json")
+    report = run_batch(compress_one, args.video_dir, args.output_dir, ".mp4", args.workers,
+                       report_path, {"fps": args.fps, "short_side": args.short_side},
+                       "compress_video")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
