@@ -82,12 +82,12 @@ def _mel(freq_hz):
 
 @functools.lru_cache(maxsize=16)
 def _mel_banks(num_bins: int, fft_size: int, sample_rate: float, low_freq: float,
-               high_freq: float) -> torch.Tensor:
+               high_freq: float, dtype: torch.dtype) -> torch.Tensor:
     """Kaldi's triangular filters, triangles in mel space: [bins, fft_size // 2 + 1].
 
-    Evaluated in float32 like Kaldi (and torchaudio, whose features AST was trained on):
-    in float64 the weights of the narrow low bands move enough to shift their log-mel by
-    ~1e-4. The Nyquist FFT bin gets weight 0, as in Kaldi.
+    Evaluated in ``dtype``. In float32 this reproduces Kaldi and torchaudio (whose
+    features AST was trained on) closely: float64 weights of the narrow low bands differ
+    enough to move their log-mel by ~1e-4. The Nyquist FFT bin gets weight 0, as in Kaldi.
     """
     nyquist = 0.5 * sample_rate
     if high_freq <= 0.0:
@@ -97,11 +97,11 @@ def _mel_banks(num_bins: int, fft_size: int, sample_rate: float, low_freq: float
                          f"0 <= low < high <= Nyquist ({nyquist} Hz)")
     mel_low = _mel(low_freq)
     delta = (_mel(high_freq) - mel_low) / (num_bins + 1)
-    band = torch.arange(num_bins, dtype=torch.float32)[:, None]
+    band = torch.arange(num_bins, dtype=dtype)[:, None]
     left = mel_low + band * delta
     center = mel_low + (band + 1.0) * delta
     right = mel_low + (band + 2.0) * delta
-    bin_mel = _mel(sample_rate / fft_size * torch.arange(fft_size // 2, dtype=torch.float32))
+    bin_mel = _mel(sample_rate / fft_size * torch.arange(fft_size // 2, dtype=dtype))
     rising = (bin_mel - left) / (center - left)
     falling = (right - bin_mel) / (right - center)
     banks = torch.clamp(torch.minimum(rising, falling), min=0.0)
@@ -120,9 +120,10 @@ def kaldi_fbank(waveform: torch.Tensor, sample_rate: int, frame_shift_ms: float,
     DC removed per frame, pre-emphasis, power spectrum, FFT size rounded up to a power of
     two, HTK mel scale, no energy term, no dither, log floored at float32 epsilon.
     A clip shorter than one window is zero-padded to one window, so there is >= 1 frame.
+    Computed in float32 (as torchaudio does for AST), or in float64 for a float64 input.
 
     Args:
-        waveform: samples [T] (any float scale; AST uses [-1, 1]).
+        waveform: samples [T] (any float scale; AST uses [-1, 1]); float64 keeps float64.
         sample_rate: sampling rate of ``waveform`` in Hz.
         frame_shift_ms: hop between frames; truncated to whole samples (at least 1).
         num_mel_bins: mel bins.
@@ -132,21 +133,22 @@ def kaldi_fbank(waveform: torch.Tensor, sample_rate: int, frame_shift_ms: float,
         high_freq: highest mel edge in Hz; <= 0 is an offset from Nyquist.
 
     Returns:
-        log-mel energies [frames, bins], float32, on the waveform's device.
+        log-mel energies [frames, bins], float32 (float64 for float64 input), on the
+        waveform's device.
     """
     if waveform.dim() != 1:
         raise ValueError(f"kaldi_fbank expects a mono waveform [T], got shape {tuple(waveform.shape)}")
     window_size = _ms_to_samples(frame_length_ms, sample_rate)
     shift = max(1, _ms_to_samples(frame_shift_ms, sample_rate))
     fft_size = 1 << (window_size - 1).bit_length()
-    waveform = waveform.to(torch.float32)
+    dtype = torch.float64 if waveform.dtype == torch.float64 else torch.float32
+    waveform = waveform.to(dtype)
     if waveform.numel() < window_size:
         waveform = torch.nn.functional.pad(waveform, (0, window_size - waveform.numel()))
     frames = waveform.unfold(0, window_size, shift)  # [frames, window] view, snip edges
-    window = torch.hann_window(window_size, periodic=False, dtype=torch.float32,
-                               device=waveform.device)
+    window = torch.hann_window(window_size, periodic=False, dtype=dtype, device=waveform.device)
     banks = _mel_banks(num_mel_bins, fft_size, float(sample_rate), float(low_freq),
-                       float(high_freq)).to(waveform.device)
+                       float(high_freq), dtype).to(waveform.device)
     chunks = [_log_mel_frames(frames[start:start + FRAMES_PER_CHUNK], window, banks,
                               fft_size, preemphasis)
               for start in range(0, frames.shape[0], FRAMES_PER_CHUNK)]
