@@ -58,6 +58,24 @@ def _check_equal_shapes(x: torch.Tensor) -> None:
             f"samples (drop_last=True for training)")
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The gloo backward of ``torch.distributed.nn.functional.all_gather`` receives into
+    ``empty_like(grad)`` buffers through gloo's scatter, which ignores strides (pytorch
+    issues #24836, #192920): a transposed gradient (the column-wise CE of the loss produces
+    one) comes back scrambled. A contiguous gradient avoids it on every backend.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank, keeping gradients flowing back to the owner.
 
@@ -74,7 +92,8 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if _distributed_world_size() == 1:
         return x
     _check_equal_shapes(x)
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    parts = [_ContiguousGradient.apply(part) for part in dist_fn.all_gather(x)]
+    return torch.cat(parts, dim=0)
 
 
 @torch.no_grad()
