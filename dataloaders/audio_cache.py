@@ -120,11 +120,12 @@ class AudioFeatureCache:
     def _row(self, video_id: str) -> int:
         row = self._rows.get(video_id)
         if row is None:
-            raise KeyError(f"video '{video_id}' is not in the AST feature cache '{self.directory}'; "
-                           f"{BUILD_HINT} with this video listed")
+            raise KeyError(f"video '{video_id}' is not in the AST feature cache "
+                           f"'{self.directory}'; {BUILD_HINT} with this video listed")
         if not self._done[row]:
             raise KeyError(f"video '{video_id}' is not computed yet in the AST feature cache "
-                           f"'{self.directory}'; rerun `python -m preprocess.cache_audio_features` to finish it")
+                           f"'{self.directory}'; rerun `python -m preprocess.cache_audio_features` "
+                           "to finish it")
         return row
 
     def __contains__(self, video_id: str) -> bool:

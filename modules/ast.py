@@ -119,6 +119,9 @@ class SpectrogramPatchEmbed(nn.Module):
 class AST(nn.Module):
     """AST trunk (frozen) plus its final LayerNorm (trainable).
 
+    ``norm`` (layers.LayerNorm) computes in fp32 and returns its input's dtype, so it takes
+    fp16 tokens read from the cache as they are.
+
     Args:
         cfg: trunk and spectrogram sizes.
     """
@@ -147,6 +150,7 @@ class AST(nn.Module):
         return [self.patch_embed, self.blocks]
 
     def trunk_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the frozen part (learned tokens, position embeddings, modules)."""
         params = [self.cls_token, self.dist_token, self.pos_embed]
         for module in self.trunk_modules():
             params.extend(module.parameters())
@@ -246,8 +250,9 @@ def config_from_weights(weights: dict) -> ASTConfig:
     width, _, patch, _ = weights["patch_embed.proj.weight"].shape
     depth = 1 + max(int(key.split(".")[1]) for key in weights if key.startswith("blocks."))
     hidden = weights["blocks.0.mlp.fc1.weight"].shape[0]
-    cfg = replace(ASTConfig(), embed_dim=width, depth=depth, num_heads=max(1, width // DEIT_HEAD_DIM),
-                  mlp_ratio=hidden / width, patch_size=patch)
+    cfg = replace(ASTConfig(), embed_dim=width, depth=depth,
+                  num_heads=max(1, width // DEIT_HEAD_DIM), mlp_ratio=hidden / width,
+                  patch_size=patch)
     positions = weights["pos_embed"].shape[1]
     if positions != NUM_PREFIX_TOKENS + cfg.num_patches:
         raise ValueError(

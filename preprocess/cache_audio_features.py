@@ -40,7 +40,8 @@ def read_video_ids(paths: Sequence[str]) -> list[str]:
         if path.endswith(".csv"):
             frame = pd.read_csv(path, dtype=str)
             if VIDEO_ID_COLUMN not in frame.columns:
-                raise ValueError(f"{path}: no '{VIDEO_ID_COLUMN}' column (found {list(frame.columns)})")
+                raise ValueError(f"{path}: no '{VIDEO_ID_COLUMN}' column "
+                                 f"(found {list(frame.columns)})")
             listed = frame[VIDEO_ID_COLUMN].tolist()
         else:
             with open(path) as handle:
@@ -100,7 +101,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--audio_ext", default="wav", help="audio file extension (wav, flac)")
     parser.add_argument("--cache_dir", required=True, help="cache directory to create or resume")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding audio")
+    parser.add_argument("--num_workers", type=int, default=4,
+                        help="DataLoader workers decoding audio")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--on_bad_audio", choices=BAD_AUDIO_POLICIES, default="error",
                         help="unreadable audio file: stop with its name, or cache the zero input")
@@ -120,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f"{args.checkpoint}: the AST reads {model.cfg.target_frames} x "
                          f"{model.cfg.num_mel_bins} fbanks, FbankConfig gives "
                          f"{fbank_cfg.target_frames} x {fbank_cfg.num_mel_bins}")
-    writer = AudioCacheWriter(args.cache_dir, video_ids, cache_fingerprint(args.checkpoint, fbank_cfg),
+    writer = AudioCacheWriter(args.cache_dir, video_ids,
+                              cache_fingerprint(args.checkpoint, fbank_cfg),
                               model.cfg.num_output_tokens, model.cfg.embed_dim)
     pending = writer.pending_rows()
     logger.info("%d videos, %d already cached in %s", len(video_ids),

@@ -38,11 +38,9 @@ def workspace(tmp_path):
     rng = np.random.default_rng(0)
     for i, vid in enumerate(WITH_AUDIO):
         seconds = 1.0 + 0.5 * i
-        if i == 2:
-            sf.write(audio_dir / f"{vid}.wav", 0.1 * rng.standard_normal((int(44100 * seconds), 2)), 44100)
-        else:
-            sf.write(audio_dir / f"{vid}.wav", 0.1 * rng.standard_normal(int(SAMPLE_RATE * seconds)),
-                     SAMPLE_RATE)
+        rate, shape = (44100, (int(44100 * seconds), 2)) if i == 2 else (
+            SAMPLE_RATE, (int(SAMPLE_RATE * seconds),))
+        sf.write(audio_dir / f"{vid}.wav", 0.1 * rng.standard_normal(shape), rate)
     id_list = tmp_path / "videos.txt"
     id_list.write_text("\n".join(VIDEO_IDS + ["clip_a"]) + "\n")  # a repeated id is cached once
     return {"model": model, "checkpoint": checkpoint, "audio_dir": audio_dir,
@@ -74,7 +72,8 @@ def test_cached_tokens_match_on_the_fly(workspace):
         assert cache.has_audio(vid) == (vid in WITH_AUDIO)
     zero_input = torch.zeros(1, 1024, 128)
     np.testing.assert_allclose(cache.tokens(WITHOUT_AUDIO).astype(np.float32),
-                               workspace["model"].tokens(zero_input)[0].numpy(), rtol=FP16_RTOL, atol=1e-6)
+                               workspace["model"].tokens(zero_input)[0].numpy(),
+                               rtol=FP16_RTOL, atol=1e-6)
     # Distinct clips give distinct rows (rows are not mixed up or shared).
     assert not np.allclose(cache.tokens("clip_a"), cache.tokens("clip_b"))
 
