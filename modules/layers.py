@@ -168,3 +168,26 @@ def copy_clip_layer(clip_block_state: dict[str, torch.Tensor]) -> dict[str, torc
     """Pure converter: one CLIP text resblock's state dict -> the entries a new block copies."""
     return {k: v.clone() for k, v in clip_block_state.items()
             if k.startswith(SELF_ATTENTION_PARAM_PREFIXES)}
+
+
+# Standard deviation of the normal init of new linear and embedding weights (DESIGN §7).
+NEW_WEIGHT_STD = 0.02
+
+
+def init_new_weights(module: nn.Module) -> None:
+    """DESIGN §7 init of newly added layers, applied to every submodule of ``module``.
+
+    Linear weights ~ normal(0, 0.02) with zero biases, LayerNorm weight 1 / bias 0;
+    attention input projections keep their xavier-uniform init (zero bias). Parameters
+    held directly by a module (queries, position embeddings) are left to their owner.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=NEW_WEIGHT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, MultiheadAttention):
+            nn.init.zeros_(m.in_proj_bias)
