@@ -78,7 +78,8 @@ def bench_clip(path: str, cfg: FrameSamplingConfig, repeats: int) -> Dict[str, T
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="clip duration")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (best is kept)")
     parser.add_argument("--max_frames", type=int, default=12)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import av
 import numpy as np
