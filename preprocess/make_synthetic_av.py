@@ -82,7 +82,7 @@ X264_PARAMS = "mbtree=0"
 
 # --- audio ---
 PEAK_LEVEL_RANGE = (0.3, 0.6)
-FLOOR_SNR_DB_RANGE = (20.0, 35.0)
+FLOOR_SNR_DB_RANGE = (25.0, 40.0)
 
 
 @dataclass

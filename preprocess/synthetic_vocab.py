@@ -110,7 +110,7 @@ BEEP_PERIOD_RANGE = (0.4, 0.6)
 BEEP_LENGTH_RANGE = (0.12, 0.2)
 RAMP_SECONDS = 0.005
 FAST_TICK_HZ_RANGE, SLOW_TICK_HZ_RANGE = (7.0, 9.0), (1.8, 2.4)
-TICK_DECAY_SECONDS = 0.003
+TICK_DECAY_SECONDS, TICK_LENGTH_SECONDS = 0.006, 0.03
 CHIRP_LOW_HZ, CHIRP_HIGH_HZ = 400.0, 3000.0
 CHIRP_LENGTH_RANGE, CHIRP_GAP_RANGE = (0.7, 1.0), (0.1, 0.3)
 HUM_HZ_RANGE = (100.0, 140.0)
@@ -136,9 +136,14 @@ def _beeps(t, rng, base_hz):
 
 
 def _ticks(t, rng, rate_range):
+    """Clicks: one decaying noise burst repeated, so every tick reaches the same peak."""
     period = 1.0 / rng.uniform(*rate_range)
     phase = (t - rng.uniform(0, period)) % period
-    return np.exp(-phase / TICK_DECAY_SECONDS) * rng.standard_normal(t.shape)
+    step = t[1] - t[0]
+    burst = rng.standard_normal(int(round(TICK_LENGTH_SECONDS / step)))
+    index = np.minimum(np.round(phase / step).astype(int), len(burst) - 1)
+    click = burst[index] * np.exp(-phase / TICK_DECAY_SECONDS)
+    return np.where(phase < TICK_LENGTH_SECONDS, click, 0.0)
 
 
 def _chirps(t, rng, rising):
