@@ -1,0 +1,350 @@
+"""Train and evaluate (text-guided) AVIGATE for text-to-video retrieval.
+
+The only place that reads command-line flags: they become the dataclass configs of the
+model, data and optimizer, and the work is done by small functions in ``util.py``.
+
+Runs as ``python main_task_retrieval.py ...`` (CPU or one GPU) and under ``torchrun``
+(single or multi node; ``--batch_size`` is the global batch). Examples: run.sh (MSR-VTT
+recipe), run_eval.sh (evaluate a checkpoint), run_vatex.sh, run_charades.sh.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+import util
+from dataloaders.base import collate_items
+from dataloaders.registry import DATASETS, DataConfig, build_eval_datasets, build_train_dataset
+from dataloaders.video import DECODERS, DEFAULT_DECODER, FrameSamplingConfig
+from modules.ast import (CHECKPOINT_NAME, ASTConfig, audioset_checkpoint_to_ast, config_from_weights,
+                         load_audioset_checkpoint)
+from modules.clip import MODULES_DIR, config_from_state_dict, load_clip_state_dict
+from modules.fusion import FusionConfig
+from modules.loss import LossConfig
+from modules.modeling import AVIGATE, TRAINING_PAIRS, AVIGATEConfig
+from modules.optimization import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
+from modules.resampler import ResamplerConfig
+from modules.tokenization_clip import ClipTokenizer
+
+GATES = ("soft", "hard", "none")
+BAD_AUDIO = ("error", "zero")
+EVAL_PROTOCOLS = ("honest", "paired_block")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("run")
+    a.add_argument("--do_train", action="store_true", help="train, then evaluate the selected checkpoint")
+    a.add_argument("--do_eval", action="store_true", help="evaluate --init_model on the test split")
+    a.add_argument("--output_dir", required=True, help="run directory (checkpoints, logs, outputs)")
+    a.add_argument("--seed", type=int, default=42)
+    a.add_argument("--device", choices=DEVICES, default="auto")
+    a.add_argument("--precision", choices=list(util.PRECISIONS), default="fp32",
+                   help="bf16/fp16 autocast (fp16 adds a GradScaler)")
+    a.add_argument("--n_display", type=int, default=100, help="log the loss every n optimizer steps")
+    a.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
+    a.add_argument("--init_model", default=None, help="model-only weights to start from / evaluate")
+    a.add_argument("--resume_model", default=None,
+                   help="training state (training_state.pt) to continue, mid-epoch included")
+    a.add_argument("--save_every_steps", type=int, default=0,
+                   help="write the full training state every n steps (0: at epoch ends only)")
+    a.add_argument("--max_steps", type=int, default=0,
+                   help="stop after n optimizer steps of the run, saving the training state (0: no limit); "
+                        "the schedule still spans --epochs")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--datatype", choices=sorted(DATASETS), default="msrvtt")
+    d.add_argument("--data_path", required=True,
+                   help="directory of the annotation files (MSRVTT_data.json may be named instead)")
+    d.add_argument("--features_path", required=True, help="directory of <video_id>.mp4 files")
+    d.add_argument("--audio_path", default=None, help="directory of <video_id>.wav files")
+    d.add_argument("--audio_feature_cache", default=None,
+                   help="AST token cache (preprocess) used instead of --audio_path")
+    d.add_argument("--train_csv", default=None, help="training annotation file (default: the datatype's)")
+    d.add_argument("--val_csv", default=None,
+                   help="validation file that picks the best epoch (e.g. from preprocess/make_val_split.py); "
+                        "without it the last epoch is tested. Passing the test file (MSR-VTT 1k-A) here "
+                        "and as --test_csv reproduces the published recipes, which selected on the test set")
+    d.add_argument("--test_csv", default=None, help="test annotation file (default: the datatype's)")
+    d.add_argument("--max_words", type=int, default=32)
+    d.add_argument("--max_frames", type=int, default=12)
+    d.add_argument("--feature_framerate", type=float, default=1.0)
+    d.add_argument("--slice_framepos", type=int, choices=(0, 1, 2), default=2,
+                   help="more frames than --max_frames: 0 head, 1 tail, 2 uniform")
+    d.add_argument("--expand_msrvtt_sentences", action="store_true",
+                   help="every caption is a training sample (any datatype); else one random caption "
+                        "per video per epoch")
+    d.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER)
+    d.add_argument("--skip_bad_videos", action="store_true",
+                   help="drop missing/unreadable videos (counted) instead of failing")
+    d.add_argument("--on_bad_audio", choices=BAD_AUDIO, default="error",
+                   help="unreadable wav: fail or use the zero fbank (counted)")
+    d.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers")
+    d.add_argument("--batch_size", type=int, default=128, help="GLOBAL training batch (all ranks)")
+    d.add_argument("--batch_size_val", type=int, default=16,
+                   help="evaluation encoding batch per rank; also the block of --eval_protocol paired_block")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--pretrained_clip_name", default="ViT-B/32",
+                   help="ViT-B/32, ViT-B/16 (modules/ViT-B-*.pt) or a CLIP checkpoint path")
+    m.add_argument("--ast_checkpoint", default=os.path.join(MODULES_DIR, CHECKPOINT_NAME),
+                   help="AST AudioSet checkpoint (audioset_10_10_0.4593.pth format)")
+    m.add_argument("--cross_num_hidden_layers", type=int, default=4, help="fusion transformer blocks")
+    m.add_argument("--audio_query_layers", type=int, default=4, help="audio resampler blocks")
+    m.add_argument("--temperature", type=float, default=1.0, help="tau of the local log-sum-exp score")
+    m.add_argument("--gate", choices=GATES, default="soft")
+    m.add_argument("--fusion_residual", type=float, default=0.05,
+                   help="V = r x_L + (1 - r) v0 (1.0 = the paper's plain output)")
+    m.add_argument("--no_audio", action="store_true", help="visual-only baseline (V = v0)")
+    m.add_argument("--text_gate", action="store_true", help="gates see the text embedding")
+    m.add_argument("--text_query", action="store_true", help="text injected into the cross-attention query")
+    m.add_argument("--query_gate", action="store_true", help="gate the text injection")
+    m.add_argument("--grad_checkpointing", action="store_true")
+
+    o = p.add_argument_group("optimization")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="bertadam")
+    o.add_argument("--lr", type=float, default=1e-4, help="lr of new modules and audio_projection")
+    o.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP lr = lr x coef_lr")
+    o.add_argument("--epochs", type=int, default=5)
+    o.add_argument("--warmup_proportion", type=float, default=0.1)
+    o.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per step (each a smaller contrastive batch)")
+    o.add_argument("--freeze_layer_num", type=int, default=0, help="leading CLIP blocks frozen per tower")
+    o.add_argument("--beta", type=float, default=0.2, help="adaptive-margin slope")
+    o.add_argument("--margin_BD", type=float, default=0.1, help="adaptive-margin cap (VATEX 0.05)")
+    o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
+                   help="text-guided training pairs; own_caption is a LEAKING diagnostic")
+    o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
+
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval_protocol", choices=EVAL_PROTOCOLS, default="honest",
+                   help="paired_block reproduces a LEAKING public protocol (labelled in outputs)")
+    e.add_argument("--eval_chunk", type=int, nargs="+", default=None, metavar="N",
+                   help="texts [videos] per fusion chunk (default: from a memory budget)")
+    e.add_argument("--dsl", action="store_true", help="also report dual-softmax metrics")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
+    """Flag combinations that cannot work, reported before any process group starts."""
+    if not (args.do_train or args.do_eval):
+        parser.error("nothing to do: pass --do_train and/or --do_eval")
+    if args.batch_size % world_size:
+        parser.error(f"--batch_size {args.batch_size} is the GLOBAL batch and must be divisible by the "
+                     f"world size {world_size} (torchrun processes)")
+    if args.batch_size % (world_size * args.gradient_accumulation_steps):
+        parser.error(f"--batch_size {args.batch_size} must be divisible by world size {world_size} x "
+                     f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
+    if args.resume_model and not args.do_train:
+        parser.error("--resume_model continues training: add --do_train")
+    if not args.no_audio and not (args.audio_path or args.audio_feature_cache):
+        parser.error("the model fuses audio: pass --audio_path or --audio_feature_cache (or --no_audio)")
+    if args.eval_chunk is not None and len(args.eval_chunk) > 2:
+        parser.error("--eval_chunk takes one (texts = videos) or two (texts videos) numbers")
+    if args.n_display < 1:
+        parser.error("--n_display must be >= 1")
+
+
+def annotation_file(path: Optional[str]) -> Optional[str]:
+    """A file given relative to the working directory (the released scripts' habit) becomes
+    absolute; other names stay relative to --data_path."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[str] = None) -> DataConfig:
+    data_path = os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+    use_cache = bool(args.audio_feature_cache) and not args.no_audio
+    return DataConfig(
+        datatype=args.datatype, data_path=data_path, features_path=args.features_path,
+        audio_path=None if args.no_audio or use_cache else args.audio_path,
+        audio_cache_dir=args.audio_feature_cache if use_cache else None,
+        train_file=annotation_file(args.train_csv), eval_file=annotation_file(eval_file),
+        max_words=args.max_words,
+        frames=FrameSamplingConfig(max_frames=args.max_frames, framerate=args.feature_framerate,
+                                   slice_framepos=args.slice_framepos, image_size=image_size,
+                                   decoder=args.decoder),
+        on_bad_audio=args.on_bad_audio, skip_bad_videos=args.skip_bad_videos,
+        expand_sentences=args.expand_msrvtt_sentences, seed=args.seed)
+
+
+def model_config(args: argparse.Namespace, clip_state: dict, ast_weights: Optional[dict]) -> AVIGATEConfig:
+    clip_cfg = config_from_state_dict(clip_state)
+    width = clip_cfg.embed_dim
+    return AVIGATEConfig(
+        clip=clip_cfg,
+        ast=config_from_weights(ast_weights) if ast_weights is not None else ASTConfig(),
+        resampler=ResamplerConfig(width=width, layers=args.audio_query_layers),
+        fusion=FusionConfig(width=width, layers=args.cross_num_hidden_layers, max_frames=args.max_frames,
+                            gate=args.gate, fusion_residual=args.fusion_residual,
+                            use_audio=not args.no_audio, text_gate=args.text_gate,
+                            text_query=args.text_query, query_gate=args.query_gate),
+        loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
+        temperature=args.temperature, training_pairs=args.training_pairs, hardest_k=args.hardest_k,
+        grad_checkpointing=args.grad_checkpointing)
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
+    """CLIP + AST weights from their released files (DESIGN §7 init), then --init_model if given."""
+    clip_state = load_clip_state_dict(args.pretrained_clip_name)
+    ast_state = None if args.no_audio else load_audioset_checkpoint(args.ast_checkpoint)
+    ast_weights = None if ast_state is None else audioset_checkpoint_to_ast(ast_state)
+    cfg = model_config(args, clip_state, ast_weights)
+    model = AVIGATE.from_pretrained(cfg, clip_state, ast_state)
+    if args.init_model:
+        util.load_model_weights(model, args.init_model)
+    return model.to(device)
+
+
+def optim_config(args: argparse.Namespace) -> OptimConfig:
+    return OptimConfig(name=args.optimizer, lr=args.lr, coef_lr=args.coef_lr,
+                       warmup_proportion=args.warmup_proportion, freeze_layer_num=args.freeze_layer_num)
+
+
+def eval_options(args: argparse.Namespace) -> util.EvalOptions:
+    chunk = None if args.eval_chunk is None else (args.eval_chunk[0], args.eval_chunk[-1])
+    return util.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
+                            precision=args.precision, protocol=args.eval_protocol,
+                            block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl)
+
+
+def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder, tokenizer,
+          image_size: int) -> Optional[int]:
+    """Train for --epochs; returns the 0-based epoch whose weights to test (None if stopped early)."""
+    train_set = build_train_dataset(data_config(args, image_size), tokenizer)
+    val_data = (build_eval_datasets(data_config(args, image_size, args.val_csv), tokenizer)
+                if args.val_csv else None)
+    sampler = util.ShardedBatchSampler(len(train_set), args.batch_size, args.gradient_accumulation_steps,
+                                       info.rank, info.world_size, args.seed)
+    steps_per_epoch = sampler.micro_batches_per_epoch // args.gradient_accumulation_steps
+    optimizer = build_optimizer(model, optim_config(args))
+    scheduler = build_scheduler(optimizer, steps_per_epoch * args.epochs, args.warmup_proportion)
+    wrapped = model
+    if info.distributed:
+        # Every trainable parameter gets a gradient in every configuration (the model builds
+        # no module it does not use), so DDP needs no unused-parameter search.
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    trainer = util.Trainer(wrapped, optimizer, scheduler,
+                           torch.amp.GradScaler(info.device.type, enabled=args.precision == "fp16"),
+                           info, args.precision, args.gradient_accumulation_steps)
+    progress = util.Progress()
+    if args.resume_model:
+        progress = util.restore_training_state(trainer, util.load_training_state(args.resume_model))
+        util.logger.info("resumed %s at epoch %d, step %d", args.resume_model, progress.epoch + 1,
+                         progress.step)
+    state_path = os.path.join(args.output_dir, util.TRAINING_STATE_FILE)
+
+    def save_state():
+        state = util.training_state(trainer, progress, vars(args))
+        if info.is_main:
+            util.save_training_state(state_path, state)
+        util.barrier(info)
+
+    hooks = util.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps)
+    util.logger.info("training: %d samples, %d steps per epoch, %d epochs, global batch %d on %d rank(s)",
+                     len(train_set), steps_per_epoch, args.epochs, args.batch_size, info.world_size)
+    for epoch in range(progress.epoch, args.epochs):
+        progress.epoch = epoch
+        sampler.set_epoch(epoch, progress.epoch_step * args.gradient_accumulation_steps)
+        train_set.set_epoch(epoch)
+        if not util.train_epoch(trainer, train_loader(args, train_set, sampler, info, epoch),
+                                progress, steps_per_epoch, hooks):
+            util.logger.info("stopped after --max_steps %d; training state in %s", args.max_steps, state_path)
+            return None
+        if info.is_main:
+            util.save_model_file(model, util.model_file(args.output_dir, epoch))
+        if val_data is not None:
+            select_on_validation(args, info, model, val_data, progress, recorder)
+        progress.epoch, progress.epoch_step = epoch + 1, 0
+        save_state()
+    util.report_data_issues("training data", train_set.counter, train_set.media.audio.counter, info, recorder)
+    return progress.best_epoch if progress.best_epoch is not None else args.epochs - 1
+
+
+def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(util.worker_seed(args.seed, epoch, info.rank, -1))
+    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.num_thread_reader,
+                                       collate_fn=collate_items, generator=generator,
+                                       worker_init_fn=util.WorkerSeeder(args.seed, epoch, info.rank))
+
+
+def select_on_validation(args, info, model, val_data, progress: util.Progress, recorder) -> None:
+    """Evaluate on the validation split and remember the best epoch (by plain t2v R@1)."""
+    metrics, _ = util.evaluate(model, val_data, eval_options(args), info, desc="validation")
+    if info.is_main:
+        value = metrics["plain"][util.SELECTION_METRIC]
+        if progress.best_metric is None or value > progress.best_metric:
+            progress.best_metric, progress.best_epoch = value, progress.epoch
+        recorder.log({"event": "validation", "epoch": progress.epoch + 1, "step": progress.step,
+                      "metrics": metrics, "best_epoch": progress.best_epoch + 1}, step=progress.step)
+        util.logger.info("validation epoch %d: %s = %.2f (best: epoch %d)", progress.epoch + 1,
+                         util.SELECTION_METRIC, value, progress.best_epoch + 1)
+    progress.best_metric, progress.best_epoch = util.broadcast_object(
+        (progress.best_metric, progress.best_epoch), info)
+
+
+def test(args, info, model: AVIGATE, recorder, tokenizer, image_size: int, checkpoint: Optional[str]) -> None:
+    """Evaluate the test split and write metrics.json, the score matrix and gates to --output_dir."""
+    if checkpoint is not None:
+        util.load_model_weights(model, checkpoint)
+    test_data = build_eval_datasets(data_config(args, image_size, args.test_csv), tokenizer)
+    options = eval_options(args)
+    metrics, scored = util.evaluate(model, test_data, options, info, desc="test")
+    util.report_data_issues("test data", test_data.counter, test_data.videos.media.audio.counter, info,
+                            recorder)
+    if not info.is_main:
+        return
+    metrics.update({"split": test_data.split.name, "checkpoint": checkpoint or args.init_model,
+                    "num_texts": test_data.split.num_texts, "num_videos": test_data.split.num_videos})
+    util.write_eval_outputs(args.output_dir, test_data.split, scored, metrics)
+    recorder.log({"event": "test", "metrics": metrics})
+    plain = metrics["plain"]
+    util.logger.info("test %s: t2v R@1 %.2f R@5 %.2f R@10 %.2f MdR %.1f | v2t R@1 %.2f R@5 %.2f R@10 %.2f",
+                     test_data.split.name, plain["t2v_R@1"], plain["t2v_R@5"], plain["t2v_R@10"],
+                     plain["t2v_MdR"], plain["v2t_R@1"], plain["v2t_R@5"], plain["v2t_R@10"])
+    if options.protocol == "paired_block":
+        util.logger.warning(util.LEAK_LABEL)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
+    info = util.setup_distributed(args.device)
+    try:
+        run(args, info)
+    finally:
+        util.cleanup_distributed()
+
+
+def run(args: argparse.Namespace, info: util.DistInfo) -> None:
+    os.makedirs(args.output_dir, exist_ok=True)
+    util.setup_logging(args.output_dir, info)
+    recorder = util.RunRecorder(args.output_dir, info, args.tensorboard)
+    recorder.write_run_files(vars(args), info)
+    util.logger.info("command: %s", " ".join(sys.argv))
+    util.seed_everything(args.seed)  # same on every rank: identical model initialization
+    model = build_model(args, info.device)
+    util.seed_everything(args.seed, info.rank)
+    tokenizer = ClipTokenizer()
+    image_size = model.cfg.clip.image_resolution
+    checkpoint = None
+    if args.do_train:
+        epoch = train(args, info, model, recorder, tokenizer, image_size)
+        if epoch is None:
+            recorder.close()
+            return
+        checkpoint = util.model_file(args.output_dir, epoch)
+        util.logger.info("testing %s (%s)", checkpoint,
+                         "best validation epoch" if args.val_csv else "last epoch: no --val_csv")
+    test(args, info, model, recorder, tokenizer, image_size, checkpoint)
+    recorder.close()
+
+
+if __name__ == "__main__":
+    main()
