@@ -29,6 +29,10 @@ PREFERRED_VIDEO_CODECS = ("libx264", "mpeg4")
 AUDIO_CODEC = "aac"
 PIXEL_FORMAT = "yuv420p"
 RESIZE_INTERPOLATION = "BICUBIC"
+# The AAC encoder only accepts named channel layouts; sources often carry unnamed ones
+# ("2 channels"), so the output layout is chosen by channel count (more than 8: stereo).
+AAC_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+AAC_FALLBACK_LAYOUT = "stereo"
 # Half a microsecond of slack so a frame stamped exactly at an output time is not missed.
 TIME_SLACK_S = 5e-7
 
@@ -52,6 +56,20 @@ def scaled_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
     return even(width * scale), short_side
 
 
+def add_audio_stream(target: av.container.OutputContainer,
+                     audio_in: av.audio.stream.AudioStream) -> av.audio.stream.AudioStream:
+    """AAC stream at the source rate (or the nearest AAC rate) and a layout AAC accepts.
+
+    PyAV's encoder converts each frame's format, layout and rate to the stream's.
+    """
+    source = audio_in.codec_context
+    rates = av.codec.Codec(AUDIO_CODEC, "w").audio_rates or [source.sample_rate]
+    rate = min(rates, key=lambda r: abs(r - source.sample_rate))
+    stream = target.add_stream(AUDIO_CODEC, rate=rate)
+    stream.layout = AAC_LAYOUTS.get(source.layout.nb_channels, AAC_FALLBACK_LAYOUT)
+    return stream
+
+
 def _frame_time(frame: av.VideoFrame, index: int, stream: av.video.stream.VideoStream) -> float:
     """Presentation time in seconds; falls back to the index at the nominal rate."""
     if frame.time is not None:
@@ -69,10 +87,7 @@ def transcode(source: av.container.InputContainer, target: av.container.OutputCo
                                 short_side)
     video_out = target.add_stream(pick_video_codec(), rate=fps)
     video_out.width, video_out.height, video_out.pix_fmt = width, height, PIXEL_FORMAT
-    audio_out = None
-    if audio_in is not None:
-        audio_out = target.add_stream(AUDIO_CODEC, rate=audio_in.codec_context.sample_rate)
-        audio_out.layout = audio_in.codec_context.layout
+    audio_out = add_audio_stream(target, audio_in) if audio_in is not None else None
     slot_rate = fractions.Fraction(1, fps)
     next_slot, first_time, index = 0, None, 0
     for packet in source.demux(*[s for s in (video_in, audio_in) if s is not None]):

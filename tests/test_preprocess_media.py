@@ -15,12 +15,27 @@ AUDIO_RATE = 44100
 TONE_HZ = 440.0
 
 
-def _write_video(path, with_audio, width=80, height=48):
-    """A SECONDS-long clip with changing gray frames and, optionally, a stereo AAC tone."""
+def _audio_frames(codec: str, rate: int, block: int):
+    """A stereo TONE_HZ tone as AudioFrames: planar float for AAC, packed int16 for PCM."""
+    t = np.arange(int(SECONDS * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+    for start in range(0, tone.size, block):
+        chunk = tone[start:start + block]
+        if codec == "aac":
+            frame = av.AudioFrame.from_ndarray(np.stack([chunk, chunk]), format="fltp", layout="stereo")
+        else:
+            packed = np.repeat((chunk * 32767).astype(np.int16), 2)[None]
+            frame = av.AudioFrame.from_ndarray(packed, format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = rate, start
+        yield frame
+
+
+def _write_video(path, audio_codec=None, audio_rate=AUDIO_RATE, block=1024, width=80, height=48):
+    """A SECONDS-long clip with changing gray frames and, optionally, a stereo tone."""
     with av.open(str(path), "w") as container:
         video = container.add_stream(compress_video.pick_video_codec(), rate=FPS)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        audio = container.add_stream("aac", rate=AUDIO_RATE) if with_audio else None
+        audio = container.add_stream(audio_codec, rate=audio_rate) if audio_codec else None
         if audio is not None:
             audio.layout = "stereo"
         for i in range(int(SECONDS * FPS)):
@@ -28,13 +43,7 @@ def _write_video(path, with_audio, width=80, height=48):
             container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(video.encode(None))
         if audio is not None:
-            t = np.arange(int(SECONDS * AUDIO_RATE)) / AUDIO_RATE
-            tone = (0.3 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
-            planes = np.stack([tone, tone])
-            for start in range(0, tone.size, 1024):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start:start + 1024]),
-                                                   format="fltp", layout="stereo")
-                frame.sample_rate, frame.pts = AUDIO_RATE, start
+            for frame in _audio_frames(audio_codec, audio_rate, block):
                 container.mux(audio.encode(frame))
             container.mux(audio.encode(None))
 
@@ -42,8 +51,11 @@ def _write_video(path, with_audio, width=80, height=48):
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
-    _write_video(folder / "talking.mp4", with_audio=True)
-    _write_video(folder / "silent.mp4", with_audio=False)
+    _write_video(folder / "talking.mp4", audio_codec="aac")
+    # PCM in Matroska: 22.05 kHz, odd 500-sample frames; reads back with an unnamed
+    # "2 channels" layout, which the AAC encoder rejects unless remapped.
+    _write_video(folder / "lecture.mkv", audio_codec="pcm_s16le", audio_rate=22050, block=500)
+    _write_video(folder / "silent.mp4")
     (folder / "broken.mkv").write_bytes(b"\x00" * 256)
     return folder
 
@@ -58,21 +70,22 @@ def test_extract_audio(video_dir, tmp_path):
             "--report", str(report_path)]
     assert extract_audio.main(argv) == 1  # one failed file
     report = json.loads(report_path.read_text())
-    assert sorted(os.listdir(audio_dir)) == ["talking.wav"]
+    assert sorted(os.listdir(audio_dir)) == ["lecture.wav", "talking.wav"]
     assert report["no_audio"] == ["silent"]
     assert [entry["video_id"] for entry in report["failed"]] == ["broken"]
     assert "broken.mkv" in report["failed"][0]["path"]
 
-    samples, rate = sf.read(audio_dir / "talking.wav", dtype="float32")
-    assert rate == 16000 and samples.ndim == 1
-    assert abs(samples.size / rate - SECONDS) < 0.05  # AAC adds a few ms of priming
-    spectrum = np.abs(np.fft.rfft(samples))
-    assert abs(np.argmax(spectrum) * rate / samples.size - TONE_HZ) < 2.0
+    for name in ("talking.wav", "lecture.wav"):
+        samples, rate = sf.read(audio_dir / name, dtype="float32")
+        assert rate == 16000 and samples.ndim == 1
+        assert abs(samples.size / rate - SECONDS) < 0.05  # AAC adds a few ms of priming
+        spectrum = np.abs(np.fft.rfft(samples))
+        assert abs(np.argmax(spectrum) * rate / samples.size - TONE_HZ) < 2.0
 
     before = os.path.getmtime(audio_dir / "talking.wav")
     extract_audio.main(argv[:-2] + ["--workers", "1", "--report", str(report_path)])
     report = json.loads(report_path.read_text())
-    assert report["counts"]["skipped"] == 1 and report["counts"]["written"] == 0
+    assert report["counts"]["skipped"] == 2 and report["counts"]["written"] == 0
     assert os.path.getmtime(audio_dir / "talking.wav") == before
     assert _leftover_temps(audio_dir) == []
 
@@ -82,8 +95,8 @@ def test_compress_video(video_dir, tmp_path):
     argv = ["--video_dir", str(video_dir), "--output_dir", str(out_dir), "--workers", "1"]
     assert compress_video.main(argv) == 1
     report = json.loads((out_dir / "compress_video_report.json").read_text())
-    assert report["counts"]["written"] == 2 and report["no_audio"] == ["silent"]
-    for name, has_audio in (("talking.mp4", True), ("silent.mp4", False)):
+    assert report["counts"]["written"] == 3 and report["no_audio"] == ["silent"]
+    for name, has_audio in (("talking.mp4", True), ("lecture.mp4", True), ("silent.mp4", False)):
         with av.open(str(out_dir / name)) as container:
             stream = container.streams.video[0]
             frames = list(container.decode(stream))
@@ -92,12 +105,14 @@ def test_compress_video(video_dir, tmp_path):
             assert (frames[0].width, frames[0].height) == compress_video.scaled_size(80, 48, 224)
             assert min(frames[0].width, frames[0].height) == 224
             assert bool(container.streams.audio) == has_audio
-    with av.open(str(out_dir / "talking.mp4")) as container:
-        audio_samples = sum(frame.samples for frame in container.decode(audio=0))
-    assert abs(audio_samples / AUDIO_RATE - SECONDS) < 0.1
+    for name in ("talking.mp4", "lecture.mp4"):
+        with av.open(str(out_dir / name)) as container:
+            rate = container.streams.audio[0].sample_rate
+            audio_samples = sum(frame.samples for frame in container.decode(audio=0))
+        assert abs(audio_samples / rate - SECONDS) < 0.1
     assert compress_video.main(argv) == 1
     report = json.loads((out_dir / "compress_video_report.json").read_text())
-    assert report["counts"]["skipped"] == 2
+    assert report["counts"]["skipped"] == 3
     assert _leftover_temps(out_dir) == []
 
 
