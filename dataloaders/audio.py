@@ -34,6 +34,9 @@ FRAMES_PER_CHUNK = 4096
 # N samples given in milliseconds is not truncated to N - 1 by float rounding.
 SAMPLE_ROUNDING_SLACK = 1e-6
 RESAMPLER_QUALITY = "HQ"
+# HTK mel scale: mel(f) = MEL_FACTOR * ln(1 + f / MEL_BREAK_HZ).
+MEL_FACTOR = 1127.0
+MEL_BREAK_HZ = 700.0
 BAD_AUDIO_POLICIES = ("error", "zero")
 
 
@@ -76,8 +79,8 @@ def _ms_to_samples(ms: float, sample_rate: float) -> int:
 def _mel(freq_hz):
     """HTK mel scale of a float or a tensor, in the form Kaldi evaluates it."""
     if isinstance(freq_hz, torch.Tensor):
-        return 1127.0 * torch.log(1.0 + freq_hz / 700.0)
-    return 1127.0 * math.log(1.0 + freq_hz / 700.0)
+        return MEL_FACTOR * torch.log(1.0 + freq_hz / MEL_BREAK_HZ)
+    return MEL_FACTOR * math.log(1.0 + freq_hz / MEL_BREAK_HZ)
 
 
 @functools.lru_cache(maxsize=16)
