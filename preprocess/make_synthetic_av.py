@@ -116,7 +116,7 @@ class SyntheticAVConfig:
     seed: int = 0
     workers: int = 2
     codec: str = "auto"
-    crf: int = 23
+    crf: int = 28
 
 
 @dataclass(frozen=True)
