@@ -400,9 +400,8 @@ def _write_json(path: str, payload: dict) -> None:
         handle.write("\n")
 
 
-def write_tables(out_dir: str, plans: list, cfg: SyntheticAVConfig, codec: str) -> None:
-    """MSR-VTT caption files, metadata.json and the pre-training labels."""
-    videos = rendered_videos(plans, cfg)
+def _write_msrvtt_files(out_dir: str, videos: list) -> None:
+    """MSRVTT_data.json (every caption of every video), the train list and the 1k-A style test CSV."""
     sentences = [{"caption": caption, "video_id": plan.video_id(render)}
                  for plan, render in videos for caption in plan.captions]
     for sen_id, sentence in enumerate(sentences):
@@ -422,6 +421,9 @@ def write_tables(out_dir: str, plans: list, cfg: SyntheticAVConfig, codec: str) 
                   "video_id": [plan.video_id(0) for plan in test],
                   "sentence": [plan.captions[0] for plan in test]}).to_csv(
         os.path.join(out_dir, "MSRVTT_JSFUSION_test.csv"), index=False)
+
+
+def _write_metadata(out_dir: str, videos: list, cfg: SyntheticAVConfig, codec: str) -> None:
     config = {k: v for k, v in asdict(cfg).items() if k != "workers"}  # workers never change output
     _write_json(os.path.join(out_dir, "metadata.json"), {
         "config": config,
@@ -434,6 +436,9 @@ def write_tables(out_dir: str, plans: list, cfg: SyntheticAVConfig, codec: str) 
             "informative_audio": plan.informative, "group_id": plan.group_id}
             for plan, render in videos},
     })
+
+
+def _write_pretrain_labels(out_dir: str, cfg: SyntheticAVConfig) -> None:
     classes = pretrain_classes()
     _write_json(os.path.join(out_dir, PRETRAIN_LABELS), {
         "sample_rate": cfg.sample_rate,
@@ -456,7 +461,9 @@ def generate(out_dir: str, cfg: SyntheticAVConfig) -> dict:
     jobs = [RenderJob(out_dir, cfg, codec, plan=plan, render=render) for plan, render in videos]
     jobs += [RenderJob(out_dir, cfg, codec, pretrain_index=i) for i in range(cfg.audio_pretrain_clips)]
     _run_all(jobs, cfg.workers)
-    write_tables(out_dir, plans, cfg, codec)
+    _write_msrvtt_files(out_dir, videos)
+    _write_metadata(out_dir, videos, cfg, codec)
+    _write_pretrain_labels(out_dir, cfg)
     return {"train_videos": sum(plan.split == "train" for plan, _ in videos),
             "test_videos": sum(plan.split == "test" for plan, _ in videos),
             "pretrain_clips": cfg.audio_pretrain_clips, "codec": codec,
