@@ -1,15 +1,18 @@
 """Two gloo ranks holding half the batch each reproduce the single-process loss and gradients.
 
-Each test spawns WORLD_SIZE processes; every rank holds a replica wrapped in
-DistributedDataParallel (which averages gradients over ranks) and half of the batch. The
-parent computes the loss and gradients of one process on the concatenated batch and
-compares: max |difference| <= TOLERANCE. Computations run in float64 so the comparison
-measures the gathering, not rounding.
+One spawn of WORLD_SIZE processes (a module fixture, so the start-up is paid once) runs
+every scenario: each rank holds a replica wrapped in DistributedDataParallel (which
+averages gradients over ranks) and half of the batch. Each test computes the loss and
+gradients of one process on the concatenated batch and compares: max |difference| <=
+TOLERANCE. Computations run in float64 so the comparison measures the gathering, not
+rounding (AVIGATE's LayerNorms compute in fp32, which puts its agreement near 1e-8).
 """
 import math
 import os
 import socket
+from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from modules.loss import (LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad,
                           margin_contrastive_loss)
+from modules.modeling import AVIGATE, AVIGATEConfig
+from modules.optimization import freeze_parameters
 
 pytestmark = pytest.mark.distributed
 
@@ -94,87 +99,133 @@ def _loss_and_grads(model: nn.Module, batch) -> dict:
     return {"loss": loss.detach(), "grads": grads}
 
 
+# The real tiny AVIGATE: global batch, text length, real frames per video.
+AVIGATE_BATCH, TEXT_LEN = 4, 8
+AVIGATE_REAL_FRAMES = (4, 2, 3, 1)
+START_TOKEN, END_TOKEN = 49406, 49407
+AVIGATE_VARIANTS = {
+    "agnostic": ({}, {}),
+    "text_guided": ({"text_gate": True, "text_query": True, "query_gate": True}, {}),
+    # Only the positive and the hardest negative of each text: the other logits are -inf.
+    "text_guided_hardest_k": ({"text_gate": True, "text_query": True, "query_gate": True},
+                              {"training_pairs": "hardest_k", "hardest_k": 1}),
+}
+
+
+class TrainingLoss(nn.Module):
+    """The AVIGATE training forward reduced to its loss, so DDP and the reference share code.
+
+    Args:
+        model: AVIGATE.
+    """
+
+    def __init__(self, model: AVIGATE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.model(*batch).loss
+
+
+def _avigate_setup(variant: str):
+    """(TrainingLoss over a float64 tiny AVIGATE with training freezing, batch)."""
+    fusion_flags, model_fields = AVIGATE_VARIANTS[variant]
+    torch.manual_seed(0)
+    cfg = replace(AVIGATEConfig.tiny(**fusion_flags), **model_fields)
+    model = AVIGATE(cfg).double()
+    freeze_parameters(model, freeze_layer_num=0)
+    frames_per_video = cfg.fusion.max_frames
+    resolution = cfg.clip.image_resolution
+    lengths = torch.tensor([5, 8, 3, 6])
+    positions = torch.arange(TEXT_LEN)
+    text_mask = (positions < lengths[:, None]).long()
+    text_ids = torch.randint(1, START_TOKEN, (AVIGATE_BATCH, TEXT_LEN)) * text_mask
+    text_ids[:, 0] = START_TOKEN
+    text_ids[torch.arange(AVIGATE_BATCH), lengths - 1] = END_TOKEN
+    frame_mask = (torch.arange(frames_per_video) < torch.tensor(AVIGATE_REAL_FRAMES)[:, None]).long()
+    frames = torch.randn(AVIGATE_BATCH, frames_per_video, 3, resolution, resolution,
+                         dtype=torch.float64) * frame_mask[:, :, None, None, None]
+    audio_tokens = torch.randn(AVIGATE_BATCH, cfg.ast.num_output_tokens, cfg.ast.embed_dim,
+                               dtype=torch.float64)
+    return TrainingLoss(model), (text_ids, text_mask, frames, frame_mask, audio_tokens)
+
+
+SCENARIOS = {
+    "toy_agnostic": partial(_toy_setup, text_guided=False),
+    "toy_text_guided": partial(_toy_setup, text_guided=True),
+    **{f"avigate_{variant}": partial(_avigate_setup, variant) for variant in AVIGATE_VARIANTS},
+}
+
+
+def _loss_and_grads(model: nn.Module, batch) -> dict:
+    """Backward of the model's loss on ``batch``; returns the loss and every trainable grad."""
+    loss = model(*batch)
+    loss.backward()
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters()
+             if p.requires_grad}
+    return {"loss": loss.detach(), "grads": grads}
+
+
+def _local_half(batch, rank: int):
+    """This rank's contiguous share of every tensor in ``batch`` (rank order = batch order)."""
+    local = batch[0].shape[0] // WORLD_SIZE
+    return tuple(x[rank * local:(rank + 1) * local] for x in batch)
+
+
+def _gather_checks(rank: int, out_dir: str) -> None:
+    """Gather contents, a transposed incoming gradient, and unequal local batches."""
+    local = torch.arange(6.0, dtype=torch.float64).view(2, 3) + 10 * rank
+    local.requires_grad_()
+    gathered = all_gather_with_grad(local)  # [4, 3]
+    weight = torch.arange(12.0, dtype=torch.float64).view(3, 4)
+    # d/d(gathered) of sum(gathered.t() * weight) is weight.t(): a non-contiguous gradient.
+    (gathered.t() * weight).sum().backward()
+    results = {"gathered": gathered.detach(), "no_grad": all_gather_no_grad(local),
+               "grad": local.grad}
+    for gather in (all_gather_with_grad, all_gather_no_grad):
+        with pytest.raises(ValueError) as error:
+            gather(torch.zeros(3 + rank, WIDTH))
+        results[gather.__name__] = str(error.value)
+    torch.save(results, os.path.join(out_dir, f"gather_rank{rank}.pt"))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Run the gather checks and every scenario on this rank, saving results to ``out_dir``."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        _gather_checks(rank, out_dir)
+        for name, setup in SCENARIOS.items():
+            model, batch = setup()
+            result = _loss_and_grads(DistributedDataParallel(model), _local_half(batch, rank))
+            torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _init_rank(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
-                            timeout=PROCESS_GROUP_TIMEOUT)
+@pytest.fixture(scope="module")
+def distributed_dir(tmp_path_factory):
+    """Folder of every rank's results, written by one spawn of WORLD_SIZE gloo ranks."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE)
+    return out_dir
 
 
-def _local_half(batch, rank: int):
-    local = GLOBAL_BATCH // WORLD_SIZE
-    return tuple(x[rank * local:(rank + 1) * local] for x in batch)
-
-
-def _toy_worker(rank: int, port: int, text_guided: bool, out_dir: str) -> None:
-    _init_rank(rank, port)
-    try:
-        model, batch = _toy_setup(text_guided)
-        ddp = DistributedDataParallel(model)
-        torch.save(_loss_and_grads(ddp, _local_half(batch, rank)),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _compare(reference: dict, out_dir: str, label: str) -> None:
-    """Assert every rank's loss and averaged grads match the single-process reference."""
-    worst = 0.0
-    for rank in range(WORLD_SIZE):
-        result = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
-        assert result["grads"].keys() == reference["grads"].keys()
-        errors = [(result["loss"] - reference["loss"]).abs().item()]
-        errors += [(result["grads"][n] - g).abs().max().item()
-                   for n, g in reference["grads"].items()]
-        worst = max(worst, max(errors))
-    print(f"{label}: max |distributed - single process| over loss and "
-          f"{len(reference['grads'])} parameter grads = {worst:.3e}")
-    assert worst <= TOLERANCE
-
-
-@pytest.mark.parametrize("text_guided", [False, True], ids=["agnostic", "text_guided"])
-def test_toy_model_matches_single_process(tmp_path, text_guided):
-    model, batch = _toy_setup(text_guided)
-    reference = _loss_and_grads(model, batch)
-    assert all(g.abs().max() > 0 for g in reference["grads"].values())
-    mp.spawn(_toy_worker, args=(_free_port(), text_guided, str(tmp_path)), nprocs=WORLD_SIZE)
-    _compare(reference, str(tmp_path), f"toy {'text-guided' if text_guided else 'agnostic'}")
-
-
-def _gather_checks_worker(rank: int, port: int, out_dir: str) -> None:
-    """Gather contents, a transposed incoming gradient, and unequal local batches."""
-    _init_rank(rank, port)
-    try:
-        local = torch.arange(6.0, dtype=torch.float64).view(2, 3) + 10 * rank
-        local.requires_grad_()
-        gathered = all_gather_with_grad(local)  # [4, 3]
-        weight = torch.arange(12.0, dtype=torch.float64).view(3, 4)
-        # d/d(gathered) of sum(gathered.t() * weight) is weight.t(): a non-contiguous gradient.
-        (gathered.t() * weight).sum().backward()
-        results = {"gathered": gathered.detach(), "no_grad": all_gather_no_grad(local),
-                   "grad": local.grad}
-        for gather in (all_gather_with_grad, all_gather_no_grad):
-            with pytest.raises(ValueError) as error:
-                gather(torch.zeros(3 + rank, WIDTH))
-            results[gather.__name__] = str(error.value)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gather_primitives(tmp_path):
-    mp.spawn(_gather_checks_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE)
+def test_gather_primitives(distributed_dir):
     parts = [torch.arange(6.0, dtype=torch.float64).view(2, 3) + 10 * r for r in range(WORLD_SIZE)]
     weight = torch.arange(12.0, dtype=torch.float64).view(3, 4)
     for rank in range(WORLD_SIZE):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+        result = torch.load(distributed_dir / f"gather_rank{rank}.pt")
         torch.testing.assert_close(result["gathered"], torch.cat(parts), rtol=0, atol=0)
         torch.testing.assert_close(result["no_grad"], torch.cat(parts), rtol=0, atol=0)
         # Both ranks computed the same loss, so each owner receives world_size x its slice.
@@ -182,3 +233,21 @@ def test_gather_primitives(tmp_path):
         torch.testing.assert_close(result["grad"], want, rtol=0, atol=0)
         for name in ("all_gather_with_grad", "all_gather_no_grad"):
             assert f"(3, {WIDTH})" in result[name] and f"(4, {WIDTH})" in result[name]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_matches_single_process(distributed_dir, scenario):
+    model, batch = SCENARIOS[scenario]()
+    reference = _loss_and_grads(model, batch)
+    assert all(g.abs().max() > 0 for g in reference["grads"].values())
+    worst = 0.0
+    for rank in range(WORLD_SIZE):
+        result = torch.load(distributed_dir / f"{scenario}_rank{rank}.pt")
+        assert result["grads"].keys() == reference["grads"].keys()
+        errors = [(result["loss"] - reference["loss"]).abs().item()]
+        errors += [(result["grads"][n] - g).abs().max().item()
+                   for n, g in reference["grads"].items()]
+        worst = max(worst, max(errors))
+    print(f"{scenario}: max |distributed - single process| over the loss and "
+          f"{len(reference['grads'])} parameter grads = {worst:.3e}")
+    assert worst <= TOLERANCE
