@@ -111,8 +111,10 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size == 1:
         return x
     _check_equal_shapes(x)
+    # Contiguous input so the receive buffers (empty_like keeps strides) are contiguous too.
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts, dim=0)
 
 

@@ -99,8 +99,10 @@ def _loss_and_grads(model: nn.Module, batch) -> dict:
     return {"loss": loss.detach(), "grads": grads}
 
 
-# The real tiny AVIGATE: global batch, text length, real frames per video.
+# The real tiny AVIGATE: global batch, padded text length, real tokens per text (start and
+# end included), real frames per video (the rest padded).
 AVIGATE_BATCH, TEXT_LEN = 4, 8
+AVIGATE_TEXT_LENGTHS = (5, 8, 3, 6)
 AVIGATE_REAL_FRAMES = (4, 2, 3, 1)
 START_TOKEN, END_TOKEN = 49406, 49407
 AVIGATE_VARIANTS = {
@@ -136,7 +138,7 @@ def _avigate_setup(variant: str):
     freeze_parameters(model, freeze_layer_num=0)
     frames_per_video = cfg.fusion.max_frames
     resolution = cfg.clip.image_resolution
-    lengths = torch.tensor([5, 8, 3, 6])
+    lengths = torch.tensor(AVIGATE_TEXT_LENGTHS)
     positions = torch.arange(TEXT_LEN)
     text_mask = (positions < lengths[:, None]).long()
     text_ids = torch.randint(1, START_TOKEN, (AVIGATE_BATCH, TEXT_LEN)) * text_mask
