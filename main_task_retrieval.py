@@ -246,6 +246,9 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
         util.barrier(info)
 
     hooks = util.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps)
+    if args.training_pairs == "own_caption":
+        util.logger.warning("--training_pairs own_caption is a LEAKING diagnostic: each video is fused only "
+                            "with its own caption in training (the public implementation's pairing)")
     util.logger.info("training: %d samples, %d steps per epoch, %d epochs, global batch %d on %d rank(s)",
                      len(train_set), steps_per_epoch, args.epochs, args.batch_size, info.world_size)
     for epoch in range(progress.epoch, args.epochs):
@@ -334,6 +337,9 @@ def run(args: argparse.Namespace, info: util.DistInfo) -> None:
     tokenizer = ClipTokenizer()
     image_size = model.cfg.clip.image_resolution
     checkpoint = None
+    if not args.do_train and not args.init_model:
+        util.logger.warning("--do_eval without --init_model evaluates the untrained model (CLIP + new "
+                            "modules at their initialization)")
     if args.do_train:
         epoch = train(args, info, model, recorder, tokenizer, image_size)
         if epoch is None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -367,12 +368,14 @@ def save_model_file(model: torch.nn.Module, path: str) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Strictly load a model-only file or the ``model`` entry of a training state."""
+    """Strictly load a model-only file (``pytorch_model.bin.N``) into ``model``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_model {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"--init_model {path!r} is not a model-only weights file (a training state? "
+                         f"continue it with --resume_model, or pass a pytorch_model.bin.N file)") from err
     result = unwrap(model).load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the model built from the flags; "
@@ -431,7 +434,7 @@ class Progress:
         step: optimizer steps done in the whole run.
         epoch_step: optimizer steps done in the current epoch.
         best_metric: best validation score so far (None before the first validation).
-        best_epoch: 1-based epoch of that score.
+        best_epoch: 0-based epoch of that score (the N of pytorch_model.bin.N).
     """
 
     epoch: int = 0
@@ -465,7 +468,8 @@ class Trainer:
 
 
 def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
-    """One optimizer step over ``accumulation`` micro-batches; returns loss and gate means.
+    """One optimizer step over ``accumulation`` micro-batches; returns the loss and the mean
+    |gate| per layer of each gate.
 
     Gradients are synchronized over ranks only on the last micro-batch. The loss is the
     global (all-gathered) batch loss, identical on every rank.
@@ -564,7 +568,7 @@ def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: in
             rate = window_steps / max(time.time() - window_start, 1e-9)
             window_start, window_steps = time.time(), 0
             hooks.recorder.log({"event": "train", "epoch": progress.epoch + 1, "step": progress.step,
-                                "loss": result["loss"], "lr": lrs, "gates": result["gates"],
+                                "loss": result["loss"], "lr": lrs, "gate_abs_mean": result["gates"],
                                 "steps_per_s": rate}, step=progress.step)
             logger.info("epoch %d step %d/%d loss %.6f lr %.3g", progress.epoch + 1, progress.epoch_step,
                         steps_in_epoch, result["loss"], max(lrs.values()))
@@ -625,7 +629,6 @@ def encode_dataset(model: torch.nn.Module, dataset, kind: str, batch_size: int, 
     return _cat(gather_objects(local, info))
 
 
-
 @dataclass
 class ScoredSplit:
     """Scores of an evaluation split and the gates used (rank 0 holds the full result).
@@ -654,7 +657,7 @@ def _scored_rows(info: DistInfo, num_texts: int, protocol: str) -> range:
 @torch.no_grad()
 def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray, info: DistInfo,
                 protocol: str = "honest", block_size: int = 1,
-                chunk: Optional[tuple[int, int]] = None) -> Optional[ScoredSplit]:
+                chunk: Optional[tuple[int, int]] = None, precision: str = "fp32") -> Optional[ScoredSplit]:
     """Score all texts against all videos with the model's ``score_with_gates``.
 
     Rows are split over ranks and scored in blocks of texts; a text-guided model's
@@ -666,6 +669,7 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
         caption_video: int [Nt], the ground-truth video of each text.
         protocol: "honest" or "paired_block" (leaking diagnostic; blocks of ``block_size``).
         chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
+        precision: autocast precision of the scoring (scores are returned in fp32).
     """
     model = unwrap(model).eval()
     rows = _scored_rows(info, len(texts), protocol)
@@ -674,25 +678,26 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
     sims, own, totals, video_gates = [], {}, {}, {}
     for start in range(rows.start, rows.stop, step):
         index = torch.arange(start, min(start + step, rows.stop))
-        out = model.score_with_gates(texts.select(index), videos, chunk=chunk,
-                                     protocol=PROTOCOL_NAMES[protocol], block_size=block_size)
+        with autocast(info.device, precision):
+            out = model.score_with_gates(texts.select(index), videos, chunk=chunk,
+                                         protocol=PROTOCOL_NAMES[protocol], block_size=block_size)
         sims.append(out.scores.float().cpu().numpy())
+        own_video = torch.as_tensor(caption_video[index.numpy()])
         for name, g in out.gates.items():
             g = g.float().cpu()
             if g.dim() == 2:  # text-agnostic: [Nv, L], the same for every text
                 video_gates[name] = g.numpy()
                 continue
-            own.setdefault(name, []).append(g[torch.arange(len(index)), torch.as_tensor(caption_video[index])].numpy())
+            own.setdefault(name, []).append(g[torch.arange(len(index)), own_video].numpy())
             totals[name] = totals.get(name, 0) + g.sum(0).numpy()
-    gathered = gather_objects((sims, own, totals), info)
+    parts = gather_objects((sims, own, totals, video_gates), info)
     if not info.is_main:
         return None
-    nv = len(videos)
-    sim = np.concatenate([s for part in gathered for s in part[0]] or [np.zeros((0, nv), np.float32)])
-    own_all = {name: np.concatenate([o for part in gathered for o in part[1].get(name, [])])
-               for name in own}
-    mean_all = {name: sum(part[2][name] for part in gathered if name in part[2]) / max(len(texts), 1)
-                for name in totals}
+    sim = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, len(videos)), np.float32)])
+    names = {name for p in parts for name in p[1]}
+    own_all = {n: np.concatenate([o for p in parts for o in p[1].get(n, [])]) for n in names}
+    mean_all = {n: sum(p[2][n] for p in parts if n in p[2]) / len(texts) for n in names}
+    video_gates = {n: g for p in parts for n, g in p[3].items()}
     return ScoredSplit(sim, video_gates, own_all, mean_all)
 
 
@@ -703,7 +708,7 @@ def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict
     return {"plain": retrieval_metrics(sim, caption_video)}
 
 
-def _rounded(values: np.ndarray) -> list:
+def _floats(values: np.ndarray) -> list:
     return [float(v) for v in np.asarray(values).reshape(-1)]
 
 
@@ -721,15 +726,15 @@ def gates_report(scored: ScoredSplit, split) -> dict:
     for v, video_id in enumerate(split.video_ids):
         entry: dict = {"video_id": video_id}
         if not text_guided:
-            entry["gates"] = {n: _rounded(scored.video_gates[n][v]) for n in names}
+            entry["gates"] = {n: _floats(scored.video_gates[n][v]) for n in names}
         else:
             captions = split.captions_of(v)
             entry["own_captions"] = [{"text_index": int(t), "caption": split.captions[t],
-                                      **{n: _rounded(scored.own_caption_gates[n][t]) for n in names}}
+                                      **{n: _floats(scored.own_caption_gates[n][t]) for n in names}}
                                      for t in captions]
-            entry["own_caption_mean"] = {n: _rounded(scored.own_caption_gates[n][captions].mean(0))
+            entry["own_caption_mean"] = {n: _floats(scored.own_caption_gates[n][captions].mean(0))
                                          for n in names}
-            entry["all_texts_mean"] = {n: _rounded(scored.mean_text_gates[n][v]) for n in names}
+            entry["all_texts_mean"] = {n: _floats(scored.mean_text_gates[n][v]) for n in names}
         videos.append(entry)
     return {"text_guided": text_guided, "gate_names": names, "videos": videos}
 
@@ -784,7 +789,7 @@ def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo,
     texts = encode_dataset(model, data.texts, "text", desc=f"{desc} texts", **common)
     videos = encode_dataset(model, data.videos, "video", desc=f"{desc} videos", **common)
     scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
-                         options.block_size, options.chunk)
+                         options.block_size, options.chunk, options.precision)
     if not info.is_main:
         return None, None
     metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)

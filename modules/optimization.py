@@ -39,7 +39,7 @@ ROLES = ("clip", "new", "query")
 CLIP_PREFIX = "clip."
 AST_PREFIX = "ast."
 AST_TRAINABLE_PREFIX = "ast.norm."
-QUERY_PARAM_NAMES = ("resampler.query", "resampler.queries", "resampler.query_tokens")
+QUERY_PARAM_NAMES = ("resampler.queries",)
 # CLIP's input embeddings, relative to the CLIP module (OpenAI key names).
 CLIP_FROZEN_PREFIXES = ("visual.conv1.", "visual.class_embedding", "visual.positional_embedding",
                         "visual.ln_pre.", "token_embedding.", "positional_embedding")

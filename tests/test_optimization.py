@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from modules.modeling import AVIGATE, AVIGATEConfig
+
 from modules.optimization import (BertAdam, GroupClippedAdamW, OptimConfig, WarmupCosine,
                                   build_optimizer, build_scheduler, parameter_groups,
                                   parameter_role)
@@ -98,7 +100,7 @@ class _FakeModel(nn.Module):
         self.ast.norm = nn.LayerNorm(d)
         self.audio_projection = nn.Linear(d, d, bias=False)
         self.resampler = nn.Module()
-        self.resampler.query = nn.Parameter(torch.zeros(3, d))
+        self.resampler.queries = nn.Parameter(torch.zeros(3, d))
         self.resampler.ln = nn.LayerNorm(d)
 
 
@@ -112,7 +114,8 @@ def test_parameter_roles():
     assert parameter_role("clip.transformer.resblocks.0.weight", 1) == "frozen"
     assert parameter_role("clip.visual.transformer.resblocks.1.weight", 1) == "clip"
     assert parameter_role("clip.logit_scale", 5) == "clip"
-    assert parameter_role("resampler.query", 0) == "query"
+    assert parameter_role("resampler.queries", 0) == "query"
+    assert parameter_role("resampler.query_position", 0) == "new"
     assert parameter_role("audio_projection.weight", 0) == "new"
 
 
@@ -149,3 +152,39 @@ def test_adamw_variant_uses_the_same_groups():
     assert [g["name"] for g in opt.param_groups] == [g["name"] for g in parameter_groups(model, cfg)]
     with pytest.raises(ValueError, match="--optimizer"):
         build_optimizer(model, OptimConfig(name="sgd"))
+
+
+def test_groups_of_the_real_model_follow_design_section_7():
+    model = AVIGATE(AVIGATEConfig.tiny(text_gate=True, text_query=True, query_gate=True))
+    cfg = OptimConfig(lr=1e-4, coef_lr=1e-3, freeze_layer_num=0)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, total_steps=10, warmup_proportion=0.1)
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)  # warmup starts at 0, as released
+    lr_of = {n: g["initial_lr"] for g in opt.param_groups for n in g["param_names"]}
+    decay_of = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(lr_of) == trainable
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n in frozen if not n.startswith("ast.")} == {
+        "clip.token_embedding.weight", "clip.positional_embedding", "clip.visual.conv1.weight",
+        "clip.visual.class_embedding", "clip.visual.positional_embedding",
+        "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias"}
+    assert all(n.startswith("ast.norm.") for n in trainable if n.startswith("ast."))
+    for name in trainable:
+        if name.startswith("clip."):
+            expected = 1e-7
+        elif name == "resampler.queries":
+            expected = 1e-2
+        else:
+            expected = 1e-4
+        assert lr_of[name] == pytest.approx(expected), name
+        assert decay_of[name] == (0.2 if dict(model.named_parameters())[name].ndim >= 2 else 0.0), name
+    assert lr_of["audio_projection.weight"] == pytest.approx(1e-4)
+    assert lr_of["ast.norm.weight"] == pytest.approx(1e-4)
+    # After k scheduler steps every group runs at its base lr x warmup_cosine(k / 10).
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    factor = 0.5 * (1 + math.cos(math.pi * 0.3))
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
+        {g["name"]: g["initial_lr"] * factor for g in opt.param_groups})
