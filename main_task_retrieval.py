@@ -212,6 +212,21 @@ def eval_options(args: argparse.Namespace) -> util.EvalOptions:
                             block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl)
 
 
+def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> util.Trainer:
+    """Freeze, group and optimize the parameters (DESIGN §7); wrap the model in DDP when distributed."""
+    optimizer = build_optimizer(model, optim_config(args))
+    scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
+    wrapped = model
+    if info.distributed:
+        # Every trainable parameter gets a gradient in every configuration (the model builds
+        # no module it does not use), so DDP needs no unused-parameter search.
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=args.precision == "fp16")
+    return util.Trainer(wrapped, optimizer, scheduler, scaler, info, args.precision,
+                        args.gradient_accumulation_steps)
+
+
 def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder, tokenizer,
           image_size: int) -> Optional[int]:
     """Train for --epochs; returns the 0-based epoch whose weights to test (None if stopped early)."""
@@ -221,17 +236,7 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
     sampler = util.ShardedBatchSampler(len(train_set), args.batch_size, args.gradient_accumulation_steps,
                                        info.rank, info.world_size, args.seed)
     steps_per_epoch = sampler.micro_batches_per_epoch // args.gradient_accumulation_steps
-    optimizer = build_optimizer(model, optim_config(args))
-    scheduler = build_scheduler(optimizer, steps_per_epoch * args.epochs, args.warmup_proportion)
-    wrapped = model
-    if info.distributed:
-        # Every trainable parameter gets a gradient in every configuration (the model builds
-        # no module it does not use), so DDP needs no unused-parameter search.
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    trainer = util.Trainer(wrapped, optimizer, scheduler,
-                           torch.amp.GradScaler(info.device.type, enabled=args.precision == "fp16"),
-                           info, args.precision, args.gradient_accumulation_steps)
+    trainer = build_trainer(args, info, model, steps_per_epoch * args.epochs)
     progress = util.Progress()
     if args.resume_model:
         progress = util.restore_training_state(trainer, util.load_training_state(args.resume_model))
@@ -270,6 +275,7 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
 
 
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
+    """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched."""
     generator = torch.Generator().manual_seed(util.worker_seed(args.seed, epoch, info.rank, -1))
     return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.num_thread_reader,
                                        collate_fn=collate_items, generator=generator,

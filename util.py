@@ -333,10 +333,12 @@ class RunRecorder:
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a/b": 1}"""
+    """{"a": {"b": 1, "c": [2, 3]}} -> {"a/b": 1, "a/c/0": 2, "a/c/1": 3}"""
     out = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
+        if isinstance(value, list):
+            value = {str(k): v for k, v in enumerate(value)}
         if isinstance(value, dict):
             out.update(_flatten(value, f"{name}/"))
         else:
