@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
+import av
 import cv2
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ PIXEL_MAX = 255.0
 
 SLICE_HEAD, SLICE_TAIL, SLICE_UNIFORM = 0, 1, 2
 DECODERS = ("opencv", "pyav")
-# Chosen by bench/decode_bench.py (see its docstring for the measured numbers).
+# Fastest in bench/decode_bench.py (its docstring has the measured numbers).
 DEFAULT_DECODER = "opencv"
 
 
@@ -106,12 +107,38 @@ IndexPlan = Callable[[int, float], np.ndarray]
 
 def _opencv_frame_count(path: str) -> int:
     """Frames counted by grabbing every one (for containers that do not store a count)."""
-    cap = cv2.VideoCapture(path)
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
     count = 0
     while cap.grab():
         count += 1
     cap.release()
     return count
+
+
+def _opencv_seeking(cap: cv2.VideoCapture, wanted: np.ndarray) -> List[np.ndarray]:
+    """BGR frames at ``wanted``, setting the position before each (stops at the first failure)."""
+    frames = []
+    for index in wanted:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, int(index))
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    return frames
+
+
+def _opencv_sequential(cap: cv2.VideoCapture, wanted: np.ndarray) -> List[np.ndarray]:
+    """BGR frames at ``wanted``, grabbing every frame and converting only the wanted ones."""
+    wanted_set = set(int(i) for i in wanted)
+    frames = []
+    for index in range(int(wanted.max()) + 1 if len(wanted) else 0):
+        if not cap.grab():
+            break
+        if index in wanted_set:
+            ok, frame = cap.retrieve()
+            if ok:
+                frames.append(frame)
+    return frames
 
 
 def decode_opencv(path: str, plan: IndexPlan, seek: bool = False) -> np.ndarray:
@@ -136,24 +163,8 @@ def decode_opencv(path: str, plan: IndexPlan, seek: bool = False) -> np.ndarray:
             num_frames = _opencv_frame_count(path)
         if fps <= 0 or num_frames <= 0:
             raise VideoReadError(path, f"no frames (fps={fps}, frame count={num_frames})")
-        wanted = plan(num_frames, fps)
-        frames = []
-        if seek:
-            for index in wanted:
-                cap.set(cv2.CAP_PROP_POS_FRAMES, int(index))
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                frames.append(frame)
-        else:
-            wanted_set = set(int(i) for i in wanted)
-            for index in range(int(wanted[-1]) + 1 if len(wanted) else 0):
-                if not cap.grab():
-                    break
-                if index in wanted_set:
-                    ok, frame = cap.retrieve()
-                    if ok:
-                        frames.append(frame)
+        wanted = np.asarray(plan(num_frames, fps))
+        frames = _opencv_seeking(cap, wanted) if seek else _opencv_sequential(cap, wanted)
     finally:
         cap.release()
     if not frames:
@@ -163,8 +174,6 @@ def decode_opencv(path: str, plan: IndexPlan, seek: bool = False) -> np.ndarray:
 
 def _pyav_frame_count(path: str) -> int:
     """Frames counted from the demuxed packets (for containers that do not store a count)."""
-    import av
-
     with av.open(path) as container:
         return sum(1 for packet in container.demux(video=0) if packet.size)
 
@@ -180,8 +189,6 @@ def decode_pyav(path: str, plan: IndexPlan) -> np.ndarray:
         uint8 RGB [K, H, W, 3]; indices past the real end of a clip, or past the point
         where a damaged file stops decoding, are dropped (as OpenCV does).
     """
-    import av  # imported here so the OpenCV path does not load a second FFmpeg build
-
     try:
         container = av.open(path)
     except (av.FFmpegError, OSError) as err:
