@@ -8,14 +8,16 @@
 The log-sum-exp subtracts its maximum and skips padded frames, so it never overflows. A
 video without any valid frame has no visual evidence: both terms are 0 for it.
 
-Text-agnostic scoring caches each video as a ``video index`` [Nv, F+1, D]: row 0 is the
+Text-agnostic scoring caches each video as ``video_index`` rows [Nv, 1+F, D]: row 0 is the
 unit global vector, rows 1..F the unit frames (padded frames zero), so scoring a batch of
-texts is one matrix product over the whole cache plus a log-sum-exp over F.
+texts is one matrix product over the whole cache plus a log-sum-exp over F. ``VideoIndex``
+holds a large cache feature-major for fast single-text search.
 
 Shapes: Nt texts, Nv videos, P pairs, F frames, D width.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,6 +27,13 @@ import torch.nn.functional as F
 LOGIT_SCALE_MAX = 100.0
 # Rows of a video index before the frames: the global vector.
 GLOBAL_ROWS = 1
+# Default size of one [Nt, chunk, 1+F] fp32 block of cosines in VideoIndex.scores: small
+# enough to stay in a CPU's last-level cache while the log-sum-exp passes over it.
+SCORE_TILE_BYTES = 8 << 20
+# Floor of the max-subtracted exponents in the in-place log-sum-exp: exp(-80) ~ 2e-35 is
+# nothing next to the maximum term exp(0) = 1, and inputs below about -87 (masked entries,
+# underflow to denormals) take a scalar slow path in vectorized exp that costs ~10x.
+EXP_FLOOR = -80.0
 
 
 def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
@@ -45,14 +54,21 @@ def _check_shapes(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Te
 def masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """z [..., F], mask [..., F] bool -> log sum_{valid f} exp(z_f) [...]; 0 where none is valid.
 
-    Max-subtracted; the clamp keeps log finite (and its gradient free of NaN) for empty rows.
+    The maximum is subtracted first. Padded entries get the dtype's lowest finite value rather
+    than -inf, so a row without valid entries stays finite (also in the backward pass) before
+    it is set to 0; in a row with a valid entry they contribute exp(-huge) = 0. Without
+    autograd the work happens in place on ``z`` (a scratch tensor the caller gives up: on the
+    CPU extra passes and allocations would cost as much as the products), with exponents
+    floored at EXP_FLOOR (masked entries then add exp(-80) ~ 2e-35 each: no visible change).
     """
-    z = z.masked_fill(~mask, float("-inf"))
-    peak = z.amax(dim=-1, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()
-    total = (z - peak).exp().sum(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
-    out = peak.squeeze(-1) + total.log()
-    return torch.where(mask.any(dim=-1), out, torch.zeros_like(out))
+    lowest = torch.finfo(z.dtype).min
+    if z.requires_grad:
+        lse = torch.logsumexp(z.masked_fill(~mask, lowest), dim=-1)
+    else:
+        z = z.masked_fill_(~mask, lowest)
+        peak = z.amax(dim=-1, keepdim=True)
+        lse = peak.squeeze(-1) + z.sub_(peak).clamp_min_(EXP_FLOOR).exp_().sum(dim=-1).log()
+    return torch.where(mask.any(dim=-1), lse, torch.zeros_like(lse))
 
 
 def unit_frames(frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +80,21 @@ def unit_frames(frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.T
     return unit, F.normalize(mean, dim=-1)
 
 
-def _combine(global_cos: torch.Tensor, frame_cos: torch.Tensor, frame_mask: torch.Tensor,
-             scale: torch.Tensor, temperature: float) -> torch.Tensor:
-    """global_cos [...], frame_cos [..., F], frame_mask [..., F] -> score [...]."""
-    global_term = scale * global_cos
-    local_term = masked_logsumexp(temperature * scale * frame_cos, frame_mask) / temperature
-    return (global_term + local_term) / 2
+def _combine(scaled: torch.Tensor, frame_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """scaled [..., 1+F] = tau * s * cos(t, row) for the global row and the F frames,
+    frame_mask [..., F] -> score [...] = (s cos_global + lse_f(tau s cos_f) / tau) / 2.
+
+    The log-sum-exp runs over all 1+F columns with the global one masked out: the contiguous
+    rows vectorize far better on the CPU than the strided frame columns would.
+    """
+    global_term = scaled[..., 0].clone()
+    local = masked_logsumexp(scaled, F.pad(frame_mask.bool(), (GLOBAL_ROWS, 0), value=False))
+    return (global_term + local) / (2 * temperature)
+
+
+def scaled_unit_text(text: torch.Tensor, logit_scale: torch.Tensor, temperature: float) -> torch.Tensor:
+    """text [N, D] -> tau * s * t / |t| [N, D], so products with unit rows are tau * s * cos."""
+    return F.normalize(text, dim=-1) * (temperature * logit_scale_value(logit_scale))
 
 
 def pair_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor,
@@ -79,12 +104,9 @@ def pair_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tens
     if text.shape[0] != frames.shape[0]:
         raise ValueError(f"pair_scores needs one text per video: text {tuple(text.shape)} vs "
                          f"frames {tuple(frames.shape)}")
-    mask = frame_mask.bool()
-    unit, global_vec = unit_frames(frames, mask)
-    t = F.normalize(text, dim=-1)
-    frame_cos = torch.einsum("pd,pfd->pf", t, unit)
-    global_cos = (t * global_vec).sum(-1)
-    return _combine(global_cos, frame_cos, mask, logit_scale_value(logit_scale), temperature)
+    rows = video_index(frames, frame_mask)
+    scaled = torch.einsum("pd,prd->pr", scaled_unit_text(text, logit_scale, temperature), rows)
+    return _combine(scaled, frame_mask.bool(), temperature)
 
 
 def global_local_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor,
@@ -112,37 +134,71 @@ def global_local_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: to
 
 
 def video_index(frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-    """Text-agnostic scoring cache: frames [Nv, F, D], frame_mask [Nv, F] -> [Nv, 1+F, D]
+    """Per-video scoring rows: frames [Nv, F, D], frame_mask [Nv, F] -> [Nv, 1+F, D]
     (row 0 the unit global vector, rows 1..F the unit frames, padded frames zero)."""
     unit, global_vec = unit_frames(frames, frame_mask)
     return torch.cat([global_vec.unsqueeze(1), unit], dim=1)
 
 
+@dataclass
+class VideoIndex:
+    """Text-agnostic scoring cache in feature-major layout, so that scoring one text streams
+    the whole cache once through a matrix-vector product (the row-major product runs at about
+    half the memory bandwidth on CPUs; see bench/score_bench.py).
+
+    vectors [D, Nv * (1+F)]: column v * (1+F) + r is row r of ``video_index`` for video v;
+    frame_mask [Nv, F] bool.
+    """
+
+    vectors: torch.Tensor
+    frame_mask: torch.Tensor
+
+    @classmethod
+    def build(cls, rows: torch.Tensor, frame_mask: torch.Tensor,
+              dtype: Optional[torch.dtype] = None) -> "VideoIndex":
+        """rows [Nv, 1+F, D] from ``video_index``, frame_mask [Nv, F]; dtype: storage (e.g. fp16)."""
+        if rows.dim() != 3 or rows.shape[1] != frame_mask.shape[1] + GLOBAL_ROWS or \
+                rows.shape[0] != frame_mask.shape[0]:
+            raise ValueError(f"video index rows {tuple(rows.shape)} do not match frame_mask "
+                             f"{tuple(frame_mask.shape)}: expected [Nv, 1+F, D] and [Nv, F]")
+        nv, r, d = rows.shape
+        vectors = rows.reshape(nv * r, d).T.to(dtype or rows.dtype).contiguous()
+        return cls(vectors, frame_mask.bool())
+
+    def __len__(self) -> int:
+        return self.frame_mask.shape[0]
+
+    def scores(self, text: torch.Tensor, logit_scale: torch.Tensor, temperature: float,
+               video_chunk: Optional[int] = None) -> torch.Tensor:
+        """text [Nt, D] -> scores [Nt, Nv] fp32: one product per chunk of ``video_chunk`` videos
+        (None: as many as keep the [Nt, chunk, 1+F] cosines within SCORE_TILE_BYTES), then the
+        log-sum-exp over F. The product runs in the storage dtype, the log-sum-exp in fp32."""
+        d, rows = self.vectors.shape[0], self.frame_mask.shape[1] + GLOBAL_ROWS
+        if text.dim() != 2 or text.shape[-1] != d:
+            raise ValueError(f"text features {tuple(text.shape)} do not match the video index "
+                             f"[D={d}, {self.vectors.shape[1]}]")
+        t = scaled_unit_text(text.float(), logit_scale.float(), temperature).to(self.vectors.dtype)
+        nv = len(self)
+        step = video_chunk or max(1, SCORE_TILE_BYTES // (max(t.shape[0], 1) * rows * 4))
+        out = []
+        for start in range(0, nv, step):
+            stop = min(start + step, nv)
+            scaled = (t @ self.vectors[:, start * rows:stop * rows]).float().view(t.shape[0], stop - start, rows)
+            out.append(_combine(scaled, self.frame_mask[start:stop], temperature))
+        return torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0, dtype=torch.float32)
+
+
 def index_scores(text: torch.Tensor, index: torch.Tensor, frame_mask: torch.Tensor,
                  logit_scale: torch.Tensor, temperature: float,
                  video_chunk: Optional[int] = None) -> torch.Tensor:
-    """Scores of texts against a video index: one matrix product plus a log-sum-exp over F.
-
-    Args:
-        text: [Nt, D]; index: [Nv, 1+F, D] from ``video_index`` (any float dtype: the
-            product runs in the index's dtype, the log-sum-exp in fp32).
-        frame_mask: [Nv, F].
-        logit_scale, temperature: as in ``global_local_scores``.
-        video_chunk: videos per product (bounds the [Nt, chunk, 1+F] intermediate); None = all.
-    Returns: [Nt, Nv] fp32.
-    """
-    if text.shape[-1] != index.shape[-1] or index.shape[1] != frame_mask.shape[1] + GLOBAL_ROWS:
+    """Scores [Nt, Nv] of texts [Nt, D] against per-video rows index [Nv, 1+F, D]
+    (``video_index``; any float dtype) with frame_mask [Nv, F]; ``VideoIndex`` is built chunk
+    by chunk (``video_chunk`` videos, None = all at once)."""
+    if text.shape[-1] != index.shape[-1]:
         raise ValueError(f"text features {tuple(text.shape)} do not match the video index "
-                         f"{tuple(index.shape)} / frame_mask {tuple(frame_mask.shape)}")
-    scale = logit_scale_value(logit_scale).float()
-    t = F.normalize(text.float(), dim=-1).to(index.dtype)
-    mask = frame_mask.bool()
-    nv, rows, d = index.shape
+                         f"{tuple(index.shape)}")
+    nv = index.shape[0]
     step = video_chunk or max(nv, 1)
-    out = []
-    for start in range(0, nv, step):
-        block = index[start:start + step]
-        cos = (t @ block.reshape(-1, d).T).float().view(t.shape[0], block.shape[0], rows)
-        out.append(_combine(cos[..., 0], cos[..., GLOBAL_ROWS:], mask[start:start + step],
-                            scale, temperature))
-    return torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0)
+    out = [VideoIndex.build(index[s:s + step], frame_mask[s:s + step]).scores(text, logit_scale, temperature)
+           for s in range(0, nv, step)]
+    return torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0, dtype=torch.float32)

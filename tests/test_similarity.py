@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from modules.similarity import (LOGIT_SCALE_MAX, global_local_scores, index_scores, masked_logsumexp,
-                                pair_scores, video_index)
+from modules.similarity import (LOGIT_SCALE_MAX, VideoIndex, global_local_scores, index_scores,
+                                masked_logsumexp, pair_scores, video_index)
 
 D, F = 16, 5
 
@@ -89,6 +89,21 @@ def test_index_scores_chunked_and_fp16_storage():
     half = index_scores(text, index.half(), mask, scale, 1.0)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.2, rtol=0)  # fp16 keeps ~3 digits of cos * 100
+
+
+def test_feature_major_video_index_equals_direct_scores():
+    text, frames, mask = data(nt=4, nv=7)
+    scale = torch.tensor(3.0)
+    index = VideoIndex.build(video_index(frames, mask), mask)
+    assert index.vectors.shape == (D, 7 * (F + 1)) and len(index) == 7
+    expect = global_local_scores(text, frames, mask, scale, 0.7)
+    torch.testing.assert_close(index.scores(text, scale, 0.7), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(index.scores(text, scale, 0.7, video_chunk=3), expect, atol=1e-5, rtol=1e-5)
+    assert VideoIndex.build(video_index(frames, mask), mask, dtype=torch.float16).vectors.dtype == torch.float16
+    with pytest.raises(ValueError, match=r"\(2, 8\).*D=16"):
+        index.scores(torch.randn(2, 8), scale, 1.0)
+    with pytest.raises(ValueError, match=r"\(7, 6, 16\).*\(7, 4\)"):
+        VideoIndex.build(video_index(frames, mask), mask[:, :4])
 
 
 def test_mismatched_shapes_name_both():
