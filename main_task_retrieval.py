@@ -1,7 +1,8 @@
 """Train and evaluate (text-guided) AVIGATE for text-to-video retrieval.
 
 The only place that reads command-line flags: they become the dataclass configs of the
-model, data and optimizer, and the work is done by small functions in ``util.py``.
+model, data and optimizer, and the work is done by small functions in ``training.py``, ``evaluation.py`` and
+``util.py``.
 
 Runs as ``python main_task_retrieval.py ...`` (CPU or one GPU) and under ``torchrun``
 (single or multi node; ``--batch_size`` is the global batch). Examples: run.sh (MSR-VTT
@@ -16,6 +17,8 @@ from typing import Optional
 
 import torch
 
+import evaluation
+import training
 import util
 from dataloaders.base import collate_items
 from dataloaders.registry import DATASETS, DataConfig, build_eval_datasets, build_train_dataset
@@ -205,14 +208,14 @@ def optim_config(args: argparse.Namespace) -> OptimConfig:
                        warmup_proportion=args.warmup_proportion, freeze_layer_num=args.freeze_layer_num)
 
 
-def eval_options(args: argparse.Namespace) -> util.EvalOptions:
+def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
     chunk = None if args.eval_chunk is None else (args.eval_chunk[0], args.eval_chunk[-1])
-    return util.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
+    return evaluation.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
                             precision=args.precision, protocol=args.eval_protocol,
                             block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl)
 
 
-def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> util.Trainer:
+def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
     """Freeze, group and optimize the parameters (DESIGN §7); wrap the model in DDP when distributed."""
     optimizer = build_optimizer(model, optim_config(args))
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
@@ -223,7 +226,7 @@ def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.precision == "fp16")
-    return util.Trainer(wrapped, optimizer, scheduler, scaler, info, args.precision,
+    return training.Trainer(wrapped, optimizer, scheduler, scaler, info, args.precision,
                         args.gradient_accumulation_steps)
 
 
@@ -237,20 +240,20 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
                                        info.rank, info.world_size, args.seed)
     steps_per_epoch = sampler.micro_batches_per_epoch // args.gradient_accumulation_steps
     trainer = build_trainer(args, info, model, steps_per_epoch * args.epochs)
-    progress = util.Progress()
+    progress = training.Progress()
     if args.resume_model:
-        progress = util.restore_training_state(trainer, util.load_training_state(args.resume_model))
+        progress = training.restore_training_state(trainer, util.load_training_state(args.resume_model))
         util.logger.info("resumed %s at epoch %d, step %d", args.resume_model, progress.epoch + 1,
                          progress.step)
     state_path = os.path.join(args.output_dir, util.TRAINING_STATE_FILE)
 
     def save_state():
-        state = util.training_state(trainer, progress, vars(args))
+        state = training.training_state(trainer, progress, vars(args))
         if info.is_main:
             util.save_training_state(state_path, state)
         util.barrier(info)
 
-    hooks = util.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps)
+    hooks = training.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps)
     if args.training_pairs == "own_caption":
         util.logger.warning("--training_pairs own_caption is a LEAKING diagnostic: each video is fused only "
                             "with its own caption in training (the public implementation's pairing)")
@@ -260,7 +263,7 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
         progress.epoch = epoch
         sampler.set_epoch(epoch, progress.epoch_step * args.gradient_accumulation_steps)
         train_set.set_epoch(epoch)
-        if not util.train_epoch(trainer, train_loader(args, train_set, sampler, info, epoch),
+        if not training.train_epoch(trainer, train_loader(args, train_set, sampler, info, epoch),
                                 progress, steps_per_epoch, hooks):
             util.logger.info("stopped after --max_steps %d; training state in %s", args.max_steps, state_path)
             return None
@@ -282,17 +285,17 @@ def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> t
                                        worker_init_fn=util.WorkerSeeder(args.seed, epoch, info.rank))
 
 
-def select_on_validation(args, info, model, val_data, progress: util.Progress, recorder) -> None:
+def select_on_validation(args, info, model, val_data, progress: training.Progress, recorder) -> None:
     """Evaluate on the validation split and remember the best epoch (by plain t2v R@1)."""
-    metrics, _ = util.evaluate(model, val_data, eval_options(args), info, desc="validation")
+    metrics, _ = evaluation.evaluate(model, val_data, eval_options(args), info, desc="validation")
     if info.is_main:
-        value = metrics["plain"][util.SELECTION_METRIC]
+        value = metrics["plain"][evaluation.SELECTION_METRIC]
         if progress.best_metric is None or value > progress.best_metric:
             progress.best_metric, progress.best_epoch = value, progress.epoch
         recorder.log({"event": "validation", "epoch": progress.epoch + 1, "step": progress.step,
                       "metrics": metrics, "best_epoch": progress.best_epoch + 1}, step=progress.step)
         util.logger.info("validation epoch %d: %s = %.2f (best: epoch %d)", progress.epoch + 1,
-                         util.SELECTION_METRIC, value, progress.best_epoch + 1)
+                         evaluation.SELECTION_METRIC, value, progress.best_epoch + 1)
     progress.best_metric, progress.best_epoch = util.broadcast_object(
         (progress.best_metric, progress.best_epoch), info)
 
@@ -303,21 +306,21 @@ def test(args, info, model: AVIGATE, recorder, tokenizer, image_size: int, check
         util.load_model_weights(model, checkpoint)
     test_data = build_eval_datasets(data_config(args, image_size, args.test_csv), tokenizer)
     options = eval_options(args)
-    metrics, scored = util.evaluate(model, test_data, options, info, desc="test")
+    metrics, scored = evaluation.evaluate(model, test_data, options, info, desc="test")
     util.report_data_issues("test data", test_data.counter, test_data.videos.media.audio.counter, info,
                             recorder)
     if not info.is_main:
         return
     metrics.update({"split": test_data.split.name, "checkpoint": checkpoint or args.init_model,
                     "num_texts": test_data.split.num_texts, "num_videos": test_data.split.num_videos})
-    util.write_eval_outputs(args.output_dir, test_data.split, scored, metrics)
+    evaluation.write_eval_outputs(args.output_dir, test_data.split, scored, metrics)
     recorder.log({"event": "test", "metrics": metrics})
     plain = metrics["plain"]
     util.logger.info("test %s: t2v R@1 %.2f R@5 %.2f R@10 %.2f MdR %.1f | v2t R@1 %.2f R@5 %.2f R@10 %.2f",
                      test_data.split.name, plain["t2v_R@1"], plain["t2v_R@5"], plain["t2v_R@10"],
                      plain["t2v_MdR"], plain["v2t_R@1"], plain["v2t_R@5"], plain["v2t_R@10"])
     if options.protocol == "paired_block":
-        util.logger.warning(util.LEAK_LABEL)
+        util.logger.warning(evaluation.LEAK_LABEL)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,15 +1,15 @@
-"""Training and evaluation machinery used by ``main_task_retrieval.py``.
+"""Run machinery shared by training and evaluation (``training.py``, ``evaluation.py``).
 
 Nothing here parses flags: the entry point turns flags into configs and calls these small
 functions. Everything works as one process without a process group; under ``torchrun`` the
 process group is started by ``setup_distributed`` (called from ``main``).
 
 Sections: distributed setup; determinism (seeds, RNG states, the resumable sampler); run
-records (args, git revision, JSON-lines metrics, log file, TensorBoard); checkpoints.
+records (args, git revision, JSON-lines metrics, log file, TensorBoard); precision;
+checkpoints; data-issue reports.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,10 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
-from tqdm import tqdm
 
-from dataloaders.base import collate_items
-from metrics import retrieval_metrics, retrieval_metrics_with_dsl
 
 LOGGER_NAME = "avigate"
 logger = logging.getLogger(LOGGER_NAME)
@@ -346,6 +343,18 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- precision
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``--precision`` (a no-op for fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
 # --------------------------------------------------------------------------- checkpoints
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temp file in the same directory, then rename over ``path``."""
@@ -397,409 +406,6 @@ def load_training_state(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume_model {path!r} does not exist")
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-# --------------------------------------------------------------------------- training
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for ``--precision`` (a no-op for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def video_inputs(batch: dict, device: torch.device) -> dict:
-    """Collated video keys (dataloaders.base) -> keyword arguments of ``AVIGATE.encode_video``.
-
-    The audio is the fbank (wav files), the cached AST tokens, or None (no audio source).
-    """
-    audio = batch.get("fbank", batch.get("audio_tokens"))
-    return {"frames": batch["frames"].to(device), "frame_mask": batch["frame_mask"].to(device),
-            "audio": None if audio is None else audio.to(device)}
-
-
-def model_inputs(batch: dict, device: torch.device) -> dict:
-    """Collated training items -> keyword arguments of ``AVIGATE.forward``."""
-    return {"text_ids": batch["text_ids"].to(device), "text_mask": batch["text_mask"].to(device),
-            **video_inputs(batch, device)}
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every training state.
-
-    Args:
-        epoch: current epoch (0-based).
-        step: optimizer steps done in the whole run.
-        epoch_step: optimizer steps done in the current epoch.
-        best_metric: best validation score so far (None before the first validation).
-        best_epoch: 0-based epoch of that score (the N of pytorch_model.bin.N).
-    """
-
-    epoch: int = 0
-    step: int = 0
-    epoch_step: int = 0
-    best_metric: Optional[float] = None
-    best_epoch: Optional[int] = None
-
-
-@dataclass
-class Trainer:
-    """What a training step needs.
-
-    Args:
-        model: the model, wrapped in DistributedDataParallel when distributed.
-        optimizer: BertAdam or AdamW over the named groups.
-        scheduler: LambdaLR with the warmup-cosine multiplier.
-        scaler: GradScaler (active only for fp16).
-        info: process placement.
-        precision: "fp32", "bf16" or "fp16".
-        accumulation: micro-batches per optimizer step.
-    """
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    info: DistInfo
-    precision: str = "fp32"
-    accumulation: int = 1
-
-
-def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
-    """One optimizer step over ``accumulation`` micro-batches; returns the loss and the mean
-    |gate| per layer of each gate.
-
-    Gradients are synchronized over ranks only on the last micro-batch. The loss is the
-    global (all-gathered) batch loss, identical on every rank.
-    """
-    model, info = trainer.model, trainer.info
-    model.train()
-    losses, gates = [], {}
-    for k, batch in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        sync = model.no_sync() if info.distributed and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(info.device, trainer.precision):
-                out = model(**model_inputs(batch, info.device))
-            trainer.scaler.scale(out.loss / len(micro_batches)).backward()
-        losses.append(out.loss.detach().float())
-        for name, value in out.gate_stats.items():
-            gates.setdefault(name, []).append(value.detach().float())
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    trainer.scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return {"loss": torch.stack(losses).mean().item(),
-            "gates": {name: torch.stack(v).mean(0).tolist() for name, v in gates.items()}}
-
-
-def group_lrs(optimizer: torch.optim.Optimizer) -> dict:
-    """Current learning rate of every named group."""
-    return {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}
-
-
-def grouped(loader, size: int) -> Iterator[list]:
-    """Consecutive lists of ``size`` items (an incomplete tail is dropped)."""
-    group = []
-    for item in loader:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-
-
-def training_state(trainer: Trainer, progress: Progress, args: dict) -> dict:
-    """Everything a resumed run needs; gathers every rank's RNG state (call on all ranks)."""
-    return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-            "progress": vars(progress).copy(), "args": args,
-            "rng": gather_objects(rng_state(), trainer.info), "world_size": trainer.info.world_size}
-
-
-def restore_training_state(trainer: Trainer, state: dict) -> Progress:
-    """Load a training state into a freshly built trainer; returns the progress to resume from."""
-    unwrap(trainer.model).load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    if state["world_size"] == trainer.info.world_size:
-        set_rng_state(state["rng"][trainer.info.rank])
-    else:
-        logger.warning("resuming on %d ranks a state saved on %d: RNG states are not restored",
-                       trainer.info.world_size, state["world_size"])
-    return Progress(**state["progress"])
-
-
-@dataclass
-class EpochHooks:
-    """Per-step side effects of ``train_epoch`` (logging, saving, stopping).
-
-    Args:
-        recorder: JSON-lines / TensorBoard writer.
-        save_state: called with no argument to write the full training state (all ranks).
-        n_display: log every n steps.
-        save_every_steps: write the training state every n steps (0 = only at epoch end).
-        max_steps: stop the run after this many optimizer steps (0 = no limit).
-    """
-
-    recorder: RunRecorder
-    save_state: Any
-    n_display: int = 100
-    save_every_steps: int = 0
-    max_steps: int = 0
-
-
-def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: int,
-                hooks: EpochHooks) -> bool:
-    """Run the rest of the current epoch; returns False when ``max_steps`` stopped the run."""
-    bar = tqdm(total=steps_in_epoch, initial=progress.epoch_step, disable=not trainer.info.is_main,
-               desc=f"epoch {progress.epoch + 1}", leave=False)
-    window_start, window_steps = time.time(), 0
-    for micro_batches in grouped(loader, trainer.accumulation):
-        lrs = group_lrs(trainer.optimizer)
-        result = train_step(trainer, micro_batches)
-        progress.step += 1
-        progress.epoch_step += 1
-        window_steps += 1
-        bar.update(1)
-        if progress.step % hooks.n_display == 0:
-            rate = window_steps / max(time.time() - window_start, 1e-9)
-            window_start, window_steps = time.time(), 0
-            hooks.recorder.log({"event": "train", "epoch": progress.epoch + 1, "step": progress.step,
-                                "loss": result["loss"], "lr": lrs, "gate_abs_mean": result["gates"],
-                                "steps_per_s": rate}, step=progress.step)
-            logger.info("epoch %d step %d/%d loss %.6f lr %.3g", progress.epoch + 1, progress.epoch_step,
-                        steps_in_epoch, result["loss"], max(lrs.values()))
-        if hooks.max_steps and progress.step >= hooks.max_steps:
-            hooks.save_state()
-            bar.close()
-            return False
-        if hooks.save_every_steps and progress.step % hooks.save_every_steps == 0:
-            hooks.save_state()
-    bar.close()
-    return True
-
-
-# --------------------------------------------------------------------------- evaluation
-# Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
-EVAL_ROW_BLOCK = 1024
-PROTOCOL_NAMES = {"honest": "pairs", "paired_block": "paired_block"}
-LEAK_LABEL = ("LEAKING: paired_block fuses each video with the caption at its position in the "
-              "evaluation batch (the public implementation's protocol); not a valid result")
-SELECTION_METRIC = "t2v_R@1"
-
-
-def eval_loader(dataset, batch_size: int, workers: int, collate_fn) -> torch.utils.data.DataLoader:
-    """Sequential loader over an evaluation dataset (or a rank's subset of it)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       num_workers=workers, collate_fn=collate_fn,
-                                       generator=torch.Generator())
-
-
-def _cat(parts: list):
-    """Concatenate feature objects (TextFeatures / VideoFeatures), skipping empty shards."""
-    parts = [p for p in parts if p is not None]
-    return type(parts[0]).cat(parts)
-
-
-@torch.no_grad()
-def encode_dataset(model: torch.nn.Module, dataset, kind: str, batch_size: int, workers: int,
-                   collate_fn, info: DistInfo, precision: str, desc: str):
-    """Encode every item once: each rank encodes its contiguous shard, all ranks get all features.
-
-    Args:
-        kind: "text" (TextDataset items -> TextFeatures) or "video" (VideoDataset -> VideoFeatures).
-    Returns: the features of all N items in dataset order, fp32 on the CPU.
-    """
-    model = unwrap(model).eval()
-    shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), info)))
-    parts = []
-    for batch in tqdm(eval_loader(shard, batch_size, workers, collate_fn), desc=desc, leave=False,
-                      disable=not info.is_main):
-        with autocast(info.device, precision):
-            if kind == "text":
-                feats = model.encode_text(batch["text_ids"].to(info.device),
-                                          batch["text_mask"].to(info.device))
-            else:
-                feats = model.encode_video(**video_inputs(batch, info.device))
-        parts.append(feats.to(device="cpu", dtype=torch.float32))
-    local = _cat(parts) if parts else None
-    return _cat(gather_objects(local, info))
-
-
-@dataclass
-class ScoredSplit:
-    """Scores of an evaluation split and the gates used (rank 0 holds the full result).
-
-    Args:
-        sim: plain scores [Nt, Nv] (fp32 numpy).
-        video_gates: name -> [Nv, L] per-video gates (text-agnostic models).
-        own_caption_gates: name -> [Nt, L], text i's gates on its own video (text-guided).
-        mean_text_gates: name -> [Nv, L], each video's gates averaged over all Nt texts (text-guided).
-    """
-
-    sim: np.ndarray
-    video_gates: dict
-    own_caption_gates: dict
-    mean_text_gates: dict
-
-
-def _scored_rows(info: DistInfo, num_texts: int, protocol: str) -> range:
-    """Texts this rank scores: its shard ("pairs": a score depends only on its pair), or, for
-    the order-dependent paired_block protocol, every text on rank 0."""
-    if protocol == "paired_block":
-        return range(num_texts) if info.is_main else range(0)
-    return shard_range(num_texts, info)
-
-
-@torch.no_grad()
-def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray, info: DistInfo,
-                protocol: str = "honest", block_size: int = 1,
-                chunk: Optional[tuple[int, int]] = None, precision: str = "fp32") -> Optional[ScoredSplit]:
-    """Score all texts against all videos with the model's ``score_with_gates``.
-
-    Rows are split over ranks and scored in blocks of texts; a text-guided model's
-    [rows, Nv, L] gates are reduced per block to each text's own-video gates and to per-video
-    sums. Returns the full result on rank 0 and None elsewhere.
-
-    Args:
-        texts: TextFeatures of all Nt texts; videos: VideoFeatures of all Nv videos.
-        caption_video: int [Nt], the ground-truth video of each text.
-        protocol: "honest" or "paired_block" (leaking diagnostic; blocks of ``block_size``).
-        chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
-        precision: autocast precision of the scoring (scores are returned in fp32).
-    """
-    model = unwrap(model).eval()
-    rows = _scored_rows(info, len(texts), protocol)
-    # paired_block blocks must start at multiples of block_size.
-    step = block_size * max(1, EVAL_ROW_BLOCK // block_size) if protocol == "paired_block" else EVAL_ROW_BLOCK
-    sims, own, totals, video_gates = [], {}, {}, {}
-    for start in range(rows.start, rows.stop, step):
-        index = torch.arange(start, min(start + step, rows.stop))
-        with autocast(info.device, precision):
-            out = model.score_with_gates(texts.select(index), videos, chunk=chunk,
-                                         protocol=PROTOCOL_NAMES[protocol], block_size=block_size)
-        sims.append(out.scores.float().cpu().numpy())
-        own_video = torch.as_tensor(caption_video[index.numpy()])
-        for name, g in out.gates.items():
-            g = g.float().cpu()
-            if g.dim() == 2:  # text-agnostic: [Nv, L], the same for every text
-                video_gates[name] = g.numpy()
-                continue
-            own.setdefault(name, []).append(g[torch.arange(len(index)), own_video].numpy())
-            totals[name] = totals.get(name, 0) + g.sum(0).numpy()
-    parts = gather_objects((sims, own, totals, video_gates), info)
-    if not info.is_main:
-        return None
-    sim = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, len(videos)), np.float32)])
-    names = {name for p in parts for name in p[1]}
-    own_all = {n: np.concatenate([o for p in parts for o in p[1].get(n, [])]) for n in names}
-    mean_all = {n: sum(p[2][n] for p in parts if n in p[2]) / len(texts) for n in names}
-    video_gates = {n: g for p in parts for n, g in p[3].items()}
-    return ScoredSplit(sim, video_gates, own_all, mean_all)
-
-
-def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
-    """{"plain": metrics} and, with ``dsl``, "dsl" beside it (metrics.py)."""
-    if dsl:
-        return retrieval_metrics_with_dsl(sim, caption_video)
-    return {"plain": retrieval_metrics(sim, caption_video)}
-
-
-def _floats(values: np.ndarray) -> list:
-    return [float(v) for v in np.asarray(values).reshape(-1)]
-
-
-def gates_report(scored: ScoredSplit, split) -> dict:
-    """gates.json content: per-video gate values per layer (signed; analyses use |g|).
-
-    Text-agnostic models: ``videos[k]["gates"][name]`` = [L]. Text-guided models:
-    ``videos[k]["own_captions"]`` lists, for each caption of the video, its gates [L] on
-    that video; ``own_caption_mean`` averages them; ``all_texts_mean`` averages the video's
-    gates over every text of the split.
-    """
-    text_guided = bool(scored.own_caption_gates)
-    names = sorted(scored.own_caption_gates or scored.video_gates)
-    videos = []
-    for v, video_id in enumerate(split.video_ids):
-        entry: dict = {"video_id": video_id}
-        if not text_guided:
-            entry["gates"] = {n: _floats(scored.video_gates[n][v]) for n in names}
-        else:
-            captions = split.captions_of(v)
-            entry["own_captions"] = [{"text_index": int(t), "caption": split.captions[t],
-                                      **{n: _floats(scored.own_caption_gates[n][t]) for n in names}}
-                                     for t in captions]
-            entry["own_caption_mean"] = {n: _floats(scored.own_caption_gates[n][captions].mean(0))
-                                         for n in names}
-            entry["all_texts_mean"] = {n: _floats(scored.mean_text_gates[n][v]) for n in names}
-        videos.append(entry)
-    return {"text_guided": text_guided, "gate_names": names, "videos": videos}
-
-
-def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict) -> None:
-    """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json."""
-    os.makedirs(output_dir, exist_ok=True)
-    write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
-    np.save(tmp, scored.sim.astype(np.float32))
-    os.replace(tmp, os.path.join(output_dir, "sim_matrix.npy"))
-    write_json(os.path.join(output_dir, "sim_rows.json"),
-               [{"video_id": split.video_ids[v], "caption": c}
-                for c, v in zip(split.captions, split.caption_video)])
-    write_json(os.path.join(output_dir, "sim_cols.json"), list(split.video_ids))
-    if scored.video_gates or scored.own_caption_gates:
-        write_json(os.path.join(output_dir, "gates.json"), gates_report(scored, split))
-
-
-@dataclass
-class EvalOptions:
-    """How an evaluation pass runs.
-
-    Args:
-        batch_size: items per encoding batch (per rank).
-        workers: DataLoader workers.
-        precision: autocast precision of the encoders.
-        protocol: "honest" or "paired_block" (LEAKING diagnostic).
-        block_size: block length of "paired_block".
-        chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
-        dsl: also compute dual-softmax metrics.
-    """
-
-    batch_size: int = 16
-    workers: int = 0
-    precision: str = "fp32"
-    protocol: str = "honest"
-    block_size: int = 16
-    chunk: Optional[tuple[int, int]] = None
-    dsl: bool = False
-
-
-def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo, desc: str = "eval"):
-    """Encode every text and video of ``data`` (EvalDatasets) once, score, compute metrics.
-
-    Returns (metrics, ScoredSplit) on rank 0 and (None, None) elsewhere. metrics holds
-    "plain" (and "dsl") retrieval metrics and the protocol; a paired_block evaluation is
-    labelled "LEAKING".
-    """
-    common = dict(batch_size=options.batch_size, workers=options.workers, collate_fn=collate_items,
-                  info=info, precision=options.precision)
-    texts = encode_dataset(model, data.texts, "text", desc=f"{desc} texts", **common)
-    videos = encode_dataset(model, data.videos, "video", desc=f"{desc} videos", **common)
-    scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
-                         options.block_size, options.chunk, options.precision)
-    if not info.is_main:
-        return None, None
-    metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)
-    metrics["protocol"] = options.protocol
-    if options.protocol == "paired_block":
-        metrics["LEAKING"] = LEAK_LABEL
-        logger.warning(LEAK_LABEL)
-    return metrics, scored
 
 
 def report_data_issues(label: str, video_counter, audio_counter, info: DistInfo,

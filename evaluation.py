@@ -1,0 +1,234 @@
+"""Evaluation for ``main_task_retrieval.py``: encode each text and each video once, score
+every pair with the model's ``score`` (honest by default), compute metrics and write the
+outputs (metrics.json, sim_matrix.npy, sim_rows/cols.json, gates.json).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataloaders.base import collate_items
+from metrics import retrieval_metrics, retrieval_metrics_with_dsl
+from training import video_inputs
+from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
+
+# Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
+EVAL_ROW_BLOCK = 1024
+PROTOCOL_NAMES = {"honest": "pairs", "paired_block": "paired_block"}
+LEAK_LABEL = ("LEAKING: paired_block fuses each video with the caption at its position in the "
+              "evaluation batch (the public implementation's protocol); not a valid result")
+SELECTION_METRIC = "t2v_R@1"
+
+
+def eval_loader(dataset, batch_size: int, workers: int, collate_fn) -> torch.utils.data.DataLoader:
+    """Sequential loader over an evaluation dataset (or a rank's subset of it)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, collate_fn=collate_fn,
+                                       generator=torch.Generator())
+
+
+def _cat(parts: list):
+    """Concatenate feature objects (TextFeatures / VideoFeatures), skipping empty shards."""
+    parts = [p for p in parts if p is not None]
+    return type(parts[0]).cat(parts)
+
+
+@torch.no_grad()
+def encode_dataset(model: torch.nn.Module, dataset, kind: str, batch_size: int, workers: int,
+                   collate_fn, info: DistInfo, precision: str, desc: str):
+    """Encode every item once: each rank encodes its contiguous shard, all ranks get all features.
+
+    Args:
+        kind: "text" (TextDataset items -> TextFeatures) or "video" (VideoDataset -> VideoFeatures).
+    Returns: the features of all N items in dataset order, fp32 on the CPU.
+    """
+    model = unwrap(model).eval()
+    shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), info)))
+    parts = []
+    for batch in tqdm(eval_loader(shard, batch_size, workers, collate_fn), desc=desc, leave=False,
+                      disable=not info.is_main):
+        with autocast(info.device, precision):
+            if kind == "text":
+                feats = model.encode_text(batch["text_ids"].to(info.device),
+                                          batch["text_mask"].to(info.device))
+            else:
+                feats = model.encode_video(**video_inputs(batch, info.device))
+        parts.append(feats.to(device="cpu", dtype=torch.float32))
+    local = _cat(parts) if parts else None
+    return _cat(gather_objects(local, info))
+
+
+@dataclass
+class ScoredSplit:
+    """Scores of an evaluation split and the gates used (rank 0 holds the full result).
+
+    Args:
+        sim: plain scores [Nt, Nv] (fp32 numpy).
+        video_gates: name -> [Nv, L] per-video gates (text-agnostic models).
+        own_caption_gates: name -> [Nt, L], text i's gates on its own video (text-guided).
+        mean_text_gates: name -> [Nv, L], each video's gates averaged over all Nt texts (text-guided).
+    """
+
+    sim: np.ndarray
+    video_gates: dict
+    own_caption_gates: dict
+    mean_text_gates: dict
+
+
+def _scored_rows(info: DistInfo, num_texts: int, protocol: str) -> range:
+    """Texts this rank scores: its shard ("pairs": a score depends only on its pair), or, for
+    the order-dependent paired_block protocol, every text on rank 0."""
+    if protocol == "paired_block":
+        return range(num_texts) if info.is_main else range(0)
+    return shard_range(num_texts, info)
+
+
+@torch.no_grad()
+def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray, info: DistInfo,
+                protocol: str = "honest", block_size: int = 1,
+                chunk: Optional[tuple[int, int]] = None, precision: str = "fp32") -> Optional[ScoredSplit]:
+    """Score all texts against all videos with the model's ``score_with_gates``.
+
+    Rows are split over ranks and scored in blocks of texts; a text-guided model's
+    [rows, Nv, L] gates are reduced per block to each text's own-video gates and to per-video
+    sums. Returns the full result on rank 0 and None elsewhere.
+
+    Args:
+        texts: TextFeatures of all Nt texts; videos: VideoFeatures of all Nv videos.
+        caption_video: int [Nt], the ground-truth video of each text.
+        protocol: "honest" or "paired_block" (leaking diagnostic; blocks of ``block_size``).
+        chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
+        precision: autocast precision of the scoring (scores are returned in fp32).
+    """
+    model = unwrap(model).eval()
+    rows = _scored_rows(info, len(texts), protocol)
+    # paired_block blocks must start at multiples of block_size.
+    step = block_size * max(1, EVAL_ROW_BLOCK // block_size) if protocol == "paired_block" else EVAL_ROW_BLOCK
+    sims, own, totals, video_gates = [], {}, {}, {}
+    for start in range(rows.start, rows.stop, step):
+        index = torch.arange(start, min(start + step, rows.stop))
+        with autocast(info.device, precision):
+            out = model.score_with_gates(texts.select(index), videos, chunk=chunk,
+                                         protocol=PROTOCOL_NAMES[protocol], block_size=block_size)
+        sims.append(out.scores.float().cpu().numpy())
+        own_video = torch.as_tensor(caption_video[index.numpy()])
+        for name, g in out.gates.items():
+            g = g.float().cpu()
+            if g.dim() == 2:  # text-agnostic: [Nv, L], the same for every text
+                video_gates[name] = g.numpy()
+                continue
+            own.setdefault(name, []).append(g[torch.arange(len(index)), own_video].numpy())
+            totals[name] = totals.get(name, 0) + g.sum(0).numpy()
+    parts = gather_objects((sims, own, totals, video_gates), info)
+    if not info.is_main:
+        return None
+    sim = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, len(videos)), np.float32)])
+    names = {name for p in parts for name in p[1]}
+    own_all = {n: np.concatenate([o for p in parts for o in p[1].get(n, [])]) for n in names}
+    mean_all = {n: sum(p[2][n] for p in parts if n in p[2]) / len(texts) for n in names}
+    video_gates = {n: g for p in parts for n, g in p[3].items()}
+    return ScoredSplit(sim, video_gates, own_all, mean_all)
+
+
+def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
+    """{"plain": metrics} and, with ``dsl``, "dsl" beside it (metrics.py)."""
+    if dsl:
+        return retrieval_metrics_with_dsl(sim, caption_video)
+    return {"plain": retrieval_metrics(sim, caption_video)}
+
+
+def _floats(values: np.ndarray) -> list:
+    return [float(v) for v in np.asarray(values).reshape(-1)]
+
+
+def gates_report(scored: ScoredSplit, split) -> dict:
+    """gates.json content: per-video gate values per layer (signed; analyses use |g|).
+
+    Text-agnostic models: ``videos[k]["gates"][name]`` = [L]. Text-guided models:
+    ``videos[k]["own_captions"]`` lists, for each caption of the video, its gates [L] on
+    that video; ``own_caption_mean`` averages them; ``all_texts_mean`` averages the video's
+    gates over every text of the split.
+    """
+    text_guided = bool(scored.own_caption_gates)
+    names = sorted(scored.own_caption_gates or scored.video_gates)
+    videos = []
+    for v, video_id in enumerate(split.video_ids):
+        entry: dict = {"video_id": video_id}
+        if not text_guided:
+            entry["gates"] = {n: _floats(scored.video_gates[n][v]) for n in names}
+        else:
+            captions = split.captions_of(v)
+            entry["own_captions"] = [{"text_index": int(t), "caption": split.captions[t],
+                                      **{n: _floats(scored.own_caption_gates[n][t]) for n in names}}
+                                     for t in captions]
+            entry["own_caption_mean"] = {n: _floats(scored.own_caption_gates[n][captions].mean(0))
+                                         for n in names}
+            entry["all_texts_mean"] = {n: _floats(scored.mean_text_gates[n][v]) for n in names}
+        videos.append(entry)
+    return {"text_guided": text_guided, "gate_names": names, "videos": videos}
+
+
+def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict) -> None:
+    """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
+    np.save(tmp, scored.sim.astype(np.float32))
+    os.replace(tmp, os.path.join(output_dir, "sim_matrix.npy"))
+    write_json(os.path.join(output_dir, "sim_rows.json"),
+               [{"video_id": split.video_ids[v], "caption": c}
+                for c, v in zip(split.captions, split.caption_video)])
+    write_json(os.path.join(output_dir, "sim_cols.json"), list(split.video_ids))
+    if scored.video_gates or scored.own_caption_gates:
+        write_json(os.path.join(output_dir, "gates.json"), gates_report(scored, split))
+
+
+@dataclass
+class EvalOptions:
+    """How an evaluation pass runs.
+
+    Args:
+        batch_size: items per encoding batch (per rank).
+        workers: DataLoader workers.
+        precision: autocast precision of the encoders.
+        protocol: "honest" or "paired_block" (LEAKING diagnostic).
+        block_size: block length of "paired_block".
+        chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
+        dsl: also compute dual-softmax metrics.
+    """
+
+    batch_size: int = 16
+    workers: int = 0
+    precision: str = "fp32"
+    protocol: str = "honest"
+    block_size: int = 16
+    chunk: Optional[tuple[int, int]] = None
+    dsl: bool = False
+
+
+def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo, desc: str = "eval"):
+    """Encode every text and video of ``data`` (EvalDatasets) once, score, compute metrics.
+
+    Returns (metrics, ScoredSplit) on rank 0 and (None, None) elsewhere. metrics holds
+    "plain" (and "dsl") retrieval metrics and the protocol; a paired_block evaluation is
+    labelled "LEAKING".
+    """
+    common = dict(batch_size=options.batch_size, workers=options.workers, collate_fn=collate_items,
+                  info=info, precision=options.precision)
+    texts = encode_dataset(model, data.texts, "text", desc=f"{desc} texts", **common)
+    videos = encode_dataset(model, data.videos, "video", desc=f"{desc} videos", **common)
+    scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
+                         options.block_size, options.chunk, options.precision)
+    if not info.is_main:
+        return None, None
+    metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)
+    metrics["protocol"] = options.protocol
+    if options.protocol == "paired_block":
+        metrics["LEAKING"] = LEAK_LABEL
+        logger.warning(LEAK_LABEL)
+    return metrics, scored

@@ -1,0 +1,188 @@
+"""Training steps and epochs for ``main_task_retrieval.py``: precision, batches -> model
+inputs, the optimizer step with gradient accumulation, the resumable epoch loop and
+the training state it saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from tqdm import tqdm
+
+from util import DistInfo, RunRecorder, autocast, gather_objects, logger, rng_state, set_rng_state, unwrap
+
+
+def video_inputs(batch: dict, device: torch.device) -> dict:
+    """Collated video keys (dataloaders.base) -> keyword arguments of ``AVIGATE.encode_video``.
+
+    The audio is the fbank (wav files), the cached AST tokens, or None (no audio source).
+    """
+    audio = batch.get("fbank", batch.get("audio_tokens"))
+    return {"frames": batch["frames"].to(device), "frame_mask": batch["frame_mask"].to(device),
+            "audio": None if audio is None else audio.to(device)}
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """Collated training items -> keyword arguments of ``AVIGATE.forward``."""
+    return {"text_ids": batch["text_ids"].to(device), "text_mask": batch["text_mask"].to(device),
+            **video_inputs(batch, device)}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every training state.
+
+    Args:
+        epoch: current epoch (0-based).
+        step: optimizer steps done in the whole run.
+        epoch_step: optimizer steps done in the current epoch.
+        best_metric: best validation score so far (None before the first validation).
+        best_epoch: 0-based epoch of that score (the N of pytorch_model.bin.N).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    epoch_step: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+
+
+@dataclass
+class Trainer:
+    """What a training step needs.
+
+    Args:
+        model: the model, wrapped in DistributedDataParallel when distributed.
+        optimizer: BertAdam or AdamW over the named groups.
+        scheduler: LambdaLR with the warmup-cosine multiplier.
+        scaler: GradScaler (active only for fp16).
+        info: process placement.
+        precision: "fp32", "bf16" or "fp16".
+        accumulation: micro-batches per optimizer step.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    info: DistInfo
+    precision: str = "fp32"
+    accumulation: int = 1
+
+
+def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
+    """One optimizer step over ``accumulation`` micro-batches; returns the loss and the mean
+    |gate| per layer of each gate.
+
+    Gradients are synchronized over ranks only on the last micro-batch. The loss is the
+    global (all-gathered) batch loss, identical on every rank.
+    """
+    model, info = trainer.model, trainer.info
+    model.train()
+    losses, gates = [], {}
+    for k, batch in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        sync = model.no_sync() if info.distributed and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(info.device, trainer.precision):
+                out = model(**model_inputs(batch, info.device))
+            trainer.scaler.scale(out.loss / len(micro_batches)).backward()
+        losses.append(out.loss.detach().float())
+        for name, value in out.gate_stats.items():
+            gates.setdefault(name, []).append(value.detach().float())
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {"loss": torch.stack(losses).mean().item(),
+            "gates": {name: torch.stack(v).mean(0).tolist() for name, v in gates.items()}}
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict:
+    """Current learning rate of every named group."""
+    return {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}
+
+
+def grouped(loader, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (an incomplete tail is dropped)."""
+    group = []
+    for item in loader:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def training_state(trainer: Trainer, progress: Progress, args: dict) -> dict:
+    """Everything a resumed run needs; gathers every rank's RNG state (call on all ranks)."""
+    return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "progress": vars(progress).copy(), "args": args,
+            "rng": gather_objects(rng_state(), trainer.info), "world_size": trainer.info.world_size}
+
+
+def restore_training_state(trainer: Trainer, state: dict) -> Progress:
+    """Load a training state into a freshly built trainer; returns the progress to resume from."""
+    unwrap(trainer.model).load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == trainer.info.world_size:
+        set_rng_state(state["rng"][trainer.info.rank])
+    else:
+        logger.warning("resuming on %d ranks a state saved on %d: RNG states are not restored",
+                       trainer.info.world_size, state["world_size"])
+    return Progress(**state["progress"])
+
+
+@dataclass
+class EpochHooks:
+    """Per-step side effects of ``train_epoch`` (logging, saving, stopping).
+
+    Args:
+        recorder: JSON-lines / TensorBoard writer.
+        save_state: called with no argument to write the full training state (all ranks).
+        n_display: log every n steps.
+        save_every_steps: write the training state every n steps (0 = only at epoch end).
+        max_steps: stop the run after this many optimizer steps (0 = no limit).
+    """
+
+    recorder: RunRecorder
+    save_state: Any
+    n_display: int = 100
+    save_every_steps: int = 0
+    max_steps: int = 0
+
+
+def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: int,
+                hooks: EpochHooks) -> bool:
+    """Run the rest of the current epoch; returns False when ``max_steps`` stopped the run."""
+    bar = tqdm(total=steps_in_epoch, initial=progress.epoch_step, disable=not trainer.info.is_main,
+               desc=f"epoch {progress.epoch + 1}", leave=False)
+    window_start, window_steps = time.time(), 0
+    for micro_batches in grouped(loader, trainer.accumulation):
+        lrs = group_lrs(trainer.optimizer)
+        result = train_step(trainer, micro_batches)
+        progress.step += 1
+        progress.epoch_step += 1
+        window_steps += 1
+        bar.update(1)
+        if progress.step % hooks.n_display == 0:
+            rate = window_steps / max(time.time() - window_start, 1e-9)
+            window_start, window_steps = time.time(), 0
+            hooks.recorder.log({"event": "train", "epoch": progress.epoch + 1, "step": progress.step,
+                                "loss": result["loss"], "lr": lrs, "gate_abs_mean": result["gates"],
+                                "steps_per_s": rate}, step=progress.step)
+            logger.info("epoch %d step %d/%d loss %.6f lr %.3g", progress.epoch + 1, progress.epoch_step,
+                        steps_in_epoch, result["loss"], max(lrs.values()))
+        if hooks.max_steps and progress.step >= hooks.max_steps:
+            hooks.save_state()
+            bar.close()
+            return False
+        if hooks.save_every_steps and progress.step % hooks.save_every_steps == 0:
+            hooks.save_state()
+    bar.close()
+    return True
