@@ -40,6 +40,7 @@ from modules.similarity import VideoIndex, pair_scores, video_index  # noqa: E40
 D, F, Q, LAYERS = 512, 12, 12, 4
 LOGIT_SCALE = torch.tensor(4.6052)  # log(100): CLIP's trained value, the clamp
 FP16_TOLERANCE = 1e-3
+FP16_CHECK_QUERIES = 100
 BANDWIDTH_BYTES = 1 << 30
 BUILD_CHUNK = 8192  # videos per step when generating an index
 TARGETS = {"latency": 1.5, "batched": 1.5, "speedup": 50.0, "flop_share": 0.40}
@@ -97,7 +98,8 @@ def bench_agnostic(num_videos: int, num_queries: int, bandwidth: float, repeats:
     half = VideoIndex(index.vectors.half(), index.frame_mask)
     del index
     half_latency = best_seconds(lambda: half.scores(one, LOGIT_SCALE, 1.0), repeats)
-    half_error = (half.scores(texts, LOGIT_SCALE, 1.0) - reference).abs().max().item()
+    check = slice(0, FP16_CHECK_QUERIES)  # CPU fp16 products are slow: check a subset of texts
+    half_error = (half.scores(texts[check], LOGIT_SCALE, 1.0) - reference[check]).abs().max().item()
     flops = 2 * num_queries * num_videos * (1 + F) * D
     return {"videos": num_videos, "latency": latency, "floor": index_bytes / bandwidth,
             "batched_s": batched, "queries": num_queries, "batched_rate": flops / batched,

@@ -375,7 +375,8 @@ class AVIGATE(nn.Module):
                 the given order and, within (text block a, video block c), the k-th video is
                 fused with the k-th text of block a (k modulo the block's length), so on the
                 diagonal blocks a video is fused with its own caption. Order-dependent; never
-                use it to report results.
+                use it to report results. Text-agnostic models score as "pairs" (no text
+                enters their fusion, so there is nothing to leak).
             block_size: block length for "paired_block".
         Returns: ScoreOutput(scores [Nt, Nv] fp32, gates).
         """
@@ -549,8 +550,8 @@ class AVIGATE(nn.Module):
                 s, g = self._fuse_and_score(*args)
             scores.append(s)
             gates.append(g)
-        rows = text.new_full((bl, bg), float("-inf"))
-        rows = rows.index_put((ti, vi), torch.cat(scores))
+        values = torch.cat(scores)
+        rows = values.new_full((bl, bg), float("-inf")).index_put((ti, vi), values)
         return rows, _gate_stats(gates)
 
     @torch.no_grad()
