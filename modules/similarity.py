@@ -28,8 +28,9 @@ LOGIT_SCALE_MAX = 100.0
 # Rows of a video index before the frames: the global vector.
 GLOBAL_ROWS = 1
 # Default size of one [Nt, chunk, 1+F] fp32 block of cosines in VideoIndex.scores: small
-# enough to stay in a CPU's last-level cache while the log-sum-exp passes over it.
-SCORE_TILE_BYTES = 8 << 20
+# enough to stay in a CPU core's L2 / L3 share while the log-sum-exp passes over it (1-4 MiB
+# measured best on an AVX-512 EPYC, bench/score_bench.py).
+SCORE_TILE_BYTES = 4 << 20
 # Floor of the max-subtracted exponents in the in-place log-sum-exp: exp(-80) ~ 2e-35 is
 # nothing next to the maximum term exp(0) = 1, and inputs below about -87 (masked entries,
 # underflow to denormals) take a scalar slow path in vectorized exp that costs ~10x.
