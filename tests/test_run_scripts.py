@@ -1,0 +1,68 @@
+"""The shell entry points run end to end: run_vatex.sh (through run.sh, under torchrun) trains a
+tiny model on generated VATEX-format data, then run_eval.sh evaluates its checkpoint and must
+reproduce the training run's test scores. Extra arguments override the scripts' recipe."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.datagen import make_vatex
+from tests.test_train_e2e import ROOT, write_tiny_checkpoints
+
+pytestmark = pytest.mark.distributed
+
+TINY_OVERRIDES = ["--epochs", "1", "--batch_size", "2", "--batch_size_val", "2", "--max_frames", "2",
+                  "--max_words", "16", "--cross_num_hidden_layers", "1", "--audio_query_layers", "1",
+                  "--device", "cpu", "--n_display", "1", "--save_every_steps", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(script: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1",
+                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(["bash", os.path.join(ROOT, script), *extra], env=full_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_run_vatex_then_run_eval_reproduce_scores(tmp_path):
+    data = make_vatex(str(tmp_path / "vatex"), n_videos=4, n_test=3)
+    ckpts = write_tiny_checkpoints(str(tmp_path))
+    train_dir = tmp_path / "train"
+    common = {"DATA_PATH": data["data_path"], "VIDEO_PATH": data["features_path"],
+              "AUDIO_PATH": data["audio_path"], "CLIP_NAME": ckpts["clip"],
+              "AST_CHECKPOINT": ckpts["ast"], "NUM_GPUS": "1", "NUM_WORKERS": "0",
+              "TEXT_GUIDED": "--text_gate --query_gate"}
+    _run("run_vatex.sh", {**common, "OUTPUT_DIR": str(train_dir), "MASTER_PORT": str(_free_port())},
+         *TINY_OVERRIDES)
+    with open(train_dir / "args.json") as f:
+        args = json.load(f)
+    assert args["datatype"] == "vatex" and args["margin_BD"] == 0.05   # the VATEX recipe
+    assert args["expand_msrvtt_sentences"] and args["text_gate"] and args["query_gate"]
+    assert args["epochs"] == 1 and args["batch_size"] == 2             # extra arguments win
+
+    eval_dir = tmp_path / "eval"
+    _run("run_eval.sh", {**common, "DATATYPE": "vatex", "OUTPUT_DIR": str(eval_dir),
+                         "CHECKPOINT": str(train_dir / "pytorch_model.bin.0")},
+         "--max_frames", "2", "--max_words", "16", "--cross_num_hidden_layers", "1",
+         "--audio_query_layers", "1", "--batch_size_val", "2", "--device", "cpu")
+    for name in ("metrics.json", "sim_matrix.npy", "sim_rows.json", "sim_cols.json", "gates.json"):
+        assert (eval_dir / name).is_file(), name
+    np.testing.assert_allclose(np.load(eval_dir / "sim_matrix.npy"), np.load(train_dir / "sim_matrix.npy"),
+                               rtol=0, atol=1e-5)
+
+
+def test_run_sh_rejects_unknown_datatype():
+    result = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env={**os.environ, "DATATYPE": "kinetics"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "DATATYPE must be msrvtt, vatex or charades" in result.stderr
