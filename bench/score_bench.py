@@ -17,6 +17,8 @@ Measures, on this machine:
 
 Prints a markdown table and the targets. Usage:
     .venv/bin/python bench/score_bench.py [--quick] [--threads N]
+On a machine whose cores other processes also use, --threads 1 gives stable numbers: a
+second thread then mostly waits at the barriers of every parallel operation.
 """
 from __future__ import annotations
 
@@ -161,7 +163,7 @@ def bench_text_guided(flags: dict, num_texts: int, num_videos: int, naive_texts:
         videos = VideoFeatures(torch.randn(num_videos, F, D) * mask[..., None], mask,
                                model.resampled_audio(ast_tokens))
         texts = TextFeatures(torch.randn(num_texts, D))
-        tc, vc = model._chunks(num_texts, num_videos, None)
+        tc, vc = model.pair_chunks(num_texts, num_videos)
         fast_s = best_seconds(lambda: model.score(texts, videos), repeats=2)
         fast = model.score(texts, videos)
         naive = naive_scores(model, texts.text[:naive_texts], videos, ast_tokens, tc, vc, audio_per_text=False)

@@ -411,7 +411,8 @@ class AVIGATE(nn.Module):
             per_layer *= TRAINING_SAVED_FACTOR * max(f.layers, 1)
         return int(per_layer * self.logit_scale.element_size())
 
-    def _chunks(self, num_texts: int, num_videos: int, chunk: Optional[tuple[int, int]]) -> tuple[int, int]:
+    def pair_chunks(self, num_texts: int, num_videos: int,
+                    chunk: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         """(texts, videos) per chunk: explicit, from the config, or from the memory budget."""
         if chunk is not None:
             return max(1, chunk[0]), max(1, chunk[1])
@@ -451,7 +452,7 @@ class AVIGATE(nn.Module):
     def _score_text_guided(self, text: torch.Tensor, videos: VideoFeatures,
                            chunk: Optional[tuple[int, int]]) -> ScoreOutput:
         nt, nv = text.shape[0], len(videos)
-        tc, vc = self._chunks(nt, nv, chunk)
+        tc, vc = self.pair_chunks(nt, nv, chunk)
         tctx = self.fusion.prepare_texts(text)
         scores = text.new_zeros(nt, nv)
         gates = {name: text.new_zeros(nt, nv, self.cfg.fusion.layers) for name in self._gate_names()}
