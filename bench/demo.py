@@ -1,0 +1,602 @@
+"""`make demo`: the synthetic audio-visual benchmark, trained and evaluated on CPU (issue 6).
+
+Shows, without downloads, that audio helps, that the gates tell informative soundtracks from
+noise, and that text-guided scores are measured honestly. Stages, each cached under
+--out_dir by a stamp of its settings (a rerun redoes only what changed):
+
+1. ``data/``: preprocess/make_synthetic_av.py (MSR-VTT layout, metadata.json, separate
+   labelled audio pre-training clips).
+2. ``checkpoints/``: tiny CLIP and AST in the released file formats
+   (preprocess/make_tiny_checkpoints.py), then the AST trunk pre-trained on the labelled
+   clips (preprocess/pretrain_audio_trunk.py), standing in for AudioSet pre-training.
+3. ``ast_cache/``: the frozen trunk's tokens of every benchmark clip
+   (preprocess/cache_audio_features.py); ``zero_cache/``: all-zero tokens for the control row.
+4. ``runs/<row>_seed<s>/``: main_task_retrieval.py under torchrun (gloo) for every row (ROWS);
+   text-guided rows are evaluated again under the LEAKING paired_block protocol
+   (``paired_block/``) and, honestly, on a shuffled test list with another batch size
+   (``shuffled/``).
+5. ``results.json``, ``results.md`` and ``gates_<row>.png`` (|gate| distributions per layer).
+
+    python bench/demo.py                  # the full demo
+    python bench/demo.py --quick          # a reduced run (smaller benchmark, shorter training)
+    python bench/demo.py --compare_to old/results.json   # also report the largest metric change
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make the repository importable
+    sys.path.insert(0, ROOT)
+
+from bench import demo_results  # noqa: E402
+from dataloaders.audio_cache import AudioCacheWriter  # noqa: E402
+from modules.ast import AST  # noqa: E402
+from preprocess import cache_audio_features  # noqa: E402
+from preprocess.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
+from preprocess.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
+                                              make_tiny_checkpoints)
+from preprocess.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
+
+STAMP = "stamp.json"
+PRETRAINED_AST_FILE = "ast_pretrained.pth"
+TRAIN_CSV, TEST_CSV = "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv"
+ZERO_CACHE_BATCH = 64
+# A shuffled re-evaluation uses another encoding batch, so batching changes too.
+SHUFFLED_BATCH = 7
+# Honest scores may differ between two orderings by float rounding only.
+SHUFFLE_TOLERANCE = 1e-3
+# Acceptance targets of issue 6 (full demo, fixed seed).
+TARGET_GAIN_OVERALL = 10.0
+TARGET_GAIN_INFORMATIVE = 20.0
+TARGET_GATE_AUC = 0.85
+TARGET_GATE_GAP = 0.15
+TARGET_LEAK_GAP = 20.0
+TARGET_REPRODUCTION = 1.0
+TEXT_GUIDED_FLAGS = ("--text_gate", "--text_query", "--query_gate")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of the demo table.
+
+    Args:
+        name: run folder / key; label: table label.
+        flags: main_task_retrieval.py flags of this row (on top of the common recipe).
+        audio: "none" (visual-only), "real" (the AST token cache) or "zero" (all-zero tokens).
+        text_guided: also evaluate under paired_block and on a shuffled test list.
+    """
+
+    name: str
+    label: str
+    flags: tuple = ()
+    audio: str = "real"
+    text_guided: bool = False
+
+
+ROWS = (
+    RowSpec("visual_only", "visual-only (--no_audio)", ("--no_audio",), audio="none"),
+    RowSpec("zero_audio", "fusion, zeroed audio (control)", audio="zero"),
+    RowSpec("ungated", "+audio, ungated (--gate none)", ("--gate", "none")),
+    RowSpec("avigate", "AVIGATE (gated + adaptive margin)"),
+    RowSpec("gated_no_margin", "gated, no margin (--beta 0)", ("--beta", "0")),
+    RowSpec("text_guided", "text-guided, honest training", TEXT_GUIDED_FLAGS, text_guided=True),
+    RowSpec("seed_style", "text-guided, seed-style pairing (own_caption)",
+            TEXT_GUIDED_FLAGS + ("--training_pairs", "own_caption"), text_guided=True),
+)
+ROW_BY_NAME = {row.name: row for row in ROWS}
+
+
+@dataclass
+class DemoConfig:
+    """Demo settings (every field is a CLI flag of the same name; --quick changes some defaults).
+
+    Args:
+        out_dir: where data, checkpoints, caches, runs and results go.
+        seed: training seed of every row; extra_seeds: more training seeds for the
+            visual-only and AVIGATE rows (seed spread); data_seed: the benchmark's seed.
+        rows: row names to run (ROWS). nproc: torchrun processes; device: cpu or cuda.
+        workers: processes generating data / computing fbanks.
+        num_train_clips, num_test_clips, train_renders, audio_pretrain_clips: benchmark size
+            (preprocess/make_synthetic_av.py).
+        width, clip_layers, image_resolution, patch_size, ast_width, ast_depth: tiny towers.
+        pretrain_steps: audio-trunk pre-training steps.
+        epochs, batch_size, lr, coef_lr, warmup_proportion: retrieval training (global batch;
+            every caption a sample).
+        max_frames, fusion_layers, resampler_layers, fusion_residual: model recipe.
+        eval_block: --batch_size_val of the evaluations, i.e. the paired_block block length.
+    """
+
+    out_dir: str = "demo_out"
+    seed: int = 0
+    extra_seeds: tuple = ()
+    data_seed: int = 0
+    rows: tuple = tuple(row.name for row in ROWS)
+    nproc: int = 2
+    device: str = "cpu"
+    workers: int = 2
+    num_train_clips: int = 500
+    num_test_clips: int = 100
+    train_renders: int = 3
+    audio_pretrain_clips: int = 400
+    width: int = 64
+    clip_layers: int = 2
+    image_resolution: int = 32
+    patch_size: int = 8
+    ast_width: int = 64
+    ast_depth: int = 2
+    pretrain_steps: int = 100
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    coef_lr: float = 1.0
+    warmup_proportion: float = 0.1
+    max_frames: int = 5
+    fusion_layers: int = 2
+    resampler_layers: int = 2
+    fusion_residual: float = 1.0
+    eval_block: int = 16
+
+
+QUICK = dict(num_train_clips=200, num_test_clips=60, train_renders=2, audio_pretrain_clips=200,
+             pretrain_steps=40, epochs=2)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Folders and files of one demo output directory (absolute out_dir)."""
+
+    out_dir: str
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.out_dir, "data")
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints")
+
+    @property
+    def ast_cache(self) -> str:
+        return os.path.join(self.out_dir, "ast_cache")
+
+    @property
+    def zero_cache(self) -> str:
+        return os.path.join(self.out_dir, "zero_cache")
+
+    @property
+    def runs(self) -> str:
+        return os.path.join(self.out_dir, "runs")
+
+    @property
+    def clip(self) -> str:
+        return os.path.join(self.checkpoints, CLIP_FILE)
+
+    @property
+    def ast_random(self) -> str:
+        return os.path.join(self.checkpoints, AST_FILE)
+
+    @property
+    def ast_pretrained(self) -> str:
+        return os.path.join(self.checkpoints, PRETRAINED_AST_FILE)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (torchrun ranks,
+    data workers): the cost of a run independent of what else shares the cores."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def log(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------- cached stages
+
+def read_stamp(directory: str) -> Optional[dict]:
+    path = os.path.join(directory, STAMP)
+    return demo_results.read_json(path) if os.path.isfile(path) else None
+
+
+def write_stamp(directory: str, spec: dict, seconds: float) -> None:
+    path = os.path.join(directory, STAMP)
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"spec": spec, "seconds": round(seconds, 1)}, handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def cached_stage(label: str, directory: str, spec: dict, build: Callable[[], None]) -> float:
+    """Run ``build`` into a fresh ``directory`` unless its stamp records ``spec``; returns the
+    seconds the stage took when it was built (now or by an earlier invocation)."""
+    stamp = read_stamp(directory)
+    if stamp is not None and stamp["spec"] == spec:
+        log(f"{label}: cached in {directory} (built in {stamp['seconds']:.0f} s)")
+        return stamp["seconds"]
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)
+    os.makedirs(directory)
+    log(f"{label} -> {directory}")
+    start = time.time()
+    build()
+    seconds = time.time() - start
+    write_stamp(directory, spec, seconds)
+    log(f"{label}: done in {seconds:.0f} s")
+    return seconds
+
+
+def data_spec(cfg: DemoConfig) -> dict:
+    return {"num_train_clips": cfg.num_train_clips, "num_test_clips": cfg.num_test_clips,
+            "train_renders": cfg.train_renders, "audio_pretrain_clips": cfg.audio_pretrain_clips,
+            "seed": cfg.data_seed}
+
+
+def checkpoint_spec(cfg: DemoConfig) -> dict:
+    return {"data": data_spec(cfg), "width": cfg.width, "clip_layers": cfg.clip_layers,
+            "image_resolution": cfg.image_resolution, "patch_size": cfg.patch_size,
+            "ast_width": cfg.ast_width, "ast_depth": cfg.ast_depth, "pretrain_steps": cfg.pretrain_steps,
+            "seed": cfg.data_seed}
+
+
+def build_data(cfg: DemoConfig, paths: Paths) -> None:
+    generate(paths.data, SyntheticAVConfig(**data_spec(cfg), workers=cfg.workers))
+
+
+def build_checkpoints(cfg: DemoConfig, paths: Paths) -> None:
+    tiny = TinyCheckpointConfig(width=cfg.width, clip_layers=cfg.clip_layers,
+                                image_resolution=cfg.image_resolution, patch_size=cfg.patch_size,
+                                context_length=max(cfg.max_frames, TinyCheckpointConfig.context_length),
+                                ast_width=cfg.ast_width, ast_depth=cfg.ast_depth, seed=cfg.data_seed)
+    make_tiny_checkpoints(paths.checkpoints, tiny)
+    report = pretrain(paths.data, paths.ast_random, paths.ast_pretrained,
+                      PretrainConfig(steps=cfg.pretrain_steps, workers=cfg.workers, seed=cfg.data_seed))
+    log(f"audio trunk: held-out sound-class accuracy {report['held_out_accuracy_before']:.0f}% -> "
+        f"{report['held_out_accuracy_after']:.0f}% (chance {report['chance_accuracy']:.0f}%)")
+
+
+def split_lists(paths: Paths) -> list:
+    return [os.path.join(paths.data, TRAIN_CSV), os.path.join(paths.data, TEST_CSV)]
+
+
+def build_ast_cache(cfg: DemoConfig, paths: Paths) -> None:
+    cache_audio_features.main(["--checkpoint", paths.ast_pretrained, "--video_list", *split_lists(paths),
+                               "--audio_dir", os.path.join(paths.data, "audio"),
+                               "--cache_dir", paths.ast_cache, "--device", cfg.device,
+                               "--num_workers", str(cfg.workers)])
+
+
+def build_zero_cache(paths: Paths) -> None:
+    """All-zero AST tokens for every clip (flagged as without soundtrack): the fusion runs
+    but its audio carries nothing."""
+    ast_cfg = AST.from_checkpoint(paths.ast_pretrained).cfg
+    video_ids = cache_audio_features.read_video_ids(split_lists(paths))
+    writer = AudioCacheWriter(paths.zero_cache, video_ids, {"zero_tokens": True},
+                              ast_cfg.num_output_tokens, ast_cfg.embed_dim)
+    for start in range(0, len(video_ids), ZERO_CACHE_BATCH):
+        rows = range(start, min(start + ZERO_CACHE_BATCH, len(video_ids)))
+        writer.write(rows, np.zeros((len(rows), ast_cfg.num_output_tokens, ast_cfg.embed_dim), np.float16),
+                     [False] * len(rows))
+
+
+def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
+    """Stages 1-3; returns the seconds of each."""
+    seconds = {"data": cached_stage("benchmark data", paths.data, data_spec(cfg), lambda: build_data(cfg, paths))}
+    spec = checkpoint_spec(cfg)
+    seconds["checkpoints"] = cached_stage("tiny checkpoints + audio-trunk pre-training", paths.checkpoints,
+                                          spec, lambda: build_checkpoints(cfg, paths))
+    seconds["ast_cache"] = cached_stage("AST token cache", paths.ast_cache, spec,
+                                        lambda: build_ast_cache(cfg, paths))
+    if any(ROW_BY_NAME[name].audio == "zero" for name in cfg.rows):
+        seconds["zero_cache"] = cached_stage("zero-token cache", paths.zero_cache, spec,
+                                             lambda: build_zero_cache(paths))
+    return seconds
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def common_flags(cfg: DemoConfig, paths: Paths, eval_batch: Optional[int] = None) -> list:
+    """The demo recipe shared by every row (README, "Synthetic benchmark"); ``eval_batch``
+    overrides the evaluation batch (cfg.eval_block)."""
+    return ["--datatype", "msrvtt", "--data_path", paths.data,
+            "--features_path", os.path.join(paths.data, "videos"),
+            "--pretrained_clip_name", paths.clip, "--ast_checkpoint", paths.ast_pretrained,
+            "--max_frames", str(cfg.max_frames), "--cross_num_hidden_layers", str(cfg.fusion_layers),
+            "--audio_query_layers", str(cfg.resampler_layers), "--fusion_residual", str(cfg.fusion_residual),
+            "--batch_size_val", str(eval_batch or cfg.eval_block), "--device", cfg.device,
+            "--num_thread_reader", "0"]
+
+
+def audio_flags(row: RowSpec, paths: Paths) -> list:
+    if row.audio == "none":
+        return []
+    return ["--audio_feature_cache", paths.zero_cache if row.audio == "zero" else paths.ast_cache]
+
+
+def train_command(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, run_dir: str) -> list:
+    return (["--do_train", *common_flags(cfg, paths), *audio_flags(row, paths), *row.flags,
+             "--expand_msrvtt_sentences", "--epochs", str(cfg.epochs), "--batch_size", str(cfg.batch_size),
+             "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
+             "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50",
+             "--seed", str(seed), "--output_dir", run_dir])
+
+
+def eval_command(cfg: DemoConfig, paths: Paths, row: RowSpec, checkpoint: str, out_dir: str,
+                 extra: Sequence[str], eval_batch: Optional[int] = None) -> list:
+    return ["--do_eval", *common_flags(cfg, paths, eval_batch), *audio_flags(row, paths), *row.flags,
+            "--init_model", checkpoint, "--output_dir", out_dir, *extra]
+
+
+def torchrun(cfg: DemoConfig, args: list) -> None:
+    """main_task_retrieval.py under torchrun (gloo on CPU); raises with the log's location on failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(cfg.nproc), os.path.join(ROOT, "main_task_retrieval.py"), *args]
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode:
+        out_dir = args[args.index("--output_dir") + 1]
+        raise RuntimeError(f"main_task_retrieval.py failed (exit {result.returncode}); see "
+                           f"{os.path.join(out_dir, 'log.txt')}. Command:\n{' '.join(command)}")
+
+
+def cached_run(label: str, out_dir: str, args: list, cfg: DemoConfig) -> float:
+    """One torchrun evaluation/training, skipped when ``out_dir`` holds its outputs for ``args``."""
+    stamp = read_stamp(out_dir)
+    if stamp is not None and stamp["spec"] == {"args": args} and os.path.isfile(os.path.join(out_dir, "metrics.json")):
+        log(f"{label}: cached ({stamp['seconds']:.0f} s)")
+        return stamp["seconds"]
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    log(f"{label} -> {out_dir}")
+    start = time.time()
+    torchrun(cfg, args)
+    seconds = time.time() - start
+    write_stamp(out_dir, {"args": args}, seconds)
+    log(f"{label}: done in {seconds:.0f} s")
+    return seconds
+
+
+def write_shuffled_test_list(paths: Paths, path: str, seed: int) -> None:
+    """The test CSV with its rows (texts and video order) permuted."""
+    table = pd.read_csv(os.path.join(paths.data, TEST_CSV), dtype=str)
+    table.sample(frac=1.0, random_state=seed).to_csv(path, index=False)
+
+
+def run_row(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int) -> dict:
+    """Train + test one row (and the extra evaluations of text-guided rows); returns the
+    folders of its evaluations and the seconds spent."""
+    run_dir = os.path.join(paths.runs, f"{row.name}_seed{seed}")
+    seconds = cached_run(f"train {row.name} (seed {seed})", run_dir,
+                         train_command(cfg, paths, row, seed, run_dir), cfg)
+    out = {"honest": run_dir}
+    if row.text_guided:
+        checkpoint = demo_results.read_json(os.path.join(run_dir, "metrics.json"))["checkpoint"]
+        leak_dir = os.path.join(run_dir, "paired_block")
+        seconds += cached_run(f"evaluate {row.name} under paired_block (LEAKING)", leak_dir,
+                              eval_command(cfg, paths, row, checkpoint, leak_dir,
+                                           ["--eval_protocol", "paired_block"]), cfg)
+        shuffled_dir = os.path.join(run_dir, "shuffled")
+        shuffled_csv = os.path.join(run_dir, "test_shuffled.csv")
+        write_shuffled_test_list(paths, shuffled_csv, seed)
+        seconds += cached_run(f"evaluate {row.name} on a shuffled test list", shuffled_dir,
+                              eval_command(cfg, paths, row, checkpoint, shuffled_dir, ["--test_csv", shuffled_csv],
+                                           eval_batch=SHUFFLED_BATCH), cfg)
+        out.update(paired_block=leak_dir, shuffled=shuffled_dir)
+    out["seconds"] = seconds
+    return out
+
+
+# ----------------------------------------------------------------------------- results
+
+def summarize_row(row: RowSpec, seed: int, dirs: dict, metadata: dict) -> dict:
+    honest = demo_results.load_eval_run(dirs["honest"])
+    entry = {"row": row.name, "label": row.label, "seed": seed, "flags": list(row.flags),
+             "summary": demo_results.row_summary(honest, metadata), "seconds": round(dirs["seconds"], 1)}
+    if row.text_guided:
+        leak = demo_results.load_eval_run(dirs["paired_block"])
+        entry["paired_block"] = {"metrics": leak.metrics["plain"], "LEAKING": leak.metrics.get("LEAKING")}
+        entry["shuffle_max_abs_diff"] = demo_results.max_pair_difference(
+            honest, demo_results.load_eval_run(dirs["shuffled"]))
+    return entry
+
+
+def target(value: Optional[float], goal: float, description: str, at_most: bool = False) -> dict:
+    """An acceptance check: value >= goal (or <= goal with ``at_most``); a missing value fails."""
+    met = value is not None and (value <= goal if at_most else value >= goal)
+    return {"value": value, "target": goal, "comparison": "<=" if at_most else ">=", "met": met,
+            "description": description}
+
+
+def acceptance(entries: list, seed: int) -> dict:
+    """Issue 6's targets, measured on the rows of the main seed that ran."""
+    rows = {e["row"]: e for e in entries if e["seed"] == seed}
+    checks = {}
+
+    def t2v(name: str, subset: Optional[str] = None) -> float:
+        summary = rows[name]["summary"]
+        return summary["metrics"]["t2v_R@1"] if subset is None else summary["subsets"]["t2v_R@1"][subset]
+
+    if {"avigate", "visual_only"} <= rows.keys():
+        checks["avigate_gain_overall"] = target(t2v("avigate") - t2v("visual_only"), TARGET_GAIN_OVERALL,
+                                                "AVIGATE minus visual-only, t2v R@1")
+        informative = (None if t2v("avigate", "informative") is None
+                       else t2v("avigate", "informative") - t2v("visual_only", "informative"))
+        checks["avigate_gain_informative"] = target(informative, TARGET_GAIN_INFORMATIVE,
+                                                    "AVIGATE minus visual-only, t2v R@1, informative-audio texts")
+    if "avigate" in rows:
+        att = rows["avigate"]["summary"]["gates"]["att"]
+        checks["gate_auc"] = target(att["last_layer_auc"], TARGET_GATE_AUC,
+                                    "AUC of the last layer's |g_att|, informative vs noise clips")
+        checks["gate_gap"] = target(att["last_layer_gap"], TARGET_GATE_GAP,
+                                    "mean |g_att| (last layer), informative minus noise clips")
+    if "seed_style" in rows:
+        e = rows["seed_style"]
+        checks["seed_style_leak"] = target(e["paired_block"]["metrics"]["t2v_R@1"] - t2v("seed_style"),
+                                           TARGET_LEAK_GAP, "seed-style model: paired_block minus honest t2v R@1")
+    if "text_guided" in rows:
+        checks["honest_shuffle_invariance"] = target(
+            rows["text_guided"]["shuffle_max_abs_diff"], SHUFFLE_TOLERANCE,
+            "honest text-guided model: max |score change| after shuffling and re-batching", at_most=True)
+    return checks
+
+
+def table_metrics(entries: list) -> dict:
+    """(row, seed, metric) -> value of every number in the table, for rerun comparisons."""
+    out = {}
+    for e in entries:
+        key = f"{e['row']}/seed{e['seed']}"
+        for name, value in e["summary"]["metrics"].items():
+            out[f"{key}/{name}"] = value
+        for name, subsets in e["summary"]["subsets"].items():
+            for subset, value in subsets.items():
+                out[f"{key}/{name}/{subset}"] = value
+        if "paired_block" in e:
+            out[f"{key}/paired_block/t2v_R@1"] = e["paired_block"]["metrics"]["t2v_R@1"]
+    return out
+
+
+def compare_results(entries: list, previous_path: str) -> dict:
+    """Largest change of any table number against an earlier results.json."""
+    previous = table_metrics(demo_results.read_json(previous_path)["rows"])
+    current = table_metrics(entries)
+    shared = [k for k in current if k in previous and current[k] is not None and previous[k] is not None]
+    diffs = {k: abs(current[k] - previous[k]) for k in shared}
+    worst = max(diffs, key=diffs.get) if diffs else None
+    largest = diffs[worst] if worst else None
+    where = f", at {worst}" if largest else ""
+    return target(largest, TARGET_REPRODUCTION, f"largest change of a table number vs {previous_path} "
+                  f"({len(shared)} compared{where})", at_most=True)
+
+
+def table_rows(entries: list, several_seeds: bool) -> list:
+    rows = []
+    for e in entries:
+        label = f"{e['label']} [seed {e['seed']}]" if several_seeds else e["label"]
+        leak = e["paired_block"]["metrics"]["t2v_R@1"] if "paired_block" in e else None
+        rows.append({"label": label, "summary": e["summary"], "paired_block": leak})
+    return rows
+
+
+def markdown(results: dict) -> str:
+    entries = results["rows"]
+    several = len({e["seed"] for e in entries}) > 1
+    rows = table_rows(entries, several)
+    lines = [f"# Synthetic benchmark demo ({results['profile']})", "",
+             f"Command: `{results['command']}`  ", f"Training seed {results['config']['seed']}, "
+             f"data seed {results['config']['data_seed']}; {results['num_test_texts']} test texts / videos "
+             f"({results['num_informative_test_videos']} with informative audio).", "",
+             *demo_results.retrieval_table(rows), "",
+             "paired_block fuses each video with the caption at its position in the evaluation batch "
+             "(the public implementation's protocol): LEAKING, not a valid result.", ""]
+    for e in entries:
+        if "shuffle_max_abs_diff" in e:
+            lines.append(f"- {e['label']}: max |score change| after shuffling and re-batching the test "
+                         f"list: {e['shuffle_max_abs_diff']:.2e}")
+    lines += ["", "## Gates (|g| per layer, informative / noise clips)", "", *demo_results.gate_table(rows),
+              "", "## Acceptance (issue 6)", ""]
+    for name, check in results["acceptance"].items():
+        value = "–" if check["value"] is None else f"{check['value']:.3g}"
+        lines.append(f"- {'MET' if check['met'] else 'NOT MET'}: {check['description']} = {value} "
+                     f"(target {check['comparison']} {check['target']:g})")
+    lines += ["", "## Time (seconds, when each stage was built)", ""]
+    lines += [f"- {stage}: {seconds:.0f}" for stage, seconds in results["seconds"].items()]
+    lines.append(f"- this invocation: {results['wall_seconds_this_invocation']:.0f} s wall, "
+                 f"{results['cpu_seconds_this_invocation']:.0f} CPU-seconds")
+    return "\n".join(lines) + "\n"
+
+
+def write_gate_figures(entries: list, metadata: dict, dirs: dict, out_dir: str) -> list:
+    written = []
+    for e in entries:
+        run = demo_results.load_eval_run(dirs[(e["row"], e["seed"])]["honest"])
+        if run.gates is None:
+            continue
+        path = os.path.join(out_dir, f"gates_{e['row']}_seed{e['seed']}.png")
+        demo_results.plot_gate_distributions(run.gates, run.cols, demo_results.informative_flags(metadata, run.cols),
+                                             f"{e['label']}: |gate| per layer", path)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[DemoConfig, Optional[str], str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help=f"reduced run: {QUICK}")
+    parser.add_argument("--compare_to", default=None, help="an earlier results.json to compare every number with")
+    for f in fields(DemoConfig):
+        default = f.default
+        if isinstance(default, tuple):
+            kind = int if f.name == "extra_seeds" else str
+            parser.add_argument(f"--{f.name}", type=kind, nargs="*", default=None, help=f"default: {list(default)}")
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=None, help=f"default: {default}")
+    args = parser.parse_args(argv)
+    cfg = replace(DemoConfig(), **QUICK) if args.quick else DemoConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    cfg = replace(cfg, **overrides)
+    unknown = [name for name in cfg.rows if name not in ROW_BY_NAME]
+    if unknown:
+        parser.error(f"--rows {unknown} unknown; choose from {list(ROW_BY_NAME)}")
+    return cfg, args.compare_to, "quick" if args.quick else "full"
+
+
+def run_demo(cfg: DemoConfig, compare_to: Optional[str] = None, profile: str = "full",
+             command: str = "python bench/demo.py") -> dict:
+    """Every stage; writes results.json / results.md / gate PNGs to cfg.out_dir and returns the results."""
+    start, start_cpu = time.time(), cpu_seconds()
+    paths = Paths(os.path.abspath(cfg.out_dir))
+    os.makedirs(paths.out_dir, exist_ok=True)
+    seconds = prepare_inputs(cfg, paths)
+    metadata = demo_results.read_json(os.path.join(paths.data, "metadata.json"))
+    jobs = [(ROW_BY_NAME[name], cfg.seed) for name in cfg.rows]
+    jobs += [(ROW_BY_NAME[name], s) for s in cfg.extra_seeds for name in ("visual_only", "avigate")
+             if name in cfg.rows]
+    dirs, entries = {}, []
+    for index, (row, seed) in enumerate(jobs):
+        log(f"row {index + 1}/{len(jobs)}: {row.label} (seed {seed})")
+        dirs[(row.name, seed)] = run_row(cfg, paths, row, seed)
+        seconds[f"{row.name}_seed{seed}"] = dirs[(row.name, seed)]["seconds"]
+        entries.append(summarize_row(row, seed, dirs[(row.name, seed)], metadata))
+    first = demo_results.load_eval_run(dirs[(jobs[0][0].name, jobs[0][1])]["honest"])
+    seconds["total"] = sum(seconds.values())
+    results = {"profile": profile, "command": command, "config": asdict(cfg), "rows": entries,
+               "num_test_texts": len(first.rows),
+               "num_informative_test_videos": int(demo_results.informative_flags(metadata, first.cols).sum()),
+               "acceptance": acceptance(entries, cfg.seed), "seconds": seconds,
+               "wall_seconds_this_invocation": round(time.time() - start, 1),
+               "cpu_seconds_this_invocation": round(cpu_seconds() - start_cpu, 1)}
+    if compare_to:
+        results["acceptance"]["reproduction"] = compare_results(entries, compare_to)
+    results["figures"] = write_gate_figures(entries, metadata, dirs, paths.out_dir)
+    with open(os.path.join(paths.out_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    with open(os.path.join(paths.out_dir, "results.md"), "w") as handle:
+        handle.write(markdown(results))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    cfg, compare_to, profile = parse_args(argv)
+    command = " ".join(["python bench/demo.py", *(sys.argv[1:] if argv is None else argv)])
+    results = run_demo(cfg, compare_to, profile, command)
+    print(markdown(results))
+    log(f"results in {os.path.join(os.path.abspath(cfg.out_dir), 'results.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
