@@ -8,6 +8,8 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # Test-only reference for the Kaldi fbank parity test; --no-deps keeps the torch above.
 TORCHAUDIO_REF ?= torchaudio==2.11.0
 PYTEST_ARGS ?=
+# Arguments of bench/demo.py, e.g. `make demo DEMO_ARGS=--quick`.
+DEMO_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -32,7 +34,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not heavy" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH bash run_demo.sh
+	PATH=$(abspath $(BIN)):$$PATH bash run_demo.sh $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/score_bench.py
