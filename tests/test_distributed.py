@@ -89,16 +89,6 @@ def _toy_setup(text_guided: bool):
     return model, batch
 
 
-def _loss_and_grads(model: nn.Module, batch) -> dict:
-    """Backward of the model's loss on ``batch``; returns the loss and every parameter grad."""
-    loss = model(*batch)
-    loss.backward()
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters()
-             if p.requires_grad}
-    return {"loss": loss.detach(), "grads": grads}
-
-
 # The real tiny AVIGATE: global batch, padded text length, real tokens per text (start and
 # end included), real frames per video (the rest padded).
 AVIGATE_BATCH, TEXT_LEN = 4, 8
