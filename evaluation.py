@@ -14,14 +14,12 @@ from tqdm import tqdm
 
 from dataloaders.base import collate_items
 from metrics import retrieval_metrics, retrieval_metrics_with_dsl
+from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from training import video_inputs
 from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
-PROTOCOL_NAMES = {"honest": "pairs", "paired_block": "paired_block"}
-LEAK_LABEL = ("LEAKING: paired_block fuses each video with the caption at its position in the "
-              "evaluation batch (the public implementation's protocol); not a valid result")
 SELECTION_METRIC = "t2v_R@1"
 
 
@@ -103,7 +101,8 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
         caption_video: int [Nt], the ground-truth video of each text.
         protocol: "honest" or "paired_block" (leaking diagnostic; blocks of ``block_size``).
         chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
-        precision: autocast precision of the scoring (scores are returned in fp32).
+        precision: autocast precision of the pair fusion; the similarity itself always runs in
+            fp32 (modules.similarity.exact_fp32), so a lower precision cannot create ties.
     """
     model = unwrap(model).eval()
     rows = _scored_rows(info, len(texts), protocol)
@@ -112,9 +111,11 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
     sims, own, totals, video_gates = [], {}, {}, {}
     for start in range(rows.start, rows.stop, step):
         index = torch.arange(start, min(start + step, rows.stop))
-        with autocast(info.device, precision):
-            out = model.score_with_gates(texts.select(index), videos, chunk=chunk,
-                                         protocol=PROTOCOL_NAMES[protocol], block_size=block_size)
+        with autocast(info.device, precision):  # the fusion; scores are computed in fp32 inside
+            if protocol == "paired_block":
+                out = paired_block_scores(model, texts.select(index), videos, block_size)
+            else:
+                out = model.score_with_gates(texts.select(index), videos, chunk=chunk)
         sims.append(out.scores.float().cpu().numpy())
         own_video = torch.as_tensor(caption_video[index.numpy()])
         for name, g in out.gates.items():

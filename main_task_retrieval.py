@@ -27,8 +27,10 @@ from modules.ast import (CHECKPOINT_NAME, ASTConfig, audioset_checkpoint_to_ast,
                          load_audioset_checkpoint)
 from modules.clip import MODULES_DIR, config_from_state_dict, load_clip_state_dict
 from modules.fusion import FusionConfig
+from modules.fusion import PADDING_RULES, TEXT_INITS
 from modules.loss import LossConfig
-from modules.modeling import AVIGATE, TRAINING_PAIRS, AVIGATEConfig
+from modules.modeling import AVIGATE, AVIGATEConfig
+from modules.objective import TRAINING_PAIRS, ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
 from modules.resampler import ResamplerConfig
 from modules.tokenization_clip import ClipTokenizer
@@ -48,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=42)
     a.add_argument("--device", choices=DEVICES, default="auto")
     a.add_argument("--precision", choices=list(util.PRECISIONS), default="fp32",
-                   help="bf16/fp16 autocast (fp16 adds a GradScaler)")
+                   help="bf16/fp16 autocast of the encoders and the fusion (fp16 adds a GradScaler); "
+                        "similarities and the loss always run in fp32")
+    a.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 tensor-core matmuls/convolutions for fp32 work on CUDA (scores stay IEEE fp32)")
     a.add_argument("--n_display", type=int, default=100, help="log the loss every n optimizer steps")
     a.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     a.add_argument("--init_model", default=None, help="model-only weights to start from / evaluate")
@@ -107,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text_gate", action="store_true", help="gates see the text embedding")
     m.add_argument("--text_query", action="store_true", help="text injected into the cross-attention query")
     m.add_argument("--query_gate", action="store_true", help="gate the text injection")
-    m.add_argument("--grad_checkpointing", action="store_true")
+    m.add_argument("--padding_rule", choices=PADDING_RULES, default="masked",
+                   help="padded frames: masked (excluded from gate means and self-attention keys) or "
+                        "released (the released code: blank-frame embeddings, means over all frames)")
+    m.add_argument("--text_init", choices=TEXT_INITS, default="zero",
+                   help="text-guided terms start at zero (the model starts as text-agnostic AVIGATE) "
+                        "or normal (the earlier random start)")
+    m.add_argument("--grad_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
 
     o = p.add_argument_group("optimization")
     o.add_argument("--optimizer", choices=OPTIMIZERS, default="bertadam")
@@ -123,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
                    help="text-guided training pairs; own_caption is a LEAKING diagnostic")
     o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
+    o.add_argument("--train_pairs_per_chunk", type=int, default=0,
+                   help="text-guided training: pairs fused per chunk, each recomputed in backward "
+                        "(0: all of a rank's pairs at once); see README 'Pair memory'")
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval_protocol", choices=EVAL_PROTOCOLS, default="honest",
@@ -176,6 +190,7 @@ def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[s
 
 
 def model_config(args: argparse.Namespace, clip_state: dict, ast_weights: Optional[dict]) -> AVIGATEConfig:
+    """The architecture: what the weights of a checkpoint mean."""
     clip_cfg = config_from_state_dict(clip_state)
     width = clip_cfg.embed_dim
     return AVIGATEConfig(
@@ -185,10 +200,16 @@ def model_config(args: argparse.Namespace, clip_state: dict, ast_weights: Option
         fusion=FusionConfig(width=width, layers=args.cross_num_hidden_layers, max_frames=args.max_frames,
                             gate=args.gate, fusion_residual=args.fusion_residual,
                             use_audio=not args.no_audio, text_gate=args.text_gate,
-                            text_query=args.text_query, query_gate=args.query_gate),
-        loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
-        temperature=args.temperature, training_pairs=args.training_pairs, hardest_k=args.hardest_k,
-        grad_checkpointing=args.grad_checkpointing)
+                            text_query=args.text_query, query_gate=args.query_gate,
+                            text_init=args.text_init, padding_rule=args.padding_rule),
+        temperature=args.temperature)
+
+
+def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
+    """The training objective: margins, pair selection, pair chunking."""
+    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
+                           training_pairs=args.training_pairs, hardest_k=args.hardest_k,
+                           pairs_per_chunk=args.train_pairs_per_chunk)
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
@@ -198,6 +219,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
     ast_weights = None if ast_state is None else audioset_checkpoint_to_ast(ast_state)
     cfg = model_config(args, clip_state, ast_weights)
     model = AVIGATE.from_pretrained(cfg, clip_state, ast_state)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     if args.init_model:
         util.load_model_weights(model, args.init_model)
     return model.to(device)
@@ -211,23 +233,24 @@ def optim_config(args: argparse.Namespace) -> OptimConfig:
 def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
     chunk = None if args.eval_chunk is None else (args.eval_chunk[0], args.eval_chunk[-1])
     return evaluation.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
-                            precision=args.precision, protocol=args.eval_protocol,
-                            block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl)
+                                  precision=args.precision, protocol=args.eval_protocol,
+                                  block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl)
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
-    """Freeze, group and optimize the parameters (DESIGN §7); wrap the model in DDP when distributed."""
+    """Freeze, group and optimize the parameters (DESIGN §7); wrap the objective in DDP when
+    distributed."""
     optimizer = build_optimizer(model, optim_config(args))
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
-    wrapped = model
+    objective = ContrastiveObjective(model, objective_config(args))
     if info.distributed:
         # Every trainable parameter gets a gradient in every configuration (the model builds
         # no module it does not use), so DDP needs no unused-parameter search.
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.precision == "fp16")
-    return training.Trainer(wrapped, optimizer, scheduler, scaler, info, args.precision,
-                        args.gradient_accumulation_steps)
+    return training.Trainer(objective, optimizer, scheduler, scaler, info, args.precision,
+                            args.gradient_accumulation_steps)
 
 
 def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder, tokenizer,
@@ -329,6 +352,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     check_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
     info = util.setup_distributed(args.device)
     try:
+        util.setup_precision(info.device, args.precision, args.tf32)
         run(args, info)
     finally:
         util.cleanup_distributed()

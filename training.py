@@ -55,7 +55,8 @@ class Trainer:
     """What a training step needs.
 
     Args:
-        model: the model, wrapped in DistributedDataParallel when distributed.
+        objective: the ContrastiveObjective (holding the model), wrapped in
+            DistributedDataParallel when distributed.
         optimizer: BertAdam or AdamW over the named groups.
         scheduler: LambdaLR with the warmup-cosine multiplier.
         scaler: GradScaler (active only for fp16).
@@ -64,7 +65,7 @@ class Trainer:
         accumulation: micro-batches per optimizer step.
     """
 
-    model: torch.nn.Module
+    objective: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -72,33 +73,45 @@ class Trainer:
     precision: str = "fp32"
     accumulation: int = 1
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The AVIGATE model inside the (possibly DDP-wrapped) objective."""
+        return unwrap(self.objective).model
+
 
 def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
     """One optimizer step over ``accumulation`` micro-batches; returns the loss and the mean
-    |gate| per layer of each gate.
+    |gate| per layer of each gate as tensors (read them only when logging: converting to
+    Python numbers waits for the device).
 
     Gradients are synchronized over ranks only on the last micro-batch. The loss is the
-    global (all-gathered) batch loss, identical on every rank.
+    global (all-gathered) batch loss, identical on every rank. After the update the logit
+    scale is clamped at ln 100 (DESIGN §5).
     """
-    model, info = trainer.model, trainer.info
-    model.train()
+    objective, info = trainer.objective, trainer.info
+    objective.train()
     losses, gates = [], {}
-    for k, batch in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        sync = model.no_sync() if info.distributed and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(info.device, trainer.precision):
-                out = model(**model_inputs(batch, info.device))
-            trainer.scaler.scale(out.loss / len(micro_batches)).backward()
-        losses.append(out.loss.detach().float())
-        for name, value in out.gate_stats.items():
-            gates.setdefault(name, []).append(value.detach().float())
+    try:
+        for k, batch in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            sync = objective.no_sync() if info.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(info.device, trainer.precision):
+                    out = objective(**model_inputs(batch, info.device))
+                trainer.scaler.scale(out.loss / len(micro_batches)).backward()
+            losses.append(out.loss.detach().float())
+            for name, value in out.gate_stats.items():
+                gates.setdefault(name, []).append(value.detach().float())
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(f"out of memory in a training step: {unwrap(objective).memory_hint()}; "
+                                     f"({err})") from err
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return {"loss": torch.stack(losses).mean().item(),
-            "gates": {name: torch.stack(v).mean(0).tolist() for name, v in gates.items()}}
+    trainer.model.clamp_logit_scale_()
+    return {"loss": torch.stack(losses).mean(),
+            "gates": {name: torch.stack(v).mean(0) for name, v in gates.items()}}
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict:
@@ -118,7 +131,7 @@ def grouped(loader, size: int) -> Iterator[list]:
 
 def training_state(trainer: Trainer, progress: Progress, args: dict) -> dict:
     """Everything a resumed run needs; gathers every rank's RNG state (call on all ranks)."""
-    return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
+    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
             "progress": vars(progress).copy(), "args": args,
             "rng": gather_objects(rng_state(), trainer.info), "world_size": trainer.info.world_size}
@@ -126,7 +139,7 @@ def training_state(trainer: Trainer, progress: Progress, args: dict) -> dict:
 
 def restore_training_state(trainer: Trainer, state: dict) -> Progress:
     """Load a training state into a freshly built trainer; returns the progress to resume from."""
-    unwrap(trainer.model).load_state_dict(state["model"])
+    trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
@@ -173,11 +186,13 @@ def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: in
         if progress.step % hooks.n_display == 0:
             rate = window_steps / max(time.time() - window_start, 1e-9)
             window_start, window_steps = time.time(), 0
+            loss = result["loss"].item()
+            gates = {name: value.tolist() for name, value in result["gates"].items()}
             hooks.recorder.log({"event": "train", "epoch": progress.epoch + 1, "step": progress.step,
-                                "loss": result["loss"], "lr": lrs, "gate_abs_mean": result["gates"],
+                                "loss": loss, "lr": lrs, "gate_abs_mean": gates,
                                 "steps_per_s": rate}, step=progress.step)
             logger.info("epoch %d step %d/%d loss %.6f lr %.3g", progress.epoch + 1, progress.epoch_step,
-                        steps_in_epoch, result["loss"], max(lrs.values()))
+                        steps_in_epoch, loss, max(lrs.values()))
         if hooks.max_steps and progress.step >= hooks.max_steps:
             hooks.save_state()
             bar.close()

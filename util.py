@@ -101,8 +101,11 @@ def setup_distributed(device_name: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        # device_id binds NCCL's communicator to this rank's GPU at start-up (no guessing and no
+        # lazy per-collective initialization).
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -345,6 +348,29 @@ def _flatten(record: dict, prefix: str = "") -> dict:
 
 # --------------------------------------------------------------------------- precision
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def setup_precision(device: torch.device, precision: str, tf32: bool) -> None:
+    """Check that ``device`` can run ``--precision`` (before any work) and set TF32 for fp32
+    CUDA matmuls and convolutions (``--tf32``; scores opt out, modules.similarity.exact_fp32).
+
+    Raises ValueError for fp16 on the CPU (no GradScaler-backed fp16 training there) and for
+    bf16 on a GPU without bf16 support (pre-Ampere).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                         f"use --precision fp16 or fp32")
+    if device.type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+            matmul.fp32_precision = "tf32" if tf32 else "ieee"
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+        else:
+            matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
 
 def autocast(device: torch.device, precision: str):

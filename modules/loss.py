@@ -9,20 +9,20 @@ gradient every rank computed for a slice back onto the rank that owns it, so eac
 parameter gradient is ``world_size`` times its own share of the global gradient. DDP then
 averages over ranks (divides by ``world_size``), which yields exactly the gradient one
 process would compute on the concatenated batch. Everything here also runs as a single
-process without any process group: the gathers are then the identity.
+process without any process group: the gathers are then the identity. The collectives work
+on contiguous buffers (one all-gather, one reduce-scatter in backward), which NCCL and gloo
+both need and which sidesteps gloo's stride-ignoring scatter in the list-based all_gather's
+backward (pytorch issues #24836, #192920).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
-
-# CLIP clamps exp(logit_scale) at 100 so the similarity temperature cannot collapse.
-MAX_LOGIT_SCALE = 100.0
 
 
 @dataclass
@@ -45,8 +45,15 @@ def _distributed_world_size() -> int:
     return 1
 
 
+# Set to 1 to check before every gather that all ranks pass the same shape (one extra small
+# collective and a host synchronization per gather). Off by default: the sharded sampler gives
+# every rank the same shapes, and a mismatch otherwise aborts inside the backend without a
+# message.
+CHECK_GATHERS_ENV = "AVIGATE_CHECK_GATHERS"
+
+
 def _check_equal_shapes(x: torch.Tensor) -> None:
-    """Raise unless every rank holds a tensor of the same shape as ``x`` (a gather needs it)."""
+    """Raise unless every rank holds a tensor of the same shape as ``x`` (debug check)."""
     shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
     dist.all_gather(shapes, shape)
@@ -58,22 +65,37 @@ def _check_equal_shapes(x: torch.Tensor) -> None:
             f"samples (drop_last=True for training)")
 
 
-class _ContiguousGradient(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
+# torch >= 2.14 names the single-tensor collectives *_single; older releases *_tensor.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-    The gloo backward of ``torch.distributed.nn.functional.all_gather`` receives into
-    ``empty_like(grad)`` buffers through gloo's scatter, which ignores strides (pytorch
-    issues #24836, #192920): a transposed gradient (the column-wise CE of the loss produces
-    one) comes back scrambled. A contiguous gradient avoids it on every backend.
-    """
+
+def _gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """[Bl, ...] from every rank -> [world_size * Bl, ...] in rank order (one collective on a
+    contiguous buffer; every rank must pass the same shape, which the sharded sampler
+    guarantees; AVIGATE_CHECK_GATHERS=1 checks it)."""
+    if os.environ.get(CHECK_GATHERS_ENV) == "1":
+        _check_equal_shapes(x)
+    x = x.contiguous()
+    out = x.new_empty((_distributed_world_size() * x.shape[0], *x.shape[1:]))
+    _gather_into(out, x)
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of each slice onto its owner
+    (a reduce-scatter of the contiguous gradient)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+        return _gather_tensor(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // _distributed_world_size(), *grad.shape[1:]))
+        _reduce_scatter_into(out, grad)
+        return out
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +113,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if _distributed_world_size() == 1:
         return x
-    _check_equal_shapes(x)
-    parts = [_ContiguousGradient.apply(part) for part in dist_fn.all_gather(x)]
-    return torch.cat(parts, dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -107,15 +127,9 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         gathered tensor [Bg, ...], detached, in rank order (``x`` detached as one process).
     """
     x = x.detach()
-    world_size = _distributed_world_size()
-    if world_size == 1:
+    if _distributed_world_size() == 1:
         return x
-    _check_equal_shapes(x)
-    # Contiguous input so the receive buffers (empty_like keeps strides) are contiguous too.
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+    return _gather_tensor(x)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -159,15 +173,16 @@ def margin_contrastive_loss(logits: torch.Tensor, margins: Optional[torch.Tensor
 
     Off-diagonal entries equal to -inf are excluded from both softmaxes (a hardest-K
     selection marks dropped negatives that way); the diagonal must stay finite, so every
-    row and column keeps its positive. Computed in fp32 (fp64 inputs stay fp64) even
+    row and column keeps its positive (checked on the device, without waiting for it). Computed in fp32 (fp64 inputs stay fp64) even
     under autocast.
 
     Args:
         logits: scores [Bt, Bv] with Bt = Bv, already scaled by s (DESIGN §5).
         margins: adaptive margins [Bt, Bv] (only the off-diagonal entries are used), or None
             for plain InfoNCE.
-        logit_scale: CLIP's log scale (tensor or float); s = exp(logit_scale) clamped at 100,
-            the same s as in the similarity, so gradients reach it through s * m too.
+        logit_scale: CLIP's log scale (tensor or float); s = exp(logit_scale), the same s as in
+            the similarity, so gradients reach it through s * m too (the parameter itself is
+            clamped at ln 100 after each optimizer step, DESIGN §5).
 
     Returns:
         scalar loss: mean of the row-wise (text->video) and column-wise (video->text) CE.
@@ -177,15 +192,15 @@ def margin_contrastive_loss(logits: torch.Tensor, margins: Optional[torch.Tensor
                          f"diagonal, got {tuple(logits.shape)}")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits = _at_least_fp32(logits)
-        if torch.isneginf(logits.diagonal()).any():
-            raise ValueError("modules/loss.py: a diagonal (positive) logit is -inf; a hardest-K "
-                             "selection must keep every positive pair")
+        # A device-side check: no host synchronization (CUDA reports it asynchronously).
+        torch._assert_async(~torch.isneginf(logits.diagonal()).any(),
+                            "modules/loss.py: a diagonal (positive) logit is -inf; a hardest-K "
+                            "selection must keep every positive pair")
         if margins is not None:
             if margins.shape != logits.shape:
                 raise ValueError(f"modules/loss.py: margins {tuple(margins.shape)} must match "
                                  f"logits {tuple(logits.shape)}")
-            scale = torch.as_tensor(logit_scale, device=logits.device).to(logits.dtype)
-            scale = scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            scale = torch.as_tensor(logit_scale, device=logits.device).to(logits.dtype).exp()
             diagonal = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
             logits = logits + scale * margins.to(logits.dtype).masked_fill(diagonal, 0.0)
         targets = torch.arange(logits.shape[0], device=logits.device)

@@ -1,95 +1,73 @@
-"""The AVIGATE retrieval model: encoders, audio resampler, (text-guided) gated fusion, scoring
-and the training forward (DESIGN §1-§7, §10, §11).
+"""The AVIGATE retrieval model: encoders, audio resampler, (text-guided) gated fusion and its
+scores (DESIGN §1-§5, §10, §11). The training objective lives in ``modules.objective``.
 
 Public API:
 - ``encode_text(ids, mask) -> TextFeatures`` and ``encode_video(frames, frame_mask, audio)
   -> VideoFeatures``: independent of each other, cacheable (``cat``, ``to``, ``detach``).
+  Every model's VideoFeatures carry the text-agnostic scoring index (for a text-guided model,
+  its agnostic view with t := 0, DESIGN §4a).
 - ``score(text_feats, video_feats) -> [Nt, Nv]``: the same call for every model. A
   text-agnostic model scores by matrix products over the cached video index; a text-guided
   model fuses every (text, video) pair under that pair's own text, in memory-bounded
-  chunks, reusing the per-video and per-text parts (FusionTransformer.prepare_*). No
-  score depends on which other texts or videos are scored with it.
-- ``forward(...) -> TrainOutput``: the in-batch adaptive-margin loss whose logits for a pair
-  equal ``score`` for that pair.
+  chunks, reusing the per-video and per-text parts. No score depends on which other texts
+  or videos are scored with it. ``agnostic_scores`` is stage 1 of shortlist re-ranking.
+- Differentiable scorers for the objective: ``similarity`` (text-agnostic, from the index),
+  ``pair_context`` + ``score_pairs`` / ``score_grid`` (text-guided pairs).
 
-Shapes: B batch (Bl local, Bg gathered over ranks), F frames, Q audio queries, A audio
-tokens, W_a AST width, D joint width, L layers, Nt / Nv texts / videos, P pairs.
+Scores are always computed in fp32 (``similarity.exact_fp32``), whatever autocast the
+encoders and the fusion ran under.
+
+Shapes: B batch, F frames, Q audio queries, A audio tokens, W_a AST width, D joint width,
+L layers, Nt / Nv texts / videos, P pairs, Tc / Vc texts / videos of a chunk.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from modules.ast import AST, ASTConfig, audioset_checkpoint_to_ast, load_strict
 from modules.clip import CLIP, CLIPConfig, state_dict_problems
 from modules.fusion import FusionConfig, FusionTransformer, TextContext, VideoContext
 from modules.layers import NEW_WEIGHT_STD, SELF_ATTENTION_PARAM_PREFIXES, copy_clip_layer
-from modules.loss import (LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad,
-                          margin_contrastive_loss)
 from modules.resampler import AudioResampler, ResamplerConfig
-from modules.similarity import global_local_scores, index_scores, pair_scores, unit_frames, video_index
+from modules.similarity import (MAX_LOG_LOGIT_SCALE, exact_fp32, index_scores, pair_scores, unit_frames,
+                                video_index)
 
-TRAINING_PAIRS = ("all", "hardest_k", "own_caption")
-PROTOCOLS = ("pairs", "paired_block")
-DEFAULT_PAIR_MEMORY_BYTES = 1 << 30
-# Working-set estimate of the pair fusion, in values per (pair, frame, width unit): the block
-# input and output, the normalized copies and attention outputs (~8) plus the two FFN hidden
-# tensors (2 * mlp_ratio). With autograd every layer keeps about 1.5 times that.
-FUSION_VALUES_PER_FRAME = 8
-TRAINING_SAVED_FACTOR = 1.5
+# Pairs fused at once when scoring without an explicit chunk (--eval_chunk). At D = 512, F = 12
+# a pair's forward working set is a few hundred KB (bench/pair_memory.py), so 2,048 pairs stay
+# within about 1 GB.
+DEFAULT_EVAL_PAIRS_PER_CHUNK = 2048
+# Bytes of [Nt, chunk, 1+F] fp32 cosines per text-agnostic scoring product.
+AGNOSTIC_CHUNK_BYTES = 1 << 28
 
 
 @dataclass
 class AVIGATEConfig:
-    """Whole-model settings; each builder receives only its own part.
+    """Architecture of the model (what a checkpoint's weights mean); training objective and
+    runtime settings live elsewhere (``modules.objective.ObjectiveConfig``, call arguments).
 
     Args:
         clip: CLIP towers (embed_dim = D).
         ast: AST trunk.
         resampler: audio resampler (width D).
         fusion: fusion transformer (width D; text flags make the model text-guided).
-        loss: adaptive margins.
         temperature: tau of the local (log-sum-exp) similarity (``--temperature``).
-        training_pairs: which (text, video) pairs a text-guided model fuses in training:
-            "all" (every in-batch pair, the rule of DESIGN §4), "hardest_k" (the positive and
-            the ``hardest_k`` hardest negatives of each text by the text-agnostic score; the
-            other entries are excluded) or "own_caption" (DIAGNOSTIC, leaks: every video is
-            fused only with its own caption, as the public implementation trains).
-        hardest_k: negatives per text for "hardest_k".
-        eval_text_chunk, eval_video_chunk: texts / videos per scoring chunk; None = derived
-            from ``pair_memory_bytes``.
-        pair_memory_bytes: memory budget of one chunk of pair fusion (eval and training).
-        grad_checkpointing: recompute CLIP blocks and the per-pair fusion chunks in backward.
     """
 
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     ast: ASTConfig = field(default_factory=ASTConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     temperature: float = 1.0
-    training_pairs: str = "all"
-    hardest_k: int = 8
-    eval_text_chunk: Optional[int] = None
-    eval_video_chunk: Optional[int] = None
-    pair_memory_bytes: int = DEFAULT_PAIR_MEMORY_BYTES
-    grad_checkpointing: bool = False
 
     def __post_init__(self):
         widths = {"clip.embed_dim": self.clip.embed_dim, "resampler.width": self.resampler.width,
                   "fusion.width": self.fusion.width}
         if len(set(widths.values())) != 1:
             raise ValueError(f"the joint width must agree everywhere, got {widths}")
-        if self.training_pairs not in TRAINING_PAIRS:
-            raise ValueError(f"training_pairs must be one of {TRAINING_PAIRS}, got {self.training_pairs!r}")
-        if self.hardest_k < 1:
-            raise ValueError(f"hardest_k must be >= 1, got {self.hardest_k}")
 
     @classmethod
     def tiny(cls, **fusion_flags) -> "AVIGATEConfig":
@@ -129,10 +107,11 @@ class TextFeatures:
 class VideoFeatures:
     """Text-independent video features.
 
-    frames [B, F, D] CLIP frame embeddings (zeros at padded frames); frame_mask [B, F] bool;
-    audio [B, Q, D] resampled audio (None for the visual-only model); text-agnostic models
-    also carry index [B, 1+F, D] (unit global vector + unit fused frames, see
-    similarity.video_index) and gates name -> [B, L].
+    frames [B, F, D] CLIP frame embeddings (zeros at padded frames under the masked padding
+    rule); frame_mask [B, F] bool (real frames); audio [B, Q, D] resampled audio (None for
+    the visual-only model); index [B, 1+F, D] the text-agnostic scoring rows (unit global
+    vector + unit fused frames, see similarity.video_index; the agnostic view for
+    text-guided models; None when not computed) and gates name -> [B, L] of that fusion.
     """
 
     frames: torch.Tensor
@@ -180,31 +159,33 @@ class VideoFeatures:
 
 @dataclass
 class ScoreOutput:
-    """scores [Nt, Nv]; gates name -> [Nv, L] (text-agnostic) or [Nt, Nv, L] (text-guided)."""
+    """scores [Nt, Nv] fp32; gates name -> [Nv, L] (text-agnostic) or [Nt, Nv, L] (text-guided)."""
 
     scores: torch.Tensor
     gates: dict[str, torch.Tensor]
 
 
 @dataclass
-class TrainOutput:
-    """loss (scalar); logits [Bg, Bg] = scores before the margins (-inf = pair excluded);
-    gate_stats name -> [L] mean |g| over the fused videos / pairs."""
+class PairScores:
+    """Differentiable pair scores: scores [P] (pairs) or [Tc, Vc] (grid), fp32; gates name ->
+    [P, L] or [Tc, Vc, L]."""
 
-    loss: torch.Tensor
-    logits: torch.Tensor
-    gate_stats: dict[str, torch.Tensor]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    scores: torch.Tensor
+    gates: dict[str, torch.Tensor]
 
 
-def _grid(num_texts: int, num_videos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All pairs of a [num_texts, num_videos] block, text-major: (text_index [P], video_index [P])."""
-    ti = torch.arange(num_texts, device=device).repeat_interleave(num_videos)
-    vi = torch.arange(num_videos, device=device).repeat(num_texts)
-    return ti, vi
+@dataclass
+class PairContext:
+    """What scoring pairs of Nt texts and Nv videos needs, prepared once (``AVIGATE.pair_context``).
+
+    text [Nt, D] fp32 (for the similarity); texts: TextContext; videos: VideoContext;
+    frame_mask [Nv, F] bool, the real frames (the similarity always masks padded frames).
+    """
+
+    text: torch.Tensor
+    texts: TextContext
+    videos: VideoContext
+    frame_mask: torch.Tensor
 
 
 class AVIGATE(nn.Module):
@@ -219,7 +200,6 @@ class AVIGATE(nn.Module):
         self.cfg = cfg
         width = cfg.clip.embed_dim
         self.clip = CLIP(cfg.clip)
-        self.clip.set_grad_checkpointing(cfg.grad_checkpointing)
         # The visual-only baseline builds no audio path (no parameters without gradients).
         self.ast = AST(cfg.ast) if cfg.fusion.use_audio else None
         self.audio_projection = nn.Linear(cfg.ast.embed_dim, width, bias=False) if cfg.fusion.use_audio else None
@@ -235,6 +215,21 @@ class AVIGATE(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale
+
+    def text_term_names(self) -> list[str]:
+        """Parameters that exist only because the fusion sees the text (DESIGN §4a): what a
+        text-guided model has beyond a text-agnostic one, and all that --freeze_agnostic trains."""
+        return self.fusion.text_term_names(prefix="fusion.")
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the CLIP towers' blocks in backward (a runtime memory setting)."""
+        self.clip.set_grad_checkpointing(enabled)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep exp(logit_scale) <= 100 by clamping the parameter (after each optimizer step, as
+        released; DESIGN §5)."""
+        self.logit_scale.clamp_(max=MAX_LOG_LOGIT_SCALE)
 
     # ----- building from released weights ----------------------------------------------
     @classmethod
@@ -286,32 +281,38 @@ class AVIGATE(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
         """ids [N, L], mask [N, L] (1 = real token, [sot] ... [eot]) -> TextFeatures (t [N, D]).
 
-        Padding columns are dropped; a text longer than CLIP's context keeps its first
-        context-1 tokens and its end token, as the tokenizer's truncation would.
+        A text longer than CLIP's context keeps its first context-1 tokens and its end token,
+        as the tokenizer's truncation would. No host synchronization: padding columns stay
+        (the causal mask keeps them out of the end token's output).
         """
         if ids.shape != mask.shape:
             raise ValueError(f"text ids {tuple(ids.shape)} and mask {tuple(mask.shape)} differ")
-        lengths = mask.long().sum(1).clamp_min(1)
-        ids = ids[:, :int(lengths.max())]
         context = self.cfg.clip.context_length
-        too_long = lengths > context
-        if too_long.any():
-            end = ids[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        if ids.shape[1] > context:
+            lengths = mask.long().sum(1).clamp_min(1)
+            end = ids.gather(1, (lengths - 1)[:, None])
             ids = ids[:, :context].clone()
-            ids[too_long, context - 1] = end[too_long]
+            ids.scatter_(1, lengths.clamp(max=context)[:, None] - 1, end)
         return TextFeatures(self.clip.encode_text(ids))
 
     def frame_embeddings(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """frames [B, F, 3, H, W], frame_mask [B, F] -> [B, F, D]; CLIP runs on real frames only."""
+        """frames [B, F, 3, H, W] (CLIP-normalized), frame_mask [B, F] -> [B, F, D].
+
+        padding_rule "masked": CLIP runs on the real frames only and padded slots are zero.
+        "released": CLIP runs on every slot and a padded slot holds its embedding of a blank
+        (all-zero, normalized) frame, as the released code's zero-filled video tensor gives.
+        """
         if frames.dim() != 5 or tuple(frames.shape[:2]) != tuple(frame_mask.shape):
             raise ValueError(f"frames {tuple(frames.shape)} must be [B, F, 3, H, W] matching "
                              f"frame_mask {tuple(frame_mask.shape)}")
         valid = frame_mask.bool()
-        out = frames.new_zeros(*valid.shape, self.cfg.clip.embed_dim)
-        if valid.any():
-            emb = self.clip.encode_image(frames[valid])
-            out = out.to(emb.dtype).index_put((valid,), emb)
-        return out
+        if self.cfg.fusion.padding_rule == "released":
+            blank = torch.where(valid[:, :, None, None, None], frames, torch.zeros_like(frames))
+            return self.clip.encode_image(blank.flatten(0, 1)).unflatten(0, tuple(valid.shape))
+        # The boolean gather of real frames costs one host synchronization; running CLIP on
+        # padded slots instead would cost more compute on short clips (VATEX: 2 of 12 frames).
+        emb = self.clip.encode_image(frames[valid])
+        return emb.new_zeros(*valid.shape, emb.shape[-1]).index_put((valid,), emb)
 
     def resampled_audio(self, audio: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """audio: fbank [B, 1024, 128] or cached AST tokens [B, A, W_a] (told apart by shape)
@@ -335,63 +336,114 @@ class AVIGATE(nn.Module):
         return self.resampler(self.audio_projection(self.ast.norm(tokens.to(weight.dtype))))
 
     def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor,
-                     audio: Optional[torch.Tensor] = None) -> VideoFeatures:
+                     audio: Optional[torch.Tensor] = None, with_index: bool = True) -> VideoFeatures:
         """Text-independent video features (cacheable).
 
         Args:
             frames: CLIP-normalized frames [B, F, 3, H, W]; frame_mask [B, F] (1 = real frame).
             audio: fbank [B, 1024, 128] or cached AST tokens [B, A, W_a]; None without audio.
+            with_index: also fuse text-agnostically (a text-guided model: its t := 0 view) and
+                build the scoring index; text-guided training does not need it.
         """
         emb = self.frame_embeddings(frames, frame_mask)
         mask = frame_mask.bool()
         audio_q = self.resampled_audio(audio)
-        if self.text_guided:
+        if not with_index:
             return VideoFeatures(emb, mask, audio_q)
-        fused = self.fusion(emb, mask, audio_q)
-        return VideoFeatures(emb, mask, audio_q, video_index(fused.fused, mask), fused.gates)
+        fused = self.fusion.agnostic(emb, mask, audio_q)
+        with exact_fp32(emb.device):
+            index = video_index(fused.fused.float(), mask)
+        return VideoFeatures(emb, mask, audio_q, index, fused.gates)
 
-    # ----- scoring ----------------------------------------------------------------------
+    def video_summary(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """DESIGN §6's v-bar: frames [B, F, D] -> normalize(masked mean of normalized v0) [B, D]."""
+        with exact_fp32(frames.device):
+            return unit_frames(self.fusion.embed_frames(frames).float(), frame_mask)[1]
+
+    # ----- differentiable scorers ---------------------------------------------------------
+    def similarity(self, text: torch.Tensor, index: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Text-agnostic scores [Nt, Nv] of texts [Nt, D] against video index rows [Nv, 1+F, D]
+        (VideoFeatures.index) with frame_mask [Nv, F], in fp32."""
+        with exact_fp32(text.device):
+            return index_scores(text.float(), index.float(), frame_mask, self.logit_scale.float(),
+                                self.cfg.temperature)
+
+    def unfused_scores(self, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Scores [Nt, Nv] of texts [Nt, D] against the unfused frames v0 [Nv, F, D] (a cheap
+        ranking, e.g. for choosing hard negatives), in fp32."""
+        with exact_fp32(text.device):
+            rows = video_index(self.fusion.embed_frames(frames).float(), frame_mask)
+        return self.similarity(text, rows, frame_mask)
+
+    def pair_context(self, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor,
+                     audio: torch.Tensor) -> PairContext:
+        """Prepare pair scoring of texts [Nt, D] against videos (frames [Nv, F, D], frame_mask
+        [Nv, F], resampled audio [Nv, Q, D]): per-text and per-video parts, once."""
+        if not self.text_guided:
+            raise ValueError("pair scoring is for text-guided models; a text-agnostic model scores "
+                             "with similarity() over VideoFeatures.index")
+        mask = frame_mask.bool()
+        return PairContext(text.float(), self.fusion.prepare_texts(text),
+                           self.fusion.prepare_videos(frames, mask, audio), mask)
+
+    def _pair_similarity(self, ctx: PairContext, ti: torch.Tensor, vi: torch.Tensor,
+                         fused: torch.Tensor) -> torch.Tensor:
+        """fp32 scores [P] of pairs (text ti[p], video vi[p]) with fused frames [P, F, D]."""
+        with exact_fp32(fused.device):
+            return pair_scores(ctx.text[ti], fused.float(), ctx.frame_mask[vi], self.logit_scale.float(),
+                               self.cfg.temperature)
+
+    def score_pairs(self, ctx: PairContext, ti: torch.Tensor, vi: torch.Tensor) -> PairScores:
+        """Differentiable scores of pairs p = (text ti[p], video vi[p]), ti/vi LongTensor [P],
+        each fused under its own text -> PairScores(scores [P], gates [P, L])."""
+        out = self.fusion.fuse_pairs(ctx.videos, ctx.texts, ti, vi)
+        return PairScores(self._pair_similarity(ctx, ti, vi, out.fused), out.gates)
+
+    def score_grid(self, ctx: PairContext, text_rows: torch.Tensor, video_cols: torch.Tensor) -> PairScores:
+        """Differentiable scores of every pair of texts text_rows [Tc] x videos video_cols [Vc]
+        -> PairScores(scores [Tc, Vc], gates [Tc, Vc, L]); the audio keys stay per video."""
+        out = self.fusion.fuse_grid(ctx.videos, ctx.texts, text_rows, video_cols)
+        tc, vc = text_rows.shape[0], video_cols.shape[0]
+        ti = text_rows.repeat(vc)
+        vi = video_cols.repeat_interleave(tc, output_size=tc * vc)
+        scores = self._pair_similarity(ctx, ti, vi, out.fused).view(vc, tc).t()
+        gates = {name: g.view(vc, tc, -1).transpose(0, 1) for name, g in out.gates.items()}
+        return PairScores(scores, gates)
+
+    # ----- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def score(self, text_feats: TextFeatures, video_feats: VideoFeatures,
-              chunk: Optional[tuple[int, int]] = None, protocol: str = "pairs",
-              block_size: Optional[int] = None) -> torch.Tensor:
+              chunk: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Scores [Nt, Nv] (see ``score_with_gates``)."""
-        return self.score_with_gates(text_feats, video_feats, chunk, protocol, block_size).scores
+        return self.score_with_gates(text_feats, video_feats, chunk).scores
 
     @torch.no_grad()
     def score_with_gates(self, text_feats: TextFeatures, video_feats: VideoFeatures,
-                         chunk: Optional[tuple[int, int]] = None, protocol: str = "pairs",
-                         block_size: Optional[int] = None) -> ScoreOutput:
-        """Score every text against every video, with the gate values used.
+                         chunk: Optional[tuple[int, int]] = None) -> ScoreOutput:
+        """Score every text against every video, with the gate values used. Each score depends
+        only on its (text, video) pair.
 
         Args:
             text_feats: TextFeatures of Nt texts; video_feats: VideoFeatures of Nv videos (any
                 device / float dtype; moved chunk by chunk to the model's device).
             chunk: (texts, videos) per chunk of pair fusion (text-guided) or (unused, videos)
-                per product (text-agnostic); None = cfg.eval_*_chunk or the memory budget.
-            protocol: "pairs" (default): every pair fused under its own text; scores depend
-                only on the pair. "paired_block": DIAGNOSTIC that reproduces the public
-                implementation's LEAK: texts and videos are cut in blocks of ``block_size`` in
-                the given order and, within (text block a, video block c), the k-th video is
-                fused with the k-th text of block a (k modulo the block's length), so on the
-                diagonal blocks a video is fused with its own caption. Order-dependent; never
-                use it to report results. Text-agnostic models score as "pairs" (no text
-                enters their fusion, so there is nothing to leak).
-            block_size: block length for "paired_block".
+                per product (text-agnostic); None = DEFAULT_EVAL_PAIRS_PER_CHUNK pairs.
         Returns: ScoreOutput(scores [Nt, Nv] fp32, gates).
         """
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self._check_features(text_feats, video_feats)
-        device = self.logit_scale.device
-        text = text_feats.text.to(device=device, dtype=self.logit_scale.dtype)
+        text = text_feats.text.to(self.logit_scale.device)
         if not self.text_guided:
             return self._score_agnostic(text, video_feats, chunk)
-        if protocol == "paired_block":
-            if not block_size or block_size < 1:
-                raise ValueError("protocol='paired_block' needs block_size >= 1")
-            return self._score_paired_block(text, video_feats, block_size)
         return self._score_text_guided(text, video_feats, chunk)
+
+    @torch.no_grad()
+    def agnostic_scores(self, text_feats: TextFeatures, video_feats: VideoFeatures,
+                        chunk: Optional[tuple[int, int]] = None) -> ScoreOutput:
+        """Scores [Nt, Nv] of the text-agnostic view (DESIGN §4a; for a text-agnostic model its
+        scores) from the cached index: stage 1 of shortlist re-ranking."""
+        if video_feats.index is None:
+            raise ValueError("agnostic scores need VideoFeatures.index (encode_video(..., with_index=True))")
+        return self._score_agnostic(text_feats.text.to(self.logit_scale.device), video_feats, chunk)
 
     def _check_features(self, text_feats: TextFeatures, video_feats: VideoFeatures) -> None:
         d = self.cfg.clip.embed_dim
@@ -403,171 +455,62 @@ class AVIGATE(nn.Module):
         if not self.text_guided and video_feats.index is None:
             raise ValueError("text-agnostic scoring needs VideoFeatures.index (made by encode_video)")
 
-    def _pair_bytes(self, training: bool) -> int:
-        """Estimated working memory of fusing one pair (see FUSION_VALUES_PER_FRAME)."""
-        f, q = self.cfg.fusion, self.cfg.resampler
-        per_layer = f.max_frames * f.width * (FUSION_VALUES_PER_FRAME + 2 * f.mlp_ratio) + 2 * q.num_queries * f.width
-        if training and not self.cfg.grad_checkpointing:
-            per_layer *= TRAINING_SAVED_FACTOR * max(f.layers, 1)
-        return int(per_layer * self.logit_scale.element_size())
-
     def pair_chunks(self, num_texts: int, num_videos: int,
                     chunk: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        """(texts, videos) per chunk: explicit, from the config, or from the memory budget."""
+        """(texts, videos) per chunk of pair fusion: explicit, or DEFAULT_EVAL_PAIRS_PER_CHUNK
+        pairs as a block of all videos (or of a slice of them when videos alone exceed it)."""
         if chunk is not None:
             return max(1, chunk[0]), max(1, chunk[1])
-        pairs = max(1, self.cfg.pair_memory_bytes // self._pair_bytes(training=False))
-        nt, nv = max(num_texts, 1), max(num_videos, 1)
-        videos = self.cfg.eval_video_chunk or min(nv, math.isqrt(pairs) or 1)
-        texts = self.cfg.eval_text_chunk or min(nt, max(1, pairs // videos))
-        if not self.cfg.eval_video_chunk and texts == nt:
-            videos = min(nv, max(1, pairs // texts))  # few texts: wider video chunks
-        return texts, videos
+        return grid_chunk(num_texts, num_videos, DEFAULT_EVAL_PAIRS_PER_CHUNK)
 
     def _score_agnostic(self, text: torch.Tensor, videos: VideoFeatures,
                         chunk: Optional[tuple[int, int]]) -> ScoreOutput:
         rows = videos.index.shape[1]
-        bytes_per_video = max(1, text.shape[0] * rows * text.element_size())
-        step = chunk[1] if chunk is not None else (self.cfg.eval_video_chunk or
-                                                   max(1, self.cfg.pair_memory_bytes // bytes_per_video))
+        bytes_per_video = max(1, text.shape[0] * rows * 4)
+        step = chunk[1] if chunk is not None else max(1, AGNOSTIC_CHUNK_BYTES // bytes_per_video)
         device = text.device
-        out = [index_scores(text, videos.index[s:s + step].to(device), videos.frame_mask[s:s + step].to(device),
-                            self.logit_scale, self.cfg.temperature)
+        out = [self.similarity(text, videos.index[s:s + step].to(device), videos.frame_mask[s:s + step].to(device))
                for s in range(0, len(videos), step)]
-        scores = torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0)
+        scores = torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0, dtype=torch.float32)
         return ScoreOutput(scores, {k: v.float() for k, v in videos.gates.items()})
 
-    def _video_context(self, videos: VideoFeatures, start: int, stop: int) -> VideoContext:
-        device, dtype = self.logit_scale.device, self.logit_scale.dtype
-        part = videos.select(slice(start, stop)).to(device, dtype)
-        return self.fusion.prepare_videos(part.frames, part.frame_mask, part.audio)
-
-    def _fuse_and_score(self, vctx: VideoContext, tctx: TextContext, text: torch.Tensor,
-                        ti: torch.Tensor, vi: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Pairs (text ti[p], video vi[p]) -> (scores [P], gates name -> [P, L])."""
-        out = self.fusion.fuse_pairs(vctx, tctx, ti, vi)
-        scores = pair_scores(text[ti], out.fused, vctx.frame_mask[vi], self.logit_scale, self.cfg.temperature)
-        return scores, out.gates
+    def video_context_inputs(self, videos: VideoFeatures, start: int, stop: int) -> VideoFeatures:
+        """Videos [start, stop) on the model's device in its parameter dtype."""
+        return videos.select(slice(start, stop)).to(self.logit_scale.device, self.logit_scale.dtype)
 
     def _score_text_guided(self, text: torch.Tensor, videos: VideoFeatures,
                            chunk: Optional[tuple[int, int]]) -> ScoreOutput:
         nt, nv = text.shape[0], len(videos)
         tc, vc = self.pair_chunks(nt, nv, chunk)
-        tctx = self.fusion.prepare_texts(text)
-        scores = text.new_zeros(nt, nv)
-        gates = {name: text.new_zeros(nt, nv, self.cfg.fusion.layers) for name in self._gate_names()}
+        scores = text.new_zeros(nt, nv, dtype=torch.float32)
+        gates = {name: text.new_zeros(nt, nv, self.cfg.fusion.layers, dtype=torch.float32)
+                 for name in self.gate_names()}
+        all_texts = torch.arange(nt, device=text.device)
         for v0 in range(0, nv, vc):
             v1 = min(v0 + vc, nv)
-            vctx = self._video_context(videos, v0, v1)
+            part = self.video_context_inputs(videos, v0, v1)
+            ctx = self.pair_context(text, part.frames, part.frame_mask, part.audio)
+            local_videos = torch.arange(v1 - v0, device=text.device)
             for t0 in range(0, nt, tc):
                 t1 = min(t0 + tc, nt)
-                ti, vi = _grid(t1 - t0, v1 - v0, text.device)
-                s, g = self._fuse_and_score(vctx, tctx, text, ti + t0, vi)
-                scores[t0:t1, v0:v1] = s.view(t1 - t0, v1 - v0)
-                for name, value in g.items():
-                    gates[name][t0:t1, v0:v1] = value.view(t1 - t0, v1 - v0, -1)
+                out = self.score_grid(ctx, all_texts[t0:t1], local_videos)
+                scores[t0:t1, v0:v1] = out.scores
+                for name, value in out.gates.items():
+                    gates[name][t0:t1, v0:v1] = value
         return ScoreOutput(scores, gates)
 
-    def _gate_names(self) -> list[str]:
+    def gate_names(self) -> list[str]:
+        """Names of the gates a pair's fusion reports ("att", "ff", "q")."""
         return list(self.fusion.blocks[0].gates.keys()) if len(self.fusion.blocks) else []
 
-    def _score_paired_block(self, text: torch.Tensor, videos: VideoFeatures, block: int) -> ScoreOutput:
-        """The leaking public protocol (see ``score_with_gates``)."""
-        nt, nv = text.shape[0], len(videos)
-        tctx = self.fusion.prepare_texts(text)
-        scores = text.new_zeros(nt, nv)
-        gates = {name: text.new_zeros(nt, nv, self.cfg.fusion.layers) for name in self._gate_names()}
-        for v0 in range(0, nv, block):
-            v1 = min(v0 + block, nv)
-            vctx = self._video_context(videos, v0, v1)
-            vi = torch.arange(v1 - v0, device=text.device)
-            for t0 in range(0, nt, block):
-                t1 = min(t0 + block, nt)
-                ti = t0 + vi % (t1 - t0)
-                out = self.fusion.fuse_pairs(vctx, tctx, ti, vi)
-                scores[t0:t1, v0:v1] = global_local_scores(text[t0:t1], out.fused, vctx.frame_mask,
-                                                           self.logit_scale, self.cfg.temperature)
-                for name, value in out.gates.items():
-                    gates[name][t0:t1, v0:v1] = value.unsqueeze(0)
-        return ScoreOutput(scores, gates)
 
-    # ----- training -----------------------------------------------------------------------
-    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, frames: torch.Tensor,
-                frame_mask: torch.Tensor, audio: Optional[torch.Tensor] = None) -> TrainOutput:
-        """In-batch adaptive-margin contrastive loss over the global (all-gathered) batch.
-
-        Args:
-            text_ids, text_mask: [Bl, L]; frames [Bl, F, 3, H, W]; frame_mask [Bl, F];
-            audio: fbank [Bl, 1024, 128] or AST tokens [Bl, A, W_a] (None without audio).
-        Returns: TrainOutput; ``logits[i, j]`` equals ``score`` of text i and video j.
-        """
-        text = self.encode_text(text_ids, text_mask).text
-        emb = self.frame_embeddings(frames, frame_mask)
-        mask = frame_mask.bool()
-        audio_q = self.resampled_audio(audio)
-        text_g = all_gather_with_grad(text)
-        mask_g = all_gather_no_grad(mask)
-        v0_g = all_gather_no_grad(self.fusion.embed_frames(emb))
-        margins = adaptive_margins(text_g, unit_frames(v0_g, mask_g)[1],
-                                   self.cfg.loss.beta, self.cfg.loss.margin_cap)
-        if not self.text_guided:
-            fused = self.fusion(emb, mask, audio_q)
-            logits = global_local_scores(text_g, all_gather_with_grad(fused.fused), mask_g,
-                                         self.logit_scale, self.cfg.temperature)
-            gate_stats = _gate_stats([fused.gates])
-        elif self.cfg.training_pairs == "own_caption":
-            vctx = self.fusion.prepare_videos(emb, mask, audio_q)
-            own = torch.arange(text.shape[0], device=text.device)
-            fused = self.fusion.fuse_pairs(vctx, self.fusion.prepare_texts(text), own, own)
-            logits = global_local_scores(text_g, all_gather_with_grad(fused.fused), mask_g,
-                                         self.logit_scale, self.cfg.temperature)
-            gate_stats = _gate_stats([fused.gates])
-        else:
-            rows, gate_stats = self._pair_rows(text, text_g, emb, mask, audio_q, mask_g, v0_g)
-            logits = all_gather_with_grad(rows)
-        loss = margin_contrastive_loss(logits, margins, self.logit_scale)
-        return TrainOutput(loss, logits, gate_stats)
-
-    def _pair_rows(self, text: torch.Tensor, text_g: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
-                   audio_q: torch.Tensor, mask_g: torch.Tensor,
-                   v0_g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's logit rows [Bl, Bg]: local texts x all gathered videos, each pair fused
-        under its own text (training_pairs "all"), or only the positive and the hardest_k
-        negatives (others -inf)."""
-        vctx = self.fusion.prepare_videos(all_gather_with_grad(emb), mask_g, all_gather_with_grad(audio_q))
-        tctx = self.fusion.prepare_texts(text)
-        bl, bg = text.shape[0], mask_g.shape[0]
-        if self.cfg.training_pairs == "hardest_k":
-            ti, vi = self._hardest_pairs(text, v0_g, mask_g)
-        else:
-            ti, vi = _grid(bl, bg, text.device)
-        step = max(1, self.cfg.pair_memory_bytes // self._pair_bytes(training=True))
-        scores, gates = [], []
-        for start in range(0, ti.shape[0], step):
-            args = (vctx, tctx, text, ti[start:start + step], vi[start:start + step])
-            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                s, g = checkpoint(self._fuse_and_score, *args, use_reentrant=False)
-            else:
-                s, g = self._fuse_and_score(*args)
-            scores.append(s)
-            gates.append(g)
-        values = torch.cat(scores)
-        rows = values.new_full((bl, bg), float("-inf")).index_put((ti, vi), values)
-        return rows, _gate_stats(gates)
-
-    @torch.no_grad()
-    def _hardest_pairs(self, text: torch.Tensor, v0_g: torch.Tensor,
-                       mask_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positive + hardest_k negatives of each local text by the text-agnostic score of the
-        unfused frames v0 -> (text_index [P], video_index [P])."""
-        bl, bg = text.shape[0], v0_g.shape[0]
-        cheap = global_local_scores(text, v0_g, mask_g, self.logit_scale, self.cfg.temperature)
-        rows = torch.arange(bl, device=text.device)
-        positive = _rank() * bl + rows
-        cheap[rows, positive] = float("inf")
-        k = min(self.cfg.hardest_k + 1, bg)
-        vi = cheap.topk(k, dim=1).indices
-        return rows.repeat_interleave(k), vi.reshape(-1)
+def grid_chunk(num_texts: int, num_videos: int, pairs: int) -> tuple[int, int]:
+    """(texts, videos) per block of about ``pairs`` pairs: all videos and as many texts as fit,
+    or one text and a slice of the videos when the videos alone exceed it."""
+    nt, nv, pairs = max(num_texts, 1), max(num_videos, 1), max(pairs, 1)
+    if pairs >= nv:
+        return min(nt, pairs // nv), nv
+    return 1, pairs
 
 
 def _load_copied_layer(block: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -580,11 +523,3 @@ def _load_copied_layer(block: nn.Module, weights: dict[str, torch.Tensor], where
     result = block.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{where}: unexpected keys {result.unexpected_keys}")
-
-
-def _gate_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Gate values (lists of name -> [N, L]) -> name -> mean |g| per layer [L] (detached)."""
-    if not parts or not parts[0]:
-        return {}
-    return {name: torch.cat([p[name].detach() for p in parts]).abs().mean(0) for name in parts[0]}
-

@@ -1,12 +1,14 @@
 """Multi-grained text-video similarity (DESIGN §5).
 
-    s            = min(exp(logit_scale), 100)
+    s            = exp(logit_scale)     (the parameter is clamped at ln 100 after each step)
     global(t, V) = s * cos(t, normalize(masked_mean_f normalize(V_f)))
     local(t, V)  = (1/tau) * log sum_{f valid} exp(tau * s * cos(t, V_f))
     score        = (global + local) / 2
 
 The log-sum-exp subtracts its maximum and skips padded frames, so it never overflows. A
-video without any valid frame has no visual evidence: both terms are 0 for it.
+video without any valid frame has no visual evidence: both terms are 0 for it. Scores are
+computed in full fp32 (``exact_fp32``: autocast off, no TF32): in bf16 scores of magnitude
+20-60 would fall on a 0.125-0.25 grid and tie, and ties rank pessimistically.
 
 Text-agnostic scoring caches each video as ``video_index`` rows [Nv, 1+F, D]: row 0 is the
 unit global vector, rows 1..F the unit frames (padded frames zero), so scoring a batch of
@@ -17,14 +19,18 @@ Shapes: Nt texts, Nv videos, P pairs, F frames, D width.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-# CLIP clamps its learned temperature exp(logit_scale) at 100.
+# CLIP keeps its learned temperature exp(logit_scale) at most 100: the parameter is clamped at
+# ln 100 after each optimizer step (DESIGN §5; a clamp in the forward would stop its gradient).
 LOGIT_SCALE_MAX = 100.0
+MAX_LOG_LOGIT_SCALE = math.log(LOGIT_SCALE_MAX)
 # Rows of a video index before the frames: the global vector.
 GLOBAL_ROWS = 1
 # Default size of one [Nt, chunk, 1+F] fp32 block of cosines in VideoIndex.scores: small
@@ -38,8 +44,26 @@ EXP_FLOOR = -80.0
 
 
 def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's log-temperature -> s = min(exp(logit_scale), 100) (scalar tensor)."""
-    return logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+    """CLIP's log-temperature -> s = exp(logit_scale) (scalar tensor)."""
+    return logit_scale.exp()
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """Run the enclosed similarity in full fp32: autocast off and, on CUDA, IEEE fp32 matmuls
+    instead of TF32 (restored afterwards). Callers cast their inputs to fp32."""
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 has fp32_precision ("ieee" / "tf32"); older releases allow_tf32.
+    name, ieee = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    previous = getattr(matmul, name) if device.type == "cuda" else None
+    if previous is not None:
+        setattr(matmul, name, ieee)
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        if previous is not None:
+            setattr(matmul, name, previous)
 
 
 def _check_shapes(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> None:

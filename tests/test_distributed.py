@@ -10,7 +10,6 @@ rounding (AVIGATE's LayerNorms compute in fp32, which puts its agreement near 1e
 import math
 import os
 import socket
-from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
@@ -22,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from modules.loss import (LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad,
+from modules.loss import (CHECK_GATHERS_ENV, LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad,
                           margin_contrastive_loss)
 from modules.modeling import AVIGATE, AVIGATEConfig
+from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import freeze_parameters
 
 pytestmark = pytest.mark.distributed
@@ -97,33 +97,36 @@ AVIGATE_REAL_FRAMES = (4, 2, 3, 1)
 START_TOKEN, END_TOKEN = 49406, 49407
 AVIGATE_VARIANTS = {
     "agnostic": ({}, {}),
-    "text_guided": ({"text_gate": True, "text_query": True, "query_gate": True}, {}),
+    # text_init "normal": every text term non-zero, so every parameter has a gradient to compare
+    # (with the zero start the query gate's text columns get theirs only after a step).
+    "text_guided": ({"text_gate": True, "text_query": True, "query_gate": True, "text_init": "normal"}, {}),
     # Only the positive and the hardest negative of each text: the other logits are -inf.
-    "text_guided_hardest_k": ({"text_gate": True, "text_query": True, "query_gate": True},
+    "text_guided_hardest_k": ({"text_gate": True, "text_query": True, "query_gate": True, "text_init": "normal"},
                               {"training_pairs": "hardest_k", "hardest_k": 1}),
 }
 
 
 class TrainingLoss(nn.Module):
-    """The AVIGATE training forward reduced to its loss, so DDP and the reference share code.
+    """The AVIGATE training objective reduced to its loss, so DDP and the reference share code.
 
     Args:
         model: AVIGATE.
+        objective_fields: ObjectiveConfig fields.
     """
 
-    def __init__(self, model: AVIGATE):
+    def __init__(self, model: AVIGATE, **objective_fields):
         super().__init__()
-        self.model = model
+        self.objective = ContrastiveObjective(model, ObjectiveConfig(**objective_fields))
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        return self.model(*batch).loss
+        return self.objective(*batch).loss
 
 
 def _avigate_setup(variant: str):
     """(TrainingLoss over a float64 tiny AVIGATE with training freezing, batch)."""
-    fusion_flags, model_fields = AVIGATE_VARIANTS[variant]
+    fusion_flags, objective_fields = AVIGATE_VARIANTS[variant]
     torch.manual_seed(0)
-    cfg = replace(AVIGATEConfig.tiny(**fusion_flags), **model_fields)
+    cfg = AVIGATEConfig.tiny(**fusion_flags)
     model = AVIGATE(cfg).double()
     freeze_parameters(model, freeze_layer_num=0)
     frames_per_video = cfg.fusion.max_frames
@@ -139,7 +142,7 @@ def _avigate_setup(variant: str):
                          dtype=torch.float64) * frame_mask[:, :, None, None, None]
     audio_tokens = torch.randn(AVIGATE_BATCH, cfg.ast.num_output_tokens, cfg.ast.embed_dim,
                                dtype=torch.float64)
-    return TrainingLoss(model), (text_ids, text_mask, frames, frame_mask, audio_tokens)
+    return TrainingLoss(model, **objective_fields), (text_ids, text_mask, frames, frame_mask, audio_tokens)
 
 
 SCENARIOS = {
@@ -175,10 +178,12 @@ def _gather_checks(rank: int, out_dir: str) -> None:
     (gathered.t() * weight).sum().backward()
     results = {"gathered": gathered.detach(), "no_grad": all_gather_no_grad(local),
                "grad": local.grad}
+    os.environ[CHECK_GATHERS_ENV] = "1"  # the debug check (off by default: it costs a sync)
     for gather in (all_gather_with_grad, all_gather_no_grad):
         with pytest.raises(ValueError) as error:
             gather(torch.zeros(3 + rank, WIDTH))
         results[gather.__name__] = str(error.value)
+    del os.environ[CHECK_GATHERS_ENV]
     torch.save(results, os.path.join(out_dir, f"gather_rank{rank}.pt"))
 
 

@@ -13,7 +13,8 @@ TEXT_FLAGS = list(itertools.product([False, True], repeat=3))
 
 
 def make(**kw) -> FusionTransformer:
-    """A fusion whose gates are far from zero (the §7 init leaves them near 0)."""
+    """A fusion whose gates are far from zero and whose text terms are on (the §7 / §4a init
+    leaves gates near 0 and text terms at 0)."""
     kw.setdefault("fusion_residual", 0.5)
     model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, **kw))
     with torch.no_grad():
@@ -21,6 +22,10 @@ def make(**kw) -> FusionTransformer:
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
                 gate.fc2.weight.normal_(std=0.5)
+                if gate.fc1_text is not None:
+                    gate.fc1_text.weight.normal_(std=0.3)
+            if block.text_scale is not None:
+                block.text_scale.fill_(0.8)
     return model
 
 
@@ -181,3 +186,97 @@ def test_query_gate_alone_equals_text_query_plus_query_gate():
     b.load_state_dict(a.state_dict())
     text = text[:1].expand(4, -1)
     torch.testing.assert_close(a(frames, mask, audio, text).fused, b(frames, mask, audio, text).fused)
+
+
+@pytest.mark.parametrize("text_gate,text_query,query_gate", [f for f in TEXT_FLAGS if any(f)])
+@pytest.mark.parametrize("gate", ["soft", "hard"])
+def test_grid_path_equals_reference(text_gate, text_query, query_gate, gate):
+    """fuse_grid (audio keys per video, pairs video-major) == the plain path for every pair."""
+    frames, mask, audio, text = inputs(nv=5, nt=4)
+    model = make(gate=gate, text_gate=text_gate, text_query=text_query, query_gate=query_gate)
+    texts, videos = torch.tensor([3, 0, 2]), torch.tensor([4, 1, 0, 2])
+    out = model.fuse_grid(model.prepare_videos(frames, mask, audio), model.prepare_texts(text), texts, videos)
+    vi, ti = videos.repeat_interleave(3), texts.repeat(4)  # video-major
+    ref = model.fuse_reference(frames[vi], mask[vi], audio[vi], text[ti])
+    torch.testing.assert_close(out.fused, ref.fused, atol=1e-5, rtol=1e-5)
+    for name in ref.gates:
+        torch.testing.assert_close(out.gates[name], ref.gates[name], atol=1e-5, rtol=1e-5)
+
+
+def _agnostic_twin(model: FusionTransformer) -> FusionTransformer:
+    """The text-agnostic fusion with ``model``'s weights minus its text terms."""
+    cfg = replace(model.cfg, text_gate=False, text_query=False, query_gate=False)
+    twin = FusionTransformer(cfg)
+    text_terms = set(model.text_term_names())
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k not in text_terms}, strict=True)
+    return twin
+
+
+@pytest.mark.parametrize("text_gate,text_query,query_gate", [f for f in TEXT_FLAGS if any(f)])
+def test_residual_start_equals_the_agnostic_fusion(text_gate, text_query, query_gate):
+    """DESIGN §4a: with text_init "zero" every text term starts at 0, so every pair's fused video
+    equals the text-agnostic fusion with the same other weights (exactly: the text terms add 0)."""
+    frames, mask, audio, text = inputs(nv=4, nt=3)
+    model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, fusion_residual=0.5,
+                                           text_gate=text_gate, text_query=text_query, query_gate=query_gate))
+    with torch.no_grad():  # make the agnostic gates non-trivial; text terms stay at their zero init
+        for block in model.blocks:
+            for gate in block.gates.values():
+                gate.fc1.weight.normal_(std=0.3)
+    twin = _agnostic_twin(model)
+    ti, vi = all_pairs(3, 4)
+    pairs = model.fuse_pairs(model.prepare_videos(frames, mask, audio), model.prepare_texts(text), ti, vi)
+    plain = model(frames[vi], mask[vi], audio[vi], text[ti])
+    agnostic = twin(frames, mask, audio)
+    torch.testing.assert_close(plain.fused, agnostic.fused[vi], atol=0, rtol=0)
+    torch.testing.assert_close(pairs.fused, agnostic.fused[vi], atol=1e-6, rtol=1e-6)
+    for name in (GATE_ATT, GATE_FF):
+        torch.testing.assert_close(plain.gates[name], agnostic.gates[name][vi], atol=0, rtol=0)
+    if query_gate:
+        assert (plain.gates[GATE_Q] == 0).all()
+
+
+@pytest.mark.parametrize("text_gate,text_query,query_gate", [f for f in TEXT_FLAGS if any(f)])
+def test_text_terms_start_at_zero_but_receive_gradients(text_gate, text_query, query_gate):
+    """The zero-started terms move: the gates' text columns, the query gate's output layer and
+    the injection scale get gradients at step 0; the query gate's text columns sit behind its
+    zero output layer, so they get theirs once that layer has moved (after one step)."""
+    frames, mask, audio, text = inputs(nv=4, nt=4)
+    model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, fusion_residual=0.5,
+                                           text_gate=text_gate, text_query=text_query, query_gate=query_gate))
+    params = dict(model.named_parameters())
+    zero = [n for n in model.text_term_names() if params[n].abs().sum() == 0]
+    assert zero
+    behind_q_output = [n for n in zero if ".gates.q.fc1" in n]
+    mask = torch.ones_like(mask)
+
+    def backward():
+        model.zero_grad()
+        model(frames, mask, audio, text).fused.square().mean().backward()
+
+    backward()
+    for name in set(zero) - set(behind_q_output):
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    backward()
+    for name in behind_q_output:
+        assert params[name].grad.abs().sum() > 0, name
+
+
+def test_agnostic_view_equals_the_agnostic_twin_after_training_moved_the_text_terms():
+    frames, mask, audio, _ = inputs()
+    model = make(text_gate=True, text_query=True, query_gate=True)
+    torch.testing.assert_close(model.agnostic(frames, mask, audio).fused, _agnostic_twin(model)(frames, mask, audio).fused,
+                               atol=0, rtol=0)
+
+
+def test_normal_text_init_is_the_earlier_random_start():
+    model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, text_gate=True, text_query=True,
+                                           text_init="normal"))
+    assert all(b.gates[GATE_ATT].fc1_text.weight.abs().sum() > 0 for b in model.blocks)
+    assert all(b.text_scale.item() == 1.0 for b in model.blocks)
+    with pytest.raises(ValueError, match="--text_init"):
+        FusionConfig(text_init="ones")

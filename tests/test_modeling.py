@@ -8,6 +8,7 @@ import torch
 from modules.clip import CLIP
 from modules.fusion import GATE_ATT
 from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
+from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.similarity import global_local_scores
 
 SOT, EOT = 49406, 49407
@@ -17,12 +18,21 @@ VARIANTS = {"agnostic": {}, "text_gate": dict(text_gate=True),
 
 def make_model(**flags) -> AVIGATE:
     model = AVIGATE(AVIGATEConfig.tiny(**flags))
-    with torch.no_grad():  # gates far from the near-zero init, so the fusion matters
+    with torch.no_grad():  # gates far from the near-zero init and text terms on, so the fusion matters
         for block in model.fusion.blocks:
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
                 gate.fc2.weight.normal_(std=0.5)
+                if gate.fc1_text is not None:
+                    gate.fc1_text.weight.normal_(std=0.3)
+            if block.text_scale is not None:
+                block.text_scale.fill_(0.8)
     return model
+
+
+def objective(model: AVIGATE, **fields) -> ContrastiveObjective:
+    """The training objective around ``model`` (ObjectiveConfig fields as keywords)."""
+    return ContrastiveObjective(model, ObjectiveConfig(**fields))
 
 
 def texts(n, length=10, seed=0):
@@ -59,7 +69,7 @@ def test_encoders_shapes_and_cacheable_features(name):
     d, f = model.cfg.clip.embed_dim, model.cfg.fusion.max_frames
     assert t.text.shape == (3, d) and v.frames.shape == (4, f, d) and v.audio.shape == (4, 4, d)
     assert (v.frames[1, 2:] == 0).all() and v.frame_mask.dtype == torch.bool
-    assert (v.index is None) == model.text_guided
+    assert v.index is not None  # text-guided models: the agnostic view's index (stage 1)
     scores = model.score(t, v)
     parts = VideoFeatures.cat([v.select(slice(0, 1)), v.select(torch.tensor([1, 2, 3]))])
     torch.testing.assert_close(model.score(TextFeatures.cat([t.select(slice(0, 2)), t.select(slice(2, 3))]),
@@ -99,7 +109,7 @@ def test_training_logits_equal_score(name):
     model = make_model(**VARIANTS[name])
     ids, tmask = texts(4)
     frames, fmask, tokens = videos(model, 4)
-    out = model(ids, tmask, frames, fmask, tokens)
+    out = objective(model)(ids, tmask, frames, fmask, tokens)
     model.eval()
     scores = model.score(model.encode_text(ids, tmask), model.encode_video(frames, fmask, tokens))
     err = (out.logits.detach() - scores).abs().max().item()
@@ -109,11 +119,10 @@ def test_training_logits_equal_score(name):
 
 
 def test_hardest_k_keeps_positive_and_k_hardest_negatives():
-    cfg = replace(AVIGATEConfig.tiny(text_gate=True), training_pairs="hardest_k", hardest_k=2)
-    model = AVIGATE(cfg)
+    model = AVIGATE(AVIGATEConfig.tiny(text_gate=True))
     ids, tmask = texts(5)
     frames, fmask, tokens = videos(model, 5)
-    out = model(ids, tmask, frames, fmask, tokens)
+    out = objective(model, training_pairs="hardest_k", hardest_k=2)(ids, tmask, frames, fmask, tokens)
     logits = out.logits.detach()
     kept = torch.isfinite(logits)
     assert (kept.sum(1) == 3).all() and kept.diagonal().all()
@@ -130,11 +139,10 @@ def test_hardest_k_keeps_positive_and_k_hardest_negatives():
 
 
 def test_own_caption_diagnostic_fuses_each_video_with_its_caption():
-    cfg = replace(AVIGATEConfig.tiny(text_query=True), training_pairs="own_caption")
-    model = AVIGATE(cfg)
+    model = AVIGATE(AVIGATEConfig.tiny(text_query=True, text_init="normal"))
     ids, tmask = texts(4)
     frames, fmask, tokens = videos(model, 4)
-    logits = model(ids, tmask, frames, fmask, tokens).logits.detach()
+    logits = objective(model, training_pairs="own_caption")(ids, tmask, frames, fmask, tokens).logits.detach()
     model.eval()
     t = model.encode_text(ids, tmask)
     v = model.encode_video(frames, fmask, tokens)
@@ -149,7 +157,7 @@ def test_gradients_reach_trainable_parts_not_the_ast_trunk(flags):
     model = make_model(**flags)
     ids, tmask = texts(3)
     frames, fmask, tokens = videos(model, 3)
-    model(ids, tmask, frames, fmask, tokens).loss.backward()
+    objective(model)(ids, tmask, frames, fmask, tokens).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     for name in ("resampler.queries", "resampler.blocks.0.cross_attn.in_proj_weight",
                  "fusion.blocks.0.gates.att.fc1.weight", "fusion.blocks.1.gates.ff.fc2.weight",
@@ -164,13 +172,14 @@ def test_gradients_reach_trainable_parts_not_the_ast_trunk(flags):
 
 
 def test_gradient_checkpointing_changes_nothing():
-    cfg = AVIGATEConfig.tiny(text_gate=True, text_query=True)
-    a = AVIGATE(cfg)
-    b = AVIGATE(replace(cfg, grad_checkpointing=True, pair_memory_bytes=40_000))  # 2 pairs per chunk
+    a = make_model(**VARIANTS["all_flags"])
+    b = AVIGATE(a.cfg)
     b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
     ids, tmask = texts(3)
     frames, fmask, tokens = videos(a, 3)
-    la, lb = a(ids, tmask, frames, fmask, tokens).loss, b(ids, tmask, frames, fmask, tokens).loss
+    la = objective(a)(ids, tmask, frames, fmask, tokens).loss
+    lb = objective(b, pairs_per_chunk=2)(ids, tmask, frames, fmask, tokens).loss  # 5 recomputed chunks
     la.backward()
     lb.backward()
     torch.testing.assert_close(la, lb)
@@ -186,11 +195,11 @@ def test_bad_inputs_stay_finite(name):
     frames, fmask, tokens = videos(model, 3)
     fmask[0] = 0  # no valid frame at all
     tokens[2] = 0  # all-zero audio (tokens)
-    out = model(ids, tmask, frames, fmask, tokens)
+    out = objective(model)(ids, tmask, frames, fmask, tokens)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    one = model(ids[:1], tmask[:1], frames[1:2], fmask[1:2], tokens[1:2])  # batch of one
+    one = objective(model)(ids[:1], tmask[:1], frames[1:2], fmask[1:2], tokens[1:2])  # batch of one
     assert torch.isfinite(one.loss)
     model.eval()
     silent = model.encode_video(frames[:1], fmask[:1],
@@ -228,7 +237,7 @@ def test_visual_only_model_has_no_audio_path():
     assert model.ast is None and model.resampler is None
     ids, tmask = texts(2)
     frames, fmask, _ = videos(model, 2)
-    out = model(ids, tmask, frames, fmask, None)
+    out = objective(model)(ids, tmask, frames, fmask, None)
     out.loss.backward()
     model.eval()
     v = model.encode_video(frames, fmask)

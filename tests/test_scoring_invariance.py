@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from modules.diagnostics import paired_block_scores
 from modules.fusion import FusionConfig, FusionTransformer
 from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
 from modules.similarity import pair_scores
@@ -25,8 +26,8 @@ def variant_id(flags):
 
 
 def encoded(flags):
-    """A tiny model whose gates and cross-attention are far from their near-zero init (so the
-    text matters), and the features of NT texts and NV videos."""
+    """A tiny model whose gates and cross-attention are far from their near-zero init and whose
+    text terms are on (so the text matters), and the features of NT texts and NV videos."""
     model = AVIGATE(AVIGATEConfig.tiny(fusion_residual=0.5, **flags)).eval()
     with torch.no_grad():
         for block in model.fusion.blocks:
@@ -34,6 +35,10 @@ def encoded(flags):
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
                 gate.fc2.weight.normal_(std=0.5)
+                if gate.fc1_text is not None:
+                    gate.fc1_text.weight.normal_(std=0.3)
+            if block.text_scale is not None:
+                block.text_scale.fill_(0.8)
     cfg = model.cfg
     ids = torch.randint(1, 40000, (NT, 8))
     ids[:, 0], ids[:, 7] = 49406, 49407
@@ -76,19 +81,19 @@ def test_paired_block_leaks_and_depends_on_order(flags):
     model, texts, videos = encoded(flags)
     honest = model.score(texts, videos)
     nv = NV
-    leaky = model.score(texts.select(slice(0, nv)), videos, protocol="paired_block", block_size=3)
+    leaky = paired_block_scores(model, texts.select(slice(0, nv)), videos, block_size=3).scores
     # Diagonal blocks: video k is fused with caption k, so the diagonal matches the honest
     # score of that pair while the rest of the block is scored against other texts' fusions.
     torch.testing.assert_close(leaky.diagonal(), honest[:nv].diagonal(), atol=TOL, rtol=0)
     off_diagonal = ~torch.eye(nv, dtype=torch.bool)
     assert (leaky - honest[:nv])[off_diagonal].abs().max() > 1e-3
     perm = torch.randperm(nv)
-    shuffled = model.score(texts.select(perm), videos, protocol="paired_block", block_size=3)
+    shuffled = paired_block_scores(model, texts.select(perm), videos, block_size=3).scores
     delta = (shuffled - leaky[perm]).abs().max().item()
     print(f"paired_block {variant_id(flags)}: max |delta| under text shuffling = {delta:.3f}")
     assert delta > 1e-3
-    with pytest.raises(ValueError, match="block_size"):
-        model.score(texts, videos, protocol="paired_block")
+    with pytest.raises(ValueError, match="block size"):
+        paired_block_scores(model, texts, videos, block_size=0)
 
 
 @pytest.mark.heavy

@@ -1,0 +1,201 @@
+"""The training objective: in-batch adaptive-margin contrastive loss over the global batch
+(DESIGN §4, §6). ``ContrastiveObjective`` wraps an ``AVIGATE`` model and owns everything that
+is about training rather than about the model: the all-gathers, the margins, which (text,
+video) pairs a text-guided model fuses, the chunking of that fusion and the loss. It is the
+module DistributedDataParallel wraps; the model stays a plain encoder + scorer.
+
+Rule (DESIGN §4): the logit of text i and video j equals ``AVIGATE.score`` of that pair, so a
+text-guided model fuses video j under text i for every in-batch (i, j) it scores.
+
+Shapes: Bl local batch of a rank, Bg global (gathered) batch, F frames, D width, L layers,
+P pairs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from modules.loss import LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad, \
+    margin_contrastive_loss
+from modules.modeling import AVIGATE, PairContext, PairScores, grid_chunk
+from modules.similarity import exact_fp32, video_index
+
+TRAINING_PAIRS = ("all", "hardest_k", "own_caption")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Training objective settings.
+
+    Args:
+        loss: adaptive margins (``--beta``, ``--margin_BD``).
+        training_pairs: which (text, video) pairs a text-guided model fuses: "all" (every
+            in-batch pair, the rule of DESIGN §4), "hardest_k" (the positive and the
+            ``hardest_k`` hardest negatives of each text by the unfused frames' score; the
+            other entries are excluded) or "own_caption" (DIAGNOSTIC, leaks: every video is
+            fused only with its own caption, as the public implementation trains).
+        hardest_k: negatives per text for "hardest_k".
+        pairs_per_chunk: text-guided pairs fused per chunk in training, each chunk recomputed
+            in the backward pass (``--train_pairs_per_chunk``); 0 fuses all of a rank's pairs
+            at once and keeps their activations (fastest, most memory; see README "Pair memory").
+    """
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    training_pairs: str = "all"
+    hardest_k: int = 8
+    pairs_per_chunk: int = 0
+
+    def __post_init__(self):
+        if self.training_pairs not in TRAINING_PAIRS:
+            raise ValueError(f"training_pairs (--training_pairs) must be one of {TRAINING_PAIRS}, "
+                             f"got {self.training_pairs!r}")
+        if self.hardest_k < 1:
+            raise ValueError(f"hardest_k (--hardest_k) must be >= 1, got {self.hardest_k}")
+        if self.pairs_per_chunk < 0:
+            raise ValueError(f"pairs_per_chunk (--train_pairs_per_chunk) must be >= 0, got {self.pairs_per_chunk}")
+
+
+@dataclass
+class TrainOutput:
+    """loss (scalar); logits [Bg, Bg] = scores before the margins (-inf = pair excluded), the
+    same on every rank; gate_stats name -> [L] mean |g| over the fused videos / pairs (detached)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    gate_stats: dict[str, torch.Tensor]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gate_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Gate values (lists of name -> [..., L]) -> name -> mean |g| per layer [L] (detached)."""
+    if not parts or not parts[0]:
+        return {}
+    return {name: torch.cat([p[name].detach().flatten(0, -2) for p in parts]).abs().mean(0)
+            for name in parts[0]}
+
+
+class ContrastiveObjective(nn.Module):
+    """The loss of one (local) batch over the global batch; DDP wraps this module.
+
+    Args:
+        model: the AVIGATE model (its parameters are this module's).
+        cfg: ObjectiveConfig.
+    """
+
+    def __init__(self, model: AVIGATE, cfg: ObjectiveConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def memory_hint(self) -> str:
+        """What bounds the training memory of pair fusion, for out-of-memory messages."""
+        if not self.model.text_guided or self.cfg.training_pairs == "own_caption":
+            return "lower --batch_size or add --grad_checkpointing (CLIP towers)"
+        now = self.cfg.pairs_per_chunk
+        suggestion = max(1, now // 4) if now else 256
+        return (f"text-guided training fuses every (local text, global video) pair; --train_pairs_per_chunk "
+                f"bounds the pairs whose activations are alive at once (now {now or 'all at once'}): "
+                f"try --train_pairs_per_chunk {suggestion}, and --grad_checkpointing for the CLIP towers")
+
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, frames: torch.Tensor,
+                frame_mask: torch.Tensor, audio: Optional[torch.Tensor] = None) -> TrainOutput:
+        """In-batch adaptive-margin contrastive loss over the global (all-gathered) batch.
+
+        Args:
+            text_ids, text_mask: [Bl, L]; frames [Bl, F, 3, H, W]; frame_mask [Bl, F];
+            audio: fbank [Bl, 1024, 128] or AST tokens [Bl, A, W_a] (None without audio).
+        Returns: TrainOutput; ``logits[i, j]`` equals the model's score of text i and video j
+        (a text-guided rank computes the rows of its own texts; they are all-gathered).
+        """
+        model = self.model
+        text = model.encode_text(text_ids, text_mask).text
+        mask = frame_mask.bool()
+        feats = model.encode_video(frames, mask, audio, with_index=not model.text_guided)
+        text_g = all_gather_with_grad(text)
+        mask_g = all_gather_no_grad(mask)
+        summary_g = all_gather_no_grad(model.video_summary(feats.frames.detach(), mask))
+        margins = adaptive_margins(text_g, summary_g, self.cfg.loss.beta, self.cfg.loss.margin_cap)
+        if not model.text_guided:
+            logits = model.similarity(text_g, all_gather_with_grad(feats.index), mask_g)
+            gate_stats = _gate_stats([feats.gates])
+        elif self.cfg.training_pairs == "own_caption":
+            # LEAKING diagnostic: each video fused only under its own caption, then scored
+            # against every text as if the fused video were text-independent.
+            ctx = model.pair_context(text, feats.frames, mask, feats.audio)
+            own = torch.arange(text.shape[0], device=text.device)
+            out = model.fusion.fuse_pairs(ctx.videos, ctx.texts, own, own)
+            with exact_fp32(text.device):
+                index_g = video_index(all_gather_with_grad(out.fused).float(), mask_g)
+            logits = model.similarity(text_g, index_g, mask_g)
+            gate_stats = _gate_stats([out.gates])
+        else:
+            rows, gate_stats = self._pair_rows(text, feats.frames, mask, feats.audio, mask_g)
+            logits = all_gather_with_grad(rows)
+        loss = margin_contrastive_loss(logits, margins, model.logit_scale)
+        return TrainOutput(loss, logits, gate_stats)
+
+    def _pair_rows(self, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor,
+                   audio: torch.Tensor, mask_g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's logit rows [Bl, Bg]: local texts x all gathered videos, each pair fused
+        under its own text ("all"), or only the positive and the hardest_k negatives (others
+        -inf)."""
+        model = self.model
+        frames_g = all_gather_with_grad(frames)
+        ctx = model.pair_context(text, frames_g, mask_g, all_gather_with_grad(audio))
+        if self.cfg.training_pairs == "hardest_k":
+            return self._hardest_k_rows(ctx, text, frames_g.detach(), mask_g)
+        bl, bg = text.shape[0], mask_g.shape[0]
+        tc, vc = grid_chunk(bl, bg, self.cfg.pairs_per_chunk or bl * bg)
+        texts = torch.arange(bl, device=text.device)
+        videos = torch.arange(bg, device=text.device)
+        row_blocks, gates = [], []
+        for t0 in range(0, bl, tc):
+            blocks = []
+            for v0 in range(0, bg, vc):
+                out = self._run_chunk(model.score_grid, ctx, texts[t0:t0 + tc], videos[v0:v0 + vc])
+                blocks.append(out.scores)
+                gates.append(out.gates)
+            row_blocks.append(torch.cat(blocks, dim=1))
+        return torch.cat(row_blocks, dim=0), _gate_stats(gates)
+
+    def _hardest_k_rows(self, ctx: PairContext, text: torch.Tensor, frames_g: torch.Tensor,
+                        mask_g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rows [Bl, Bg] with the positive and the hardest_k negatives of each local text."""
+        ti, vi = self._hardest_pairs(text, frames_g, mask_g)
+        step = self.cfg.pairs_per_chunk or ti.shape[0]
+        scores, gates = [], []
+        for start in range(0, ti.shape[0], step):
+            out = self._run_chunk(self.model.score_pairs, ctx, ti[start:start + step], vi[start:start + step])
+            scores.append(out.scores)
+            gates.append(out.gates)
+        values = torch.cat(scores)
+        rows = values.new_full((text.shape[0], mask_g.shape[0]), float("-inf")).index_put((ti, vi), values)
+        return rows, _gate_stats(gates)
+
+    def _run_chunk(self, scorer, ctx: PairContext, first: torch.Tensor, second: torch.Tensor) -> PairScores:
+        """One chunk of pair scores; recomputed in backward when chunking is on."""
+        if self.cfg.pairs_per_chunk and torch.is_grad_enabled():
+            return checkpoint(scorer, ctx, first, second, use_reentrant=False)
+        return scorer(ctx, first, second)
+
+    @torch.no_grad()
+    def _hardest_pairs(self, text: torch.Tensor, frames_g: torch.Tensor,
+                       mask_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positive + hardest_k negatives of each local text by the score of the unfused frames
+        v0 -> (text_index [P], video_index [P])."""
+        bl, bg = text.shape[0], frames_g.shape[0]
+        cheap = self.model.unfused_scores(text, frames_g, mask_g)
+        rows = torch.arange(bl, device=text.device)
+        positive = _rank() * bl + rows
+        cheap[rows, positive] = float("inf")
+        k = min(self.cfg.hardest_k + 1, bg)
+        vi = cheap.topk(k, dim=1).indices
+        return rows.repeat_interleave(k, output_size=bl * k), vi.reshape(-1)
