@@ -15,6 +15,7 @@ from tqdm import tqdm
 from dataloaders.base import collate_items
 from metrics import retrieval_metrics, retrieval_metrics_with_dsl
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
+from modules.rerank import ranking_matrices, score_pair_list, shortlists
 from training import video_inputs
 from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
 
@@ -62,20 +63,41 @@ def encode_dataset(model: torch.nn.Module, dataset, kind: str, batch_size: int, 
 
 
 @dataclass
+class Reranked:
+    """Shortlist re-ranking of a split (modules/rerank.py).
+
+    Args:
+        topk: K; t2v, v2t: ranking matrices [Nt, Nv] float64 (rank within rows / columns);
+        pair_text, pair_video: the fused pairs [P]; pair_scores: their text-guided scores [P];
+        pair_gates: name -> [P, L].
+    """
+
+    topk: int
+    t2v: np.ndarray
+    v2t: np.ndarray
+    pair_text: np.ndarray
+    pair_video: np.ndarray
+    pair_scores: np.ndarray
+    pair_gates: dict
+
+
+@dataclass
 class ScoredSplit:
     """Scores of an evaluation split and the gates used (rank 0 holds the full result).
 
     Args:
-        sim: plain scores [Nt, Nv] (fp32 numpy).
-        video_gates: name -> [Nv, L] per-video gates (text-agnostic models).
+        sim: plain scores [Nt, Nv] (fp32 numpy); with re-ranking the stage-1 (agnostic) scores.
+        video_gates: name -> [Nv, L] per-video gates (text-agnostic models, or the agnostic view).
         own_caption_gates: name -> [Nt, L], text i's gates on its own video (text-guided).
         mean_text_gates: name -> [Nv, L], each video's gates averaged over all Nt texts (text-guided).
+        reranked: the re-ranking result (``--rerank_topk``), else None.
     """
 
     sim: np.ndarray
     video_gates: dict
     own_caption_gates: dict
     mean_text_gates: dict
+    reranked: Optional[Reranked] = None
 
 
 def _scored_rows(info: DistInfo, num_texts: int, protocol: str) -> range:
@@ -136,6 +158,60 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
     return ScoredSplit(sim, video_gates, own_all, mean_all)
 
 
+def identity_keys(labels: list) -> torch.Tensor:
+    """Distinct integer keys [N] that order items by their identity (``labels``, sortable),
+    not by their position: ties in a shortlist are broken by them."""
+    order = sorted(range(len(labels)), key=lambda i: (labels[i], i))
+    keys = torch.empty(len(labels), dtype=torch.long)
+    keys[torch.tensor(order, dtype=torch.long)] = torch.arange(len(labels))
+    return keys
+
+
+@torch.no_grad()
+def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, topk: int,
+                 precision: str = "fp32") -> Optional[ScoredSplit]:
+    """Stage 1 (agnostic view, every pair) then text-guided scores of the shortlisted pairs,
+    which are split over ranks. Returns the result on rank 0, None elsewhere."""
+    model = unwrap(model).eval()
+    if not model.text_guided:
+        raise ValueError("--rerank_topk re-ranks with a text-guided model's pair fusion; this model is "
+                         "text-agnostic (its scores already cost one matrix product): drop --rerank_topk")
+    if topk >= max(len(texts), len(videos)) and info.is_main:
+        logger.warning("--rerank_topk %d covers the whole gallery (%d texts, %d videos): clamped, this is "
+                       "full text-guided scoring", topk, len(texts), len(videos))
+    stage1 = model.agnostic_scores(texts, videos)
+    text_keys = identity_keys([(split.video_ids[v], c) for c, v in zip(split.captions, split.caption_video)])
+    lists = shortlists(stage1.scores.cpu(), topk, text_keys, identity_keys(list(split.video_ids)))
+    mine = shard_range(lists.pair_text.shape[0], info)
+    with autocast(info.device, precision):  # the fusion; scores are computed in fp32 inside
+        scores, gates = score_pair_list(model, texts, videos, lists.pair_text[mine.start:mine.stop],
+                                        lists.pair_video[mine.start:mine.stop])
+    parts = gather_objects((scores.cpu(), {k: v.cpu() for k, v in gates.items()}), info)
+    if not info.is_main:
+        return None
+    pair_scores = torch.cat([p[0] for p in parts])
+    pair_gates = {name: torch.cat([p[1][name] for p in parts]).numpy() for name in parts[0][1]}
+    t2v, v2t = ranking_matrices(lists, pair_scores)
+    reranked = Reranked(topk, t2v.numpy(), v2t.numpy(), lists.pair_text.numpy(), lists.pair_video.numpy(),
+                        pair_scores.numpy(), pair_gates)
+    video_gates = {k: v.float().cpu().numpy() for k, v in stage1.gates.items()}
+    return ScoredSplit(stage1.scores.cpu().numpy(), video_gates, {}, {}, reranked)
+
+
+def rerank_metrics(scored: ScoredSplit, caption_video: np.ndarray) -> dict:
+    """Final metrics (t2v from the t2v ranking, v2t from the v2t ranking), stage-1 metrics and
+    what re-ranking cost."""
+    reranked = scored.reranked
+    final = {k: v for k, v in retrieval_metrics(reranked.t2v, caption_video).items() if k.startswith("t2v")}
+    final.update({k: v for k, v in retrieval_metrics(reranked.v2t, caption_video).items() if k.startswith("v2t")})
+    final["RSum"] = sum(final[f"{d}_R@{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10))
+    num_texts, num_videos = scored.sim.shape
+    fused = int(reranked.pair_text.shape[0])
+    return {"plain": final, "stage1": split_metrics(scored.sim, caption_video, dsl=False),
+            "rerank": {"topk": reranked.topk, "pairs_fused": fused, "pairs_total": num_texts * num_videos,
+                       "fused_fraction": fused / max(num_texts * num_videos, 1)}}
+
+
 def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
     """{"plain": metrics} and, with ``dsl``, "dsl" beside it (metrics.py)."""
     if dsl:
@@ -187,6 +263,12 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
     write_json(os.path.join(output_dir, "sim_cols.json"), list(split.video_ids))
     if scored.video_gates or scored.own_caption_gates:
         write_json(os.path.join(output_dir, "gates.json"), gates_report(scored, split))
+    if scored.reranked is not None:
+        r = scored.reranked
+        tmp = os.path.join(output_dir, f"rerank_pairs.tmp{os.getpid()}.npz")
+        np.savez(tmp, topk=r.topk, pair_text=r.pair_text, pair_video=r.pair_video, pair_scores=r.pair_scores,
+                 **{f"gates_{name}": g for name, g in r.pair_gates.items()})
+        os.replace(tmp, os.path.join(output_dir, "rerank_pairs.npz"))
 
 
 @dataclass
@@ -201,6 +283,7 @@ class EvalOptions:
         block_size: block length of "paired_block".
         chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
         dsl: also compute dual-softmax metrics.
+        rerank_topk: K of shortlist re-ranking (text-guided models; 0 = score every pair).
     """
 
     batch_size: int = 16
@@ -210,6 +293,7 @@ class EvalOptions:
     block_size: int = 16
     chunk: Optional[tuple[int, int]] = None
     dsl: bool = False
+    rerank_topk: int = 0
 
 
 def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo, desc: str = "eval"):
@@ -223,11 +307,17 @@ def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo,
                   info=info, precision=options.precision)
     texts = encode_dataset(model, data.texts, "text", desc=f"{desc} texts", **common)
     videos = encode_dataset(model, data.videos, "video", desc=f"{desc} videos", **common)
-    scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
-                         options.block_size, options.chunk, options.precision)
+    if options.rerank_topk:
+        scored = rerank_split(model, texts, videos, data.split, info, options.rerank_topk, options.precision)
+    else:
+        scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
+                             options.block_size, options.chunk, options.precision)
     if not info.is_main:
         return None, None
-    metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)
+    if options.rerank_topk:
+        metrics = rerank_metrics(scored, data.split.caption_video)
+    else:
+        metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)
     metrics["protocol"] = options.protocol
     if options.protocol == "paired_block":
         metrics["LEAKING"] = LEAK_LABEL

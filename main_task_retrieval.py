@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches per step (each a smaller contrastive batch)")
     o.add_argument("--freeze_layer_num", type=int, default=0, help="leading CLIP blocks frozen per tower")
+    o.add_argument("--freeze_agnostic", action="store_true",
+                   help="text-guided models: train only the text terms; the text-agnostic model (e.g. "
+                        "the AVIGATE checkpoint of --init_model) stays exactly as it is")
     o.add_argument("--beta", type=float, default=0.2, help="adaptive-margin slope")
     o.add_argument("--margin_BD", type=float, default=0.1, help="adaptive-margin cap (VATEX 0.05)")
     o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval_chunk", type=int, nargs="+", default=None, metavar="N",
                    help="texts [videos] per fusion chunk (default: from a memory budget)")
     e.add_argument("--dsl", action="store_true", help="also report dual-softmax metrics")
+    e.add_argument("--rerank_topk", type=int, default=0, metavar="K",
+                   help="text-guided models: rank every pair with the agnostic view, then fuse only each "
+                        "text's top-K videos and each video's top-K texts (0: fuse every pair)")
     return p
 
 
@@ -165,6 +171,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
         parser.error("--eval_chunk takes one (texts = videos) or two (texts videos) numbers")
     if args.n_display < 1:
         parser.error("--n_display must be >= 1")
+    text_guided = args.text_gate or args.text_query or args.query_gate
+    if args.rerank_topk < 0:
+        parser.error(f"--rerank_topk must be >= 1 (or 0 to fuse every pair), got {args.rerank_topk}")
+    if args.rerank_topk and not text_guided:
+        parser.error("--rerank_topk re-ranks with text-guided pair fusion: add the text-guided flags "
+                     "(--text_gate/--text_query/--query_gate) or drop --rerank_topk")
+    if args.rerank_topk and args.eval_protocol != "honest":
+        parser.error("--rerank_topk and --eval_protocol paired_block exclude each other")
+    if args.freeze_agnostic and not text_guided:
+        parser.error("--freeze_agnostic trains only the text terms of a text-guided model: add the "
+                     "text-guided flags or drop --freeze_agnostic")
 
 
 def annotation_file(path: Optional[str]) -> Optional[str]:
@@ -227,14 +244,16 @@ def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
 
 def optim_config(args: argparse.Namespace) -> OptimConfig:
     return OptimConfig(name=args.optimizer, lr=args.lr, coef_lr=args.coef_lr,
-                       warmup_proportion=args.warmup_proportion, freeze_layer_num=args.freeze_layer_num)
+                       warmup_proportion=args.warmup_proportion, freeze_layer_num=args.freeze_layer_num,
+                       freeze_agnostic=args.freeze_agnostic)
 
 
 def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
     chunk = None if args.eval_chunk is None else (args.eval_chunk[0], args.eval_chunk[-1])
     return evaluation.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
                                   precision=args.precision, protocol=args.eval_protocol,
-                                  block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl)
+                                  block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl,
+                                  rerank_topk=args.rerank_topk)
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:

@@ -404,8 +404,15 @@ def save_model_file(model: torch.nn.Module, path: str) -> None:
     atomic_save({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path)
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Strictly load a model-only file (``pytorch_model.bin.N``) into ``model``."""
+def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
+    """Strictly load a model-only file (``pytorch_model.bin.N``) into ``model``; returns the
+    names of the parameters that the file lacks and that were created instead.
+
+    The one tolerated difference is the warm start of a text-guided model from a checkpoint
+    with fewer text terms (e.g. text-agnostic AVIGATE, DESIGN §4a): the missing text terms keep
+    their zero start and are reported. Anything else missing or unexpected, and any shape
+    mismatch, is an error naming the keys.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_model {path!r} does not exist")
     try:
@@ -413,13 +420,26 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     except pickle.UnpicklingError as err:
         raise ValueError(f"--init_model {path!r} is not a model-only weights file (a training state? "
                          f"continue it with --resume_model, or pass a pytorch_model.bin.N file)") from err
-    result = unwrap(model).load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not match the model built from the flags; "
-                         f"missing keys {result.missing_keys[:10]}, unexpected keys "
-                         f"{result.unexpected_keys[:10]} (check the architecture flags against "
-                         f"the run's args.json)")
+    module = unwrap(model)
+    own = module.state_dict()
+    text_terms = set(module.text_term_names()) if hasattr(module, "text_term_names") else set()
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    created = [k for k in missing if k in text_terms]
+    missing = [k for k in missing if k not in text_terms]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model built from the flags (width, depth, "
+                         f"frames or text flags differ? compare with the run's args.json): "
+                         f"shape mismatches {mismatched[:10]}, missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}")
+    module.load_state_dict(state, strict=False)
+    if created:
+        logger.info("warm start from %s: created %d text-guided parameters the file lacks, at their init "
+                    "(every other key loaded): %s", path, len(created), ", ".join(created))
     logger.info("loaded model weights from %s", path)
+    return created
 
 
 def save_training_state(path: str, state: dict) -> None:

@@ -55,6 +55,12 @@ GATE_ATT, GATE_FF, GATE_Q = "att", "ff", "q"
 TEXT_TERM_SUFFIXES = (".fc1_text.weight", ".text_scale")
 
 
+def is_text_term(name: str) -> bool:
+    """Whether a parameter name (of the fusion or of a model holding it) is a text term: it
+    exists only because the fusion sees the text (DESIGN §4a)."""
+    return name.endswith(TEXT_TERM_SUFFIXES) or f".gates.{GATE_Q}." in name
+
+
 @dataclass
 class FusionConfig:
     """Fusion transformer settings.
@@ -377,11 +383,7 @@ class FusionTransformer(nn.Module):
     def text_term_names(self, prefix: str = "") -> list[str]:
         """Names of the parameters that exist only because the fusion sees the text (the gates'
         text columns, the whole query gate, the injection scale), with ``prefix``."""
-        names = []
-        for name, _ in self.named_parameters():
-            if name.endswith(TEXT_TERM_SUFFIXES) or f".gates.{GATE_Q}." in name:
-                names.append(prefix + name)
-        return names
+        return [prefix + name for name, _ in self.named_parameters() if is_text_term(name)]
 
     def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [B, F, D] -> v0 = frames + P[0:F] [B, F, D]."""

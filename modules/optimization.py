@@ -19,6 +19,8 @@ Parameter roles (``parameter_role``):
     clip    every other CLIP parameter (lr x coef_lr).
     query   the resampler's learned query tokens (lr x query_lr_scale).
     new     everything else, including ``audio_projection`` and ``ast.norm`` (lr).
+With ``freeze_agnostic`` every parameter but the text terms of a text-guided fusion
+(``modules.fusion.is_text_term``) is frozen: only the text guidance learns (DESIGN §4a).
 Weight decay rule: tensors with fewer than two dimensions (biases, LayerNorm weights and
 biases, ``logit_scale``, CLIP's class embedding) get none; matrices and embedding tables
 get ``weight_decay``.
@@ -32,6 +34,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from modules.fusion import is_text_term
 
 OPTIMIZERS = ("bertadam", "adamw")
 ROLES = ("clip", "new", "query")
@@ -61,6 +65,7 @@ class OptimConfig:
         max_grad_norm: gradient-norm clip per parameter group (<= 0 disables).
         warmup_proportion: fraction of the steps spent in linear warmup (``--warmup_proportion``).
         freeze_layer_num: number of leading resblocks frozen in each CLIP tower.
+        freeze_agnostic: train only the text terms (``--freeze_agnostic``).
     """
 
     name: str = "bertadam"
@@ -73,6 +78,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     warmup_proportion: float = 0.1
     freeze_layer_num: int = 0
+    freeze_agnostic: bool = False
 
 
 def clip_group_gradients(params: Iterable[torch.Tensor], max_norm: float) -> None:
@@ -178,8 +184,10 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * x))
 
 
-def parameter_role(name: str, freeze_layer_num: int) -> str:
+def parameter_role(name: str, freeze_layer_num: int, freeze_agnostic: bool = False) -> str:
     """Role of a model parameter, from its name: "frozen", "clip", "query" or "new" (module doc)."""
+    if freeze_agnostic:
+        return "new" if is_text_term(name) else "frozen"
     if name.startswith(AST_PREFIX):
         return "new" if name.startswith(AST_TRAINABLE_PREFIX) else "frozen"
     if name.startswith(CLIP_PREFIX):
@@ -195,11 +203,11 @@ def parameter_role(name: str, freeze_layer_num: int) -> str:
     return "new"
 
 
-def freeze_parameters(model: nn.Module, freeze_layer_num: int) -> list[str]:
+def freeze_parameters(model: nn.Module, freeze_layer_num: int, freeze_agnostic: bool = False) -> list[str]:
     """Set requires_grad=False on the frozen parameters; returns their names."""
     frozen = []
     for name, p in model.named_parameters():
-        if parameter_role(name, freeze_layer_num) == "frozen":
+        if parameter_role(name, freeze_layer_num, freeze_agnostic) == "frozen":
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -215,7 +223,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     lr_of_role = {"clip": cfg.lr * cfg.coef_lr, "new": cfg.lr, "query": cfg.lr * cfg.query_lr_scale}
     buckets: dict[str, dict] = {}
     for name, p in model.named_parameters():
-        role = parameter_role(name, cfg.freeze_layer_num)
+        role = parameter_role(name, cfg.freeze_layer_num, cfg.freeze_agnostic)
         if role == "frozen" or not p.requires_grad:
             continue
         decay = p.ndim >= 2
@@ -233,10 +241,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """Freeze the frozen parameters and build the optimizer over the named groups."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"--optimizer {cfg.name!r} is unknown; choose one of {OPTIMIZERS}")
-    freeze_parameters(model, cfg.freeze_layer_num)
+    freeze_parameters(model, cfg.freeze_layer_num, cfg.freeze_agnostic)
     groups = parameter_groups(model, cfg)
     if not groups:
-        raise ValueError("the model has no trainable parameters")
+        raise ValueError("the model has no trainable parameters" +
+                         (" (--freeze_agnostic on a model without text terms)" if cfg.freeze_agnostic else ""))
     if cfg.name == "bertadam":
         return BertAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                         max_grad_norm=cfg.max_grad_norm)
