@@ -10,10 +10,10 @@ import torch
 from bench import demo, demo_results
 from modules.ast import AST, audioset_checkpoint_to_ast
 from modules.clip import CLIP, load_clip_state_dict
-from preprocess.make_synthetic_av import SyntheticAVConfig, generate
-from preprocess.make_tiny_checkpoints import (AUDIOSET_CLASSES, TinyCheckpointConfig, ast_to_audioset_checkpoint,
-                                              make_tiny_checkpoints)
-from preprocess.pretrain_audio_trunk import PretrainConfig, pretrain, trunk_tokens
+from synthetic.make_synthetic_av import SyntheticAVConfig, generate
+from synthetic.make_tiny_checkpoints import (AUDIOSET_CLASSES, TinyCheckpointConfig, ast_to_audioset_checkpoint,
+                                             make_tiny_checkpoints)
+from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain, trunk_tokens
 
 # A reduced demo: a few clips, one short epoch, four rows covering the visual-only model,
 # the zero-token cache, the gated model and an honestly trained text-guided model (with its

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from preprocess.make_synthetic_av import (AUDIO_DIR, PRETRAIN_DIR, PRETRAIN_LABELS, VIDEO_DIR,
-                                          SyntheticAVConfig, generate, main, synthesize_audio,
-                                          validate_config)
-from preprocess.synthetic_vocab import SOUND_BY_NAME, SOUND_EVENTS, SOUND_WORDS, SYNTHESIZERS
+from synthetic.make_synthetic_av import (AUDIO_DIR, PRETRAIN_DIR, PRETRAIN_LABELS, VIDEO_DIR,
+                                         SyntheticAVConfig, generate, main, synthesize_audio,
+                                         validate_config)
+from synthetic.vocab import SOUND_BY_NAME, SOUND_EVENTS, SOUND_WORDS, SYNTHESIZERS
 
 SMALL = dict(num_train_clips=24, num_test_clips=12, train_renders=2, audio_pretrain_clips=10,
              size=48, seconds=3.0, fps=5, seed=3)

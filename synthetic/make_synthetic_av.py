@@ -17,7 +17,7 @@ use the MSR-VTT layout the real loaders read (DESIGN.md section 9):
 
 The same --seed gives byte-identical files whatever --workers is. Usage:
 
-    python preprocess/make_synthetic_av.py --out_dir data/synthetic_av
+    python -m synthetic.make_synthetic_av --out_dir data/synthetic_av
 """
 import argparse
 import itertools
@@ -40,9 +40,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocess.compress_video import pick_video_codec  # noqa: E402
-from preprocess.synthetic_vocab import (COLOURS, INFORMATIVE_SOUNDS, IRRELEVANT_SOUNDS, MOTIONS,
-                                        SHAPES, SOUND_EVENTS, SYNTHESIZERS,  # noqa: E402
-                                        caption_variants)
+from synthetic.vocab import (COLOURS, INFORMATIVE_SOUNDS, IRRELEVANT_SOUNDS, MOTIONS,  # noqa: E402
+                             SHAPES, SOUND_EVENTS, SYNTHESIZERS, caption_variants)
 
 VIDEO_DIR, AUDIO_DIR, PRETRAIN_DIR = "videos", "audio", "audio_pretrain"
 PRETRAIN_LABELS = "audio_pretrain_labels.json"
@@ -407,7 +406,7 @@ def _write_msrvtt_files(out_dir: str, videos: list) -> None:
     for sen_id, sentence in enumerate(sentences):
         sentence["sen_id"] = sen_id
     _write_json(os.path.join(out_dir, "MSRVTT_data.json"), {
-        "info": {"description": "synthetic audio-visual benchmark (preprocess/make_synthetic_av.py)"},
+        "info": {"description": "synthetic audio-visual benchmark (synthetic/make_synthetic_av.py)"},
         "videos": [{"video_id": plan.video_id(render), "split": plan.split, "id": n}
                    for n, (plan, render) in enumerate(videos)],
         "sentences": sentences,
