@@ -4,11 +4,11 @@ Shows, without downloads, that audio helps, that the gates tell informative soun
 noise, and that text-guided scores are measured honestly. Stages, each cached under
 --out_dir by a stamp of its settings (a rerun redoes only what changed):
 
-1. ``data/``: preprocess/make_synthetic_av.py (MSR-VTT layout, metadata.json, separate
+1. ``data/``: synthetic/make_synthetic_av.py (MSR-VTT layout, metadata.json, separate
    labelled audio pre-training clips).
 2. ``checkpoints/``: tiny CLIP and AST in the released file formats
-   (preprocess/make_tiny_checkpoints.py), then the AST trunk pre-trained on the labelled
-   clips (preprocess/pretrain_audio_trunk.py), standing in for AudioSet pre-training.
+   (synthetic/make_tiny_checkpoints.py), then the AST trunk pre-trained on the labelled
+   clips (synthetic/pretrain_audio_trunk.py), standing in for AudioSet pre-training.
 3. ``ast_cache/``: the frozen trunk's tokens of every benchmark clip
    (preprocess/cache_audio_features.py); ``zero_cache/``: all-zero tokens for the control row.
 4. ``runs/<row>_seed<s>/``: main_task_retrieval.py under torchrun (gloo) for every row (ROWS);
@@ -45,10 +45,10 @@ from bench import demo_results  # noqa: E402
 from dataloaders.audio_cache import AudioCacheWriter  # noqa: E402
 from modules.ast import AST  # noqa: E402
 from preprocess import cache_audio_features  # noqa: E402
-from preprocess.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
-from preprocess.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
-                                              make_tiny_checkpoints)
-from preprocess.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
+from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
+from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
+                                             make_tiny_checkpoints)
+from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
 
 STAMP = "stamp.json"
 PRETRAINED_AST_FILE = "ast_pretrained.pth"
@@ -110,7 +110,7 @@ class DemoConfig:
         rows: row names to run (ROWS). nproc: torchrun processes; device: cpu or cuda.
         workers: processes generating data / computing fbanks.
         num_train_clips, num_test_clips, train_renders, audio_pretrain_clips: benchmark size
-            (preprocess/make_synthetic_av.py).
+            (synthetic/make_synthetic_av.py).
         width, clip_layers, image_resolution, patch_size, ast_width, ast_depth: tiny towers.
         pretrain_steps: audio-trunk pre-training steps.
         epochs, batch_size, lr, coef_lr, warmup_proportion: retrieval training (global batch;

@@ -10,10 +10,10 @@ import torch
 from bench import demo, demo_results
 from modules.ast import AST, audioset_checkpoint_to_ast
 from modules.clip import CLIP, load_clip_state_dict
-from preprocess.make_synthetic_av import SyntheticAVConfig, generate
-from preprocess.make_tiny_checkpoints import (AUDIOSET_CLASSES, TinyCheckpointConfig, ast_to_audioset_checkpoint,
-                                              make_tiny_checkpoints)
-from preprocess.pretrain_audio_trunk import PretrainConfig, pretrain, trunk_tokens
+from synthetic.make_synthetic_av import SyntheticAVConfig, generate
+from synthetic.make_tiny_checkpoints import (AUDIOSET_CLASSES, TinyCheckpointConfig, ast_to_audioset_checkpoint,
+                                             make_tiny_checkpoints)
+from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain, trunk_tokens
 
 # A reduced demo: a few clips, one short epoch, four rows covering the visual-only model,
 # the zero-token cache, the gated model and an honestly trained text-guided model (with its
@@ -188,11 +188,12 @@ def test_reduced_demo_end_to_end(reduced_demo):
     assert on_disk == json.loads(json.dumps(results))
     assert [e["row"] for e in results["rows"]] == list(REDUCED_ROWS)
     num_videos = REDUCED["num_test_clips"]
-    assert results["num_test_texts"] == num_videos
+    num_texts = num_videos * SyntheticAVConfig().captions_per_clip  # every caption of a test clip is a query
+    assert results["num_test_texts"] == num_texts
     for entry in results["rows"]:
         summary = entry["summary"]
         assert set(summary["metrics"]) >= {"t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1", "v2t_R@5", "v2t_R@10"}
-        assert summary["num_texts"] == summary["num_videos"] == num_videos
+        assert summary["num_texts"] == num_texts and summary["num_videos"] == num_videos
         for subset in summary["subsets"]["t2v_R@1"].values():
             assert subset is None or 0.0 <= subset <= 100.0
         assert ("gates" in summary) == (entry["row"] != "visual_only")

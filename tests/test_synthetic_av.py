@@ -1,8 +1,11 @@
-"""Synthetic audio-visual benchmark: file formats, media, reproducibility, content design."""
+"""Synthetic audio-visual benchmark: file formats through the real MSR-VTT loaders, media,
+reproducibility, and the content design (README, "Synthetic benchmark: design")."""
 import filecmp
 import json
 import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 
 import av
@@ -11,18 +14,31 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from preprocess.make_synthetic_av import (AUDIO_DIR, PRETRAIN_DIR, PRETRAIN_LABELS, VIDEO_DIR,
-                                          SyntheticAVConfig, generate, main, synthesize_audio,
-                                          validate_config)
-from preprocess.synthetic_vocab import SOUND_BY_NAME, SOUND_EVENTS, SOUND_WORDS, SYNTHESIZERS
+from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset
+from dataloaders.video import FrameSamplingConfig
+from metrics import retrieval_metrics
+from synthetic.design import (CAPTION_KINDS, KIND_SOUND, KIND_VISUAL_INFORMATIVE, KIND_VISUAL_NOISE,
+                              design_counts, plan_benchmark)
+from synthetic.make_synthetic_av import (AUDIO_DIR, PRETRAIN_DIR, PRETRAIN_LABELS, VIDEO_DIR,
+                                         SyntheticAVConfig, generate, main, synthesize_audio,
+                                         validate_config)
+from synthetic.vocab import (BACKGROUNDS, COLOURS, MOTION_PHRASES, SHAPES, SOUND_BY_NAME, SOUND_EVENTS,
+                             SOUND_WORDS, SYNTHESIZERS, VISUAL_ATTRIBUTES)
 
-SMALL = dict(num_train_clips=24, num_test_clips=12, train_renders=2, audio_pretrain_clips=10,
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 18 test clips: 2 twin groups (6 clips), 6 solo and 6 noise clips; 24 training clips.
+SMALL = dict(num_train_clips=24, num_test_clips=18, train_renders=2, audio_pretrain_clips=10,
              size=48, seconds=3.0, fps=5, seed=3)
 CLI_ARGS = [f"--{k}={v}" for k, v in SMALL.items()]
-# frames brighter than this belong to the shape (backgrounds stay below ~90 on every channel)
-SHAPE_THRESHOLD = 120
+CAPTIONS = SyntheticAVConfig().captions_per_clip
+# A shape pixel differs from the frame's median (background) colour by more than this on some
+# channel (shape colours differ from both backgrounds by ~40 or more even in the worst case).
+SHAPE_CONTRAST = 40
+# Median frame brightness separating black (below) from grey (above) backgrounds.
+BACKGROUND_SPLIT = 70
 TICK_OVER_FLOOR = 3.0  # a 10 ms frame with a click holds this many times the floor's energy
 SWEEP_LOUD, MIN_SWEEP = 0.1, 20  # sweep frames: energy share of the loudest; frames per sweep
+MIN_TEST_VIDEOS, MIN_TEST_CAPTIONS = 500, 1000  # issue 9's size of the default test split
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +50,20 @@ def bench(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def meta(bench):
+def metadata(bench):
     with open(os.path.join(bench, "metadata.json")) as handle:
-        return json.load(handle)["videos"]
+        return json.load(handle)
+
+
+@pytest.fixture(scope="module")
+def meta(metadata):
+    return metadata["videos"]
+
+
+@pytest.fixture(scope="module")
+def default_plan():
+    """The default benchmark's content, planned without rendering anything."""
+    return plan_benchmark(SyntheticAVConfig())
 
 
 def _decode(path):
@@ -50,35 +77,87 @@ def _all_files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_caption_files_have_msrvtt_formats(bench, meta):
+def _split(meta, split):
+    return {video_id: entry for video_id, entry in meta.items() if entry["split"] == split}
+
+
+def _visuals(entry):
+    return tuple(entry[name] for name in VISUAL_ATTRIBUTES)
+
+
+def _phrase_owners(caption, phrases_by_owner):
+    """Owners (motions, sounds) whose phrases occur in the caption."""
+    return {owner for owner, phrases in phrases_by_owner.items() if any(p in caption for p in phrases)}
+
+
+MOTION_TEXT = {motion: [p for pair in phrases for p in pair] for motion, phrases in MOTION_PHRASES.items()}
+SOUND_TEXT = {event.name: event.phrases for event in SOUND_EVENTS if event.informative}
+
+
+def _read_caption(caption):
+    """What a caption's text says: {shape, colour, motion, background} values and the sound
+    named (None when none is); raises AssertionError when an attribute is missing or doubled."""
+    words = re.findall(r"[a-z]+", caption)
+    said = {}
+    for name, vocabulary in (("shape", SHAPES), ("colour", COLOURS), ("background", BACKGROUNDS)):
+        found = {w for w in words if w in vocabulary}
+        assert len(found) == 1, (caption, name, found)
+        said[name] = found.pop()
+    motions = _phrase_owners(caption, MOTION_TEXT)
+    sounds = _phrase_owners(caption, SOUND_TEXT)
+    assert len(motions) == 1 and len(sounds) <= 1, (caption, motions, sounds)
+    said["motion"] = motions.pop()
+    return said, (sounds.pop() if sounds else None)
+
+
+# ----------------------------------------------------------------------------- formats
+
+def test_formats_load_with_the_msrvtt_loaders(bench, meta):
     train = pd.read_csv(os.path.join(bench, "MSRVTT_train.9k.csv"))
     test = pd.read_csv(os.path.join(bench, "MSRVTT_JSFUSION_test.csv"))
-    with open(os.path.join(bench, "MSRVTT_data.json")) as handle:
-        data = json.load(handle)
-    assert list(train.columns) == ["video_id"]
-    assert list(test.columns) == ["key", "vid_key", "video_id", "sentence"]
+    assert list(train.columns) == ["video_id"] and list(test.columns) == ["key", "vid_key", "video_id", "sentence"]
     assert len(train) == SMALL["num_train_clips"] * SMALL["train_renders"]
-    assert len(test) == SMALL["num_test_clips"] and test["video_id"].is_unique
-    captions = defaultdict(list)
-    for entry in data["sentences"]:
-        captions[entry["video_id"]].append(entry["caption"])
-    expected = SyntheticAVConfig().captions_per_clip
-    assert set(captions) == set(train["video_id"]) | set(test["video_id"]) == set(meta)
-    assert all(len(c) == expected for c in captions.values())
-    for row in test.itertuples():
-        assert row.sentence in captions[row.video_id]
-    for video_id in train["video_id"]:
-        assert meta[video_id]["split"] == "train"
-        assert os.path.isfile(os.path.join(bench, VIDEO_DIR, video_id + ".mp4"))
-        assert os.path.isfile(os.path.join(bench, AUDIO_DIR, video_id + ".wav"))
+    assert len(test) == SMALL["num_test_clips"] * CAPTIONS and test["key"].is_unique
+    cfg = DataConfig(datatype="msrvtt", data_path=bench, features_path=os.path.join(bench, VIDEO_DIR),
+                     audio_path=os.path.join(bench, AUDIO_DIR), max_words=32,
+                     frames=FrameSamplingConfig(max_frames=3, image_size=32))
+    data = build_eval_datasets(cfg)
+    split = data.split
+    # several captions per test video: the loader keeps every row and groups them by video
+    assert split.num_videos == SMALL["num_test_clips"] and split.num_texts == len(test)
+    for v, video_id in enumerate(split.video_ids):
+        own = {c["caption"] for c in meta[video_id]["captions"]}
+        assert meta[video_id]["split"] == "test"
+        assert {split.captions[t] for t in split.captions_of(v)} == own and len(own) == CAPTIONS
+    video = data.videos[0]
+    assert video["frames"].shape == (3, 3, 32, 32) and bool(video["has_audio"])
+    training = build_train_dataset(cfg)
+    assert len(training) == SMALL["num_train_clips"] * SMALL["train_renders"] * CAPTIONS
+    # metrics average t2v over every caption and v2t over every video
+    scores = (split.caption_video[:, None] == np.arange(split.num_videos)[None, :]).astype(np.float32)
+    scores[0, split.caption_video[0]] = -1.0  # one caption's video drops out of first place
+    metrics = retrieval_metrics(scores, split.caption_video)
+    assert metrics["t2v_R@1"] == pytest.approx(100.0 * (split.num_texts - 1) / split.num_texts)
+    assert metrics["v2t_R@1"] == pytest.approx(100.0)  # the video's other captions still rank first
 
 
-def test_metadata_and_pretrain_labels(bench, meta):
-    keys = {"clip_id", "split", "render", "shape", "colour", "motion", "sound", "informative_audio",
-            "group_id"}
+def test_metadata_tags_and_pretrain_labels(bench, metadata, meta):
+    keys = {"clip_id", "split", "render", "category", *VISUAL_ATTRIBUTES, "sound", "informative_audio",
+            "group_id", "captions"}
     assert all(set(entry) == keys for entry in meta.values())
-    assert all(entry["informative_audio"] == SOUND_BY_NAME[entry["sound"]].informative
-               for entry in meta.values())
+    for entry in meta.values():
+        assert entry["informative_audio"] == SOUND_BY_NAME[entry["sound"]].informative
+        assert entry["informative_audio"] == (entry["category"] != "noise")
+        assert all(c["mentions_sound"] == (c["kind"] == KIND_SOUND) for c in entry["captions"])
+        assert all(c["kind"] in CAPTION_KINDS for c in entry["captions"])
+    # test_captions: the tags of the test CSV's rows, in its order
+    test = pd.read_csv(os.path.join(bench, "MSRVTT_JSFUSION_test.csv"))
+    rows = metadata["test_captions"]
+    assert [(r["key"], r["video_id"], r["caption"]) for r in rows] == list(zip(test["key"], test["video_id"],
+                                                                              test["sentence"]))
+    for row in rows:
+        assert {"caption": row["caption"], "mentions_sound": row["mentions_sound"],
+                "kind": row["kind"]} in meta[row["video_id"]]["captions"]
     with open(os.path.join(bench, PRETRAIN_LABELS)) as handle:
         labels = json.load(handle)
     assert labels["classes"] == [event.name for event in SOUND_EVENTS]
@@ -123,45 +202,104 @@ def test_same_seed_same_bytes_other_seed_differs(bench, tmp_path):
     assert not np.array_equal(first, second)
 
 
-def test_captions_mention_sound_exactly_when_informative(bench, meta):
-    with open(os.path.join(bench, "MSRVTT_data.json")) as handle:
-        sentences = json.load(handle)["sentences"]
-    for entry in sentences:
-        clip = meta[entry["video_id"]]
-        caption = entry["caption"]
-        words = set(re.findall(r"[a-z]+", caption))
-        assert clip["shape"] in words and clip["colour"] in words
-        if clip["informative_audio"]:
-            assert any(phrase in caption for phrase in SOUND_BY_NAME[clip["sound"]].phrases)
-            others = [p for e in SOUND_EVENTS if e.name != clip["sound"] for p in e.phrases]
-            assert not any(phrase in caption for phrase in others)
+@pytest.mark.parametrize("how", [["-m", "synthetic.make_synthetic_av"], ["synthetic/make_synthetic_av.py"]])
+def test_cli_runs_as_module_and_as_script(how):
+    result = subprocess.run([sys.executable, *how, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "--solo_sound_captions" in result.stdout, result.stderr
+
+
+# ----------------------------------------------------------------------------- content design
+
+def test_captions_say_what_the_clip_shows_and_tags_agree(meta):
+    """Every caption names all four visual attributes of its clip (and no other value); a caption
+    names a sound exactly when it is tagged mentions_sound, and then its clip's own sound; a
+    visual caption uses no sound word at all."""
+    for entry in meta.values():
+        for caption in entry["captions"]:
+            said, sound = _read_caption(caption["caption"])
+            assert said == {name: entry[name] for name in VISUAL_ATTRIBUTES}, caption
+            assert caption["mentions_sound"] == (sound is not None), caption
+            if caption["mentions_sound"]:
+                assert sound == entry["sound"], caption
+            else:
+                assert not set(re.findall(r"[a-z]+", caption["caption"])) & set(SOUND_WORDS), caption
+
+
+def test_every_caption_has_exactly_one_matching_test_video(meta):
+    """Read from the text alone, a visual caption matches the visuals of exactly one test video
+    (its own), and a sound caption the visuals and sound of exactly one."""
+    test = _split(meta, "test")
+    for video_id, entry in test.items():
+        for caption in entry["captions"]:
+            said, sound = _read_caption(caption["caption"])
+            matches = [v for v, e in test.items() if _visuals(e) == tuple(said[n] for n in VISUAL_ATTRIBUTES)
+                       and (sound is None or e["sound"] == sound)]
+            assert matches == [video_id], caption
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_categories_get_their_caption_kinds(meta, split):
+    """Twins: sound captions only; solo clips: both kinds (solo_sound_captions with sound);
+    noise clips: visual captions only, no sound words."""
+    solo_sound = SyntheticAVConfig().solo_sound_captions
+    seen = set()
+    for entry in _split(meta, split).values():
+        kinds = [c["kind"] for c in entry["captions"]]
+        seen.add(entry["category"])
+        assert len(kinds) == CAPTIONS and len({c["caption"] for c in entry["captions"]}) == CAPTIONS
+        if entry["category"] == "twin":
+            assert kinds == [KIND_SOUND] * CAPTIONS
+        elif entry["category"] == "solo":
+            assert sorted(kinds) == sorted([KIND_SOUND] * solo_sound
+                                           + [KIND_VISUAL_INFORMATIVE] * (CAPTIONS - solo_sound))
         else:
-            assert not words & set(SOUND_WORDS), caption
+            assert kinds == [KIND_VISUAL_NOISE] * CAPTIONS
+            assert not SOUND_BY_NAME[entry["sound"]].informative
+    assert seen == {"twin", "solo", "noise"}
 
 
-def test_groups_share_visuals_and_differ_in_sound(meta):
-    for split in ("train", "test"):
-        groups = defaultdict(set)
-        visuals_of_group = defaultdict(set)
-        for entry in meta.values():
-            if entry["split"] == split:
-                groups[entry["group_id"]].add((entry["clip_id"], entry["sound"]))
-                visuals_of_group[entry["group_id"]].add((entry["shape"], entry["colour"], entry["motion"]))
-        shared = [g for g, clips in groups.items() if len(clips) >= 2]
-        assert shared, f"no shared-visual group in {split}"
-        for group in shared:
-            sounds = [sound for _, sound in groups[group]]
-            assert len(visuals_of_group[group]) == 1 and len(set(sounds)) == len(sounds)
-            assert all(SOUND_BY_NAME[s].informative for s in sounds)
-        if split == "test":  # few enough groups for every test group to have its own visuals
-            combos = [next(iter(v)) for v in visuals_of_group.values()]
-            assert len(set(combos)) == len(combos)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_visuals_repeat_only_within_twin_groups(meta, split):
+    clips = {e["clip_id"]: e for e in _split(meta, split).values()}  # renders share their clip's content
+    groups_of_visuals, members = defaultdict(set), defaultdict(list)
+    for entry in clips.values():
+        groups_of_visuals[_visuals(entry)].add(entry["group_id"])
+        members[entry["group_id"]].append(entry)
+    assert all(len(groups) == 1 for groups in groups_of_visuals.values())
+    for group in members.values():
+        assert len({_visuals(e) for e in group}) == 1
+        if len(group) > 1:
+            assert {e["category"] for e in group} == {"twin"} and len(group) == SyntheticAVConfig().group_size
+            assert len({e["sound"] for e in group}) == len(group)
+        else:
+            assert group[0]["category"] in ("solo", "noise")
 
 
-def test_informative_fraction_is_about_half(meta):
-    for split in ("train", "test"):
-        flags = [e["informative_audio"] for e in meta.values() if e["split"] == split]
-        assert abs(np.mean(flags) - 0.5) <= 0.1
+def test_written_counts_match_the_plan(metadata):
+    planned = design_counts(plan_benchmark(SyntheticAVConfig(**SMALL)))
+    assert metadata["design"]["counts"] == planned
+    # 18 test clips: 2 twin groups, 6 solo, 6 noise; 3 captions each, 1 of a solo's 3 with sound
+    assert planned["test"]["clips_per_category"] == {"twin": 6, "solo": 6, "noise": 6}
+    assert planned["test"]["captions_per_kind"] == {KIND_SOUND: 24, KIND_VISUAL_INFORMATIVE: 12,
+                                                    KIND_VISUAL_NOISE: 18}
+
+
+def test_default_design_is_large_enough_and_training_mirrors_it(default_plan):
+    counts = design_counts(default_plan)
+    test, train = counts["test"], counts["train"]
+    assert test["clips"] >= MIN_TEST_VIDEOS and test["captions"] >= MIN_TEST_CAPTIONS
+    assert all(n > 0 for n in test["captions_per_kind"].values())
+    for key in ("clips_per_category", "captions_per_kind"):  # the same mix in both splits
+        assert {k: v / train["clips"] for k, v in train[key].items()} == pytest.approx(
+            {k: v / test["clips"] for k, v in test[key].items()}, abs=0.02)
+    test_clips = [p for p in default_plan if p.split == "test"]
+    visuals = defaultdict(set)
+    for plan in test_clips:
+        visuals[plan.visuals].add(plan.group_id)
+    assert all(len(groups) == 1 for groups in visuals.values())
+    assert test["distinct_visual_combinations"] == len(visuals)
+    # at the defaults every test visual combination also occurs in training
+    assert set(visuals) <= {p.visuals for p in default_plan if p.split == "train"}
 
 
 def test_test_videos_never_rendered_for_training(bench, meta):
@@ -178,21 +316,25 @@ def test_test_videos_never_rendered_for_training(bench, meta):
 
 
 def _shape_track(frames):
-    """Centroid x, y and area of the bright shape pixels per frame."""
+    """Centroid x, y and area of the shape pixels (far from the median colour) per frame."""
     track = []
-    for frame in frames:
-        ys, xs = np.nonzero(frame.max(axis=-1) > SHAPE_THRESHOLD)
+    for frame in frames.astype(np.int32):
+        background = np.median(frame.reshape(-1, 3), axis=0)
+        ys, xs = np.nonzero(np.abs(frame - background).max(axis=-1) > SHAPE_CONTRAST)
         track.append((xs.mean(), ys.mean(), len(xs)))
     return np.array(track)
 
 
-def test_motion_follows_its_label(bench, meta):
+def test_motion_and_background_follow_their_labels(bench, meta):
     component = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1),
                  "grows": (2, 1), "shrinks": (2, -1)}
     for video_id, entry in meta.items():
-        track = _shape_track(_decode(os.path.join(bench, VIDEO_DIR, video_id + ".mp4"))[0])
+        frames = _decode(os.path.join(bench, VIDEO_DIR, video_id + ".mp4"))[0]
+        track = _shape_track(frames)
         axis, sign = component[entry["motion"]]
         assert sign * (track[-1, axis] - track[0, axis]) > 0, video_id
+        brightness = np.median(frames.mean(axis=-1))
+        assert (brightness > BACKGROUND_SPLIT) == (entry["background"] == "grey"), video_id
 
 
 def _peak_hz(wave, sample_rate):
@@ -254,7 +396,9 @@ def test_every_sound_event_has_a_synthesizer():
 
 
 def test_bad_flags_are_named():
-    with pytest.raises(ValueError, match="--group_size"):
-        validate_config(SyntheticAVConfig(group_size=99))
-    with pytest.raises(ValueError, match="--size"):
-        validate_config(SyntheticAVConfig(size=63))
+    bad = {"--group_size": dict(group_size=99), "--size": dict(size=63),
+           "--solo_sound_captions": dict(solo_sound_captions=3), "--twin_fraction": dict(twin_fraction=0.8),
+           "--num_test_clips": dict(num_test_clips=5000)}
+    for flag, fields in bad.items():
+        with pytest.raises(ValueError, match=flag):
+            validate_config(SyntheticAVConfig(**fields))

@@ -3,7 +3,7 @@
 Stands in for the AudioSet pre-training of the released AST checkpoint: the retrieval model
 keeps the AST trunk frozen, so a randomly initialized trunk would hand it unlearned audio
 tokens. The clips are the generator's separate pre-training set
-(``preprocess/make_synthetic_av.py --audio_pretrain_clips N``: ``audio_pretrain/*.wav`` and
+(``synthetic/make_synthetic_av.py --audio_pretrain_clips N``: ``audio_pretrain/*.wav`` and
 ``audio_pretrain_labels.json``), never the benchmark's train or test clips. The classifier reads
 the mean of all normalized output tokens (``AST.norm(AST.tokens)``), so every token the
 retrieval model's resampler attends to is trained (the released AST classifies the CLS and
@@ -14,7 +14,7 @@ trunk, ``module.mlp_head.*`` classifier) that ``AST.from_checkpoint`` and
 ``preprocess/cache_audio_features.py`` read. A JSON report (losses, held-out accuracy, time)
 is written beside it.
 
-    python preprocess/pretrain_audio_trunk.py --data_dir data/synthetic_av \
+    python -m synthetic.pretrain_audio_trunk --data_dir data/synthetic_av \
         --init_checkpoint demo_runs/checkpoints/ast_tiny.pth --out demo_runs/checkpoints/ast_pretrained.pth
 
 Shapes: N clips, B batch, T fbank frames, M mel bins, A audio tokens, W width, C classes.
@@ -42,8 +42,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from dataloaders.audio import FbankConfig, load_ast_input  # noqa: E402
 from modules.ast import AST  # noqa: E402
-from preprocess.make_synthetic_av import PRETRAIN_DIR, PRETRAIN_LABELS  # noqa: E402
-from preprocess.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head, save_atomic  # noqa: E402
+from synthetic.make_synthetic_av import PRETRAIN_DIR, PRETRAIN_LABELS  # noqa: E402
+from synthetic.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head, save_atomic  # noqa: E402
 
 REPORT_SUFFIX = ".json"
 FBANK_BATCH = 16
@@ -100,7 +100,7 @@ def read_labels(data_dir: str) -> tuple[list[str], torch.Tensor, list[str]]:
     path = os.path.join(data_dir, PRETRAIN_LABELS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: generate the benchmark with "
-                                "preprocess/make_synthetic_av.py --audio_pretrain_clips N (N > 0)")
+                                "synthetic/make_synthetic_av.py --audio_pretrain_clips N (N > 0)")
     with open(path) as handle:
         table = json.load(handle)
     if not table["clips"]:
@@ -227,7 +227,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Pretr
     parser.add_argument("--data_dir", required=True,
                         help="benchmark folder holding audio_pretrain/ and audio_pretrain_labels.json")
     parser.add_argument("--init_checkpoint", required=True,
-                        help="AudioSet-format AST checkpoint to start from (preprocess/make_tiny_checkpoints.py)")
+                        help="AudioSet-format AST checkpoint to start from (synthetic/make_tiny_checkpoints.py)")
     parser.add_argument("--out", required=True, help="pre-trained checkpoint to write (.pth)")
     for name, value in asdict(PretrainConfig()).items():
         parser.add_argument(f"--{name}", type=type(value), default=value, help=f"default: {value}")

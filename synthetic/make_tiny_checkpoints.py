@@ -12,7 +12,7 @@ the AST authors' AudioSet checkpoint, so the demo goes through the real loading 
 
 Usage:
 
-    python preprocess/make_tiny_checkpoints.py --out_dir demo_runs/checkpoints --seed 0
+    python -m synthetic.make_tiny_checkpoints --out_dir demo_runs/checkpoints --seed 0
 """
 from __future__ import annotations
 

@@ -1,26 +1,32 @@
 """Generate the synthetic audio-visual text-to-video retrieval benchmark.
 
-Each clip shows one coloured shape in motion; its soundtrack is either an informative sound
-event that the captions describe, or irrelevant audio (noise, unrelated tones) the captions
-never mention. Informative clips come in groups that share their visuals exactly and differ
-only in sound, so ranking the right one first needs the audio. Outputs (under --out_dir)
-use the MSR-VTT layout the real loaders read (DESIGN.md section 9):
+Each clip shows one coloured shape moving over a black or grey background; its soundtrack
+is an informative sound event or irrelevant audio (noise, unrelated tones). What each clip
+shows, sounds like and how it is captioned is planned in synthetic/design.py (README,
+"Synthetic benchmark: design"): twin groups share their visuals and are queried only by
+captions that describe the sound; solo clips (unique visuals, informative sound) are queried
+both by sound captions and by captions of the visuals alone; noise clips (unique visuals)
+only by visual captions. Outputs (under --out_dir) use the MSR-VTT layout the real loaders
+read (DESIGN.md section 9):
 
     videos/<video_id>.mp4          small silent videos (libx264 when available, else mpeg4)
     audio/<video_id>.wav           16 kHz mono PCM soundtracks
     MSRVTT_data.json               {"info", "videos", "sentences": [{video_id, caption, sen_id}]}
     MSRVTT_train.9k.csv            column video_id (every training render)
-    MSRVTT_JSFUSION_test.csv       key, vid_key, video_id, sentence (one caption per test video)
-    metadata.json                  per video: split, visual attributes, sound, informative_audio
+    MSRVTT_JSFUSION_test.csv       key, vid_key, video_id, sentence: one row per test caption
+                                   (several per test video; the loader groups them by video)
+    metadata.json                  per video: split, category, visual attributes, sound,
+                                   informative_audio, group_id, captions with their kind and
+                                   mentions_sound; test_captions: the kind of every test CSV row
     audio_pretrain/<name>.wav      labelled clips for supervised pre-training of the audio trunk
     audio_pretrain_labels.json     {"classes", "informative", "clips": [{file, label, class}]}
 
 The same --seed gives byte-identical files whatever --workers is. Usage:
 
-    python preprocess/make_synthetic_av.py --out_dir data/synthetic_av
+    python -m synthetic.make_synthetic_av --out_dir data/synthetic_av
+    python synthetic/make_synthetic_av.py --out_dir data/synthetic_av   # the same, as a script
 """
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -40,22 +46,36 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocess.compress_video import pick_video_codec  # noqa: E402
-from preprocess.synthetic_vocab import (COLOURS, INFORMATIVE_SOUNDS, IRRELEVANT_SOUNDS, MOTIONS,
-                                        SHAPES, SOUND_EVENTS, SYNTHESIZERS,  # noqa: E402
-                                        caption_variants)
+from synthetic.design import (STREAM_PRETRAIN, STREAM_RENDER, ClipPlan, SyntheticAVConfig,  # noqa: E402
+                              design_counts, plan_benchmark, validate_design, visual_attributes)
+from synthetic.vocab import (BACKGROUNDS, COLOURS, INFORMATIVE_SOUNDS, IRRELEVANT_SOUNDS, MOTIONS,  # noqa: E402
+                             SHAPES, SOUND_EVENTS, SYNTHESIZERS)
 
 VIDEO_DIR, AUDIO_DIR, PRETRAIN_DIR = "videos", "audio", "audio_pretrain"
 PRETRAIN_LABELS = "audio_pretrain_labels.json"
-# SeedSequence tags: planning, per-render jitter and pre-training audio draw independent streams.
-STREAM_PLAN, STREAM_RENDER, STREAM_PRETRAIN = 0, 1, 2
-TEST_SPLIT_TAG, TRAIN_SPLIT_TAG = 0, 1
+# What the caption kinds and clip categories mean, written into metadata.json.
+CATEGORY_DESCRIPTIONS = {
+    "twin": "informative sound; shares its visuals with the other clips of its group_id; sound captions only",
+    "solo": "informative sound; visuals unique in its split; sound captions and visual captions",
+    "noise": "irrelevant audio; visuals unique in its split; visual captions only",
+}
+KIND_DESCRIPTIONS = {
+    "sound": "describes the visuals and the clip's informative sound (twin and solo clips)",
+    "visual_informative": "describes only the visuals of a solo clip whose informative sound is audible",
+    "visual_noise": "describes only the visuals of a noise clip",
+}
 
 # --- visuals (lengths are fractions of the frame size) ---
-COLOUR_RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
-              "yellow": (230, 220, 40), "purple": (160, 60, 210), "white": (235, 235, 235)}
+COLOUR_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (230, 220, 40),
+              "green": (40, 200, 60), "cyan": (40, 200, 220), "blue": (50, 90, 235),
+              "purple": (160, 60, 210), "white": (235, 235, 235)}
 COLOUR_JITTER = 15
-BACKGROUND_MAX = 60.0
-GRADIENT_MAX = 25.0
+# background -> (range of its grey level, range of each channel's offset from that level): with
+# the gradient (at most +-0.71 * GRADIENT_MAX) black stays below ~60 and grey within ~80-145, so
+# the two never overlap, and every jittered shape colour differs from both by at least ~40 on some
+# channel (green on the brightest grey is the closest pair).
+BACKGROUND_LEVELS = {"black": ((0.0, 25.0), (0.0, 20.0)), "grey": ((100.0, 125.0), (-6.0, 6.0))}
+GRADIENT_MAX = 20.0
 FRAME_NOISE_STD = 2.0
 RADIUS_RANGE = (0.10, 0.14)
 GROW_RADIUS_RANGE = (0.07, 0.26)
@@ -85,72 +105,10 @@ PEAK_LEVEL_RANGE = (0.3, 0.6)
 FLOOR_SNR_DB_RANGE = (25.0, 40.0)
 
 
-@dataclass
-class SyntheticAVConfig:
-    """Generator settings (every field is a CLI flag of the same name).
-
-    Args:
-        num_train_clips / num_test_clips: distinct clips per split before rendering.
-        train_renders: renders per training clip (fresh jitter each, own video_id, same captions).
-        informative_fraction: share of clips whose soundtrack is described by the captions.
-        group_size: informative clips sharing one visual combination, each with its own sound.
-        captions_per_clip: captions per clip in MSRVTT_data.json (the test CSV uses the first).
-        audio_pretrain_clips: labelled wavs for audio-trunk pre-training (0 = none).
-        size: frame height = width in pixels (even); seconds / fps: clip length and frame rate.
-        sample_rate: wav sample rate; seed: makes the output reproducible byte for byte.
-        workers: parallel processes (does not change the output); codec: auto|libx264|mpeg4.
-        crf: libx264 constant rate factor.
-    """
-
-    num_train_clips: int = 500
-    num_test_clips: int = 100
-    train_renders: int = 3
-    informative_fraction: float = 0.5
-    group_size: int = 3
-    captions_per_clip: int = 5
-    audio_pretrain_clips: int = 400
-    size: int = 64
-    seconds: float = 5.0
-    fps: int = 4
-    sample_rate: int = 16000
-    seed: int = 0
-    workers: int = 2
-    codec: str = "auto"
-    crf: int = 28
-
-
-@dataclass(frozen=True)
-class ClipPlan:
-    """Content of one clip (shared by all its renders)."""
-
-    index: int
-    split: str
-    shape: str
-    colour: str
-    motion: str
-    sound: str
-    informative: bool
-    group_id: int
-    captions: tuple
-
-    @property
-    def clip_id(self) -> str:
-        return f"syn{self.index:05d}"
-
-    def video_id(self, render: int) -> str:
-        return f"{self.clip_id}_r{render}"
-
-
 def validate_config(cfg: SyntheticAVConfig) -> None:
     """Raise ValueError naming the flag at fault."""
+    validate_design(cfg)
     checks = (
-        (cfg.num_train_clips >= 1 and cfg.num_test_clips >= 1,
-         "--num_train_clips and --num_test_clips must be >= 1"),
-        (cfg.train_renders >= 1, "--train_renders must be >= 1"),
-        (0.0 <= cfg.informative_fraction <= 1.0, "--informative_fraction must lie in [0, 1]"),
-        (1 <= cfg.group_size <= len(INFORMATIVE_SOUNDS),
-         f"--group_size must lie in [1, {len(INFORMATIVE_SOUNDS)}] (one distinct sound per member)"),
-        (cfg.captions_per_clip >= 1, "--captions_per_clip must be >= 1"),
         (cfg.audio_pretrain_clips >= 0, "--audio_pretrain_clips must be >= 0"),
         (cfg.size >= 16 and cfg.size % 2 == 0, "--size must be even and >= 16 (yuv420p)"),
         (cfg.seconds > 0 and cfg.fps >= 1 and round(cfg.seconds * cfg.fps) >= 2,
@@ -180,74 +138,13 @@ def resolve_codec(requested: str) -> str:
     return requested
 
 
-# ----------------------------------------------------------------------------- planning
-
-def _group_sizes(num_informative: int, group_size: int) -> list:
-    """Split informative clips into shared-visual groups; a remainder of one joins the last group
-    when a distinct sound is left for it."""
-    sizes = [group_size] * (num_informative // group_size)
-    remainder = num_informative % group_size
-    if remainder == 1 and sizes and group_size < len(INFORMATIVE_SOUNDS):
-        sizes[-1] += 1
-    elif remainder:
-        sizes.append(remainder)
-    return sizes
-
-
-def _visual_combos(num_groups: int, rng: np.random.Generator) -> list:
-    """One (shape, colour, motion) per group; all combinations are used before any repeats."""
-    combos = list(itertools.product(SHAPES, COLOURS, MOTIONS))
-    rounds = -(-num_groups // len(combos))
-    order = np.concatenate([rng.permutation(len(combos)) for _ in range(rounds)])
-    return [combos[i] for i in order[:num_groups]]
-
-
-def _pick_captions(shape, colour, motion, sound, count, rng) -> tuple:
-    variants = caption_variants(shape, colour, motion, sound)
-    order = rng.permutation(len(variants))
-    return tuple(variants[order[i % len(variants)]] for i in range(count))
-
-
-def plan_split(split: str, num_clips: int, first_index: int, first_group: int,
-               cfg: SyntheticAVConfig) -> list:
-    """Content of every clip of one split.
-
-    Args:
-        split: "train" or "test"; num_clips: clips in the split.
-        first_index / first_group: numbering offsets so ids are unique across splits.
-    """
-    split_tag = TRAIN_SPLIT_TAG if split == "train" else TEST_SPLIT_TAG
-    rng = np.random.default_rng([cfg.seed, STREAM_PLAN, split_tag])
-    num_informative = int(round(num_clips * cfg.informative_fraction))
-    groups = [(True, size) for size in _group_sizes(num_informative, cfg.group_size)]
-    groups += [(False, 1)] * (num_clips - num_informative)
-    order = rng.permutation(len(groups))
-    combos = _visual_combos(len(groups), rng)
-    plans = []
-    for group_offset, (group_index, combo) in enumerate(zip(order, combos)):
-        informative, size = groups[group_index]
-        pool = INFORMATIVE_SOUNDS if informative else IRRELEVANT_SOUNDS
-        sounds = rng.choice(pool, size=size, replace=False)
-        for sound in sounds:
-            captions = _pick_captions(*combo, str(sound) if informative else None,
-                                      cfg.captions_per_clip, rng)
-            plans.append(ClipPlan(first_index + len(plans), split, *combo, str(sound),
-                                  informative, first_group + group_offset, captions))
-    return plans
-
-
-def plan_benchmark(cfg: SyntheticAVConfig) -> list:
-    """Train clips first, then test clips; clip indices and group ids never overlap."""
-    train = plan_split("train", cfg.num_train_clips, 0, 0, cfg)
-    first_group = max(p.group_id for p in train) + 1
-    return train + plan_split("test", cfg.num_test_clips, len(train), first_group, cfg)
-
-
 # ----------------------------------------------------------------------------- frames
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Dark random colour with a random linear brightness gradient -> float [S, S, 3]."""
-    base = rng.uniform(0.0, BACKGROUND_MAX, size=3)
+def _background(background: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random shade of the named background with a random linear brightness gradient
+    -> float [S, S, 3]."""
+    level_range, tint_range = BACKGROUND_LEVELS[background]
+    base = rng.uniform(*level_range) + rng.uniform(*tint_range, size=3)
     angle = rng.uniform(0.0, 2 * np.pi)
     coords = (np.arange(size) + 0.5) / size - 0.5
     ramp = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]
@@ -289,7 +186,7 @@ def _draw_shape(image: np.ndarray, shape: str, centre: np.ndarray, radius: float
 def render_frames(plan: ClipPlan, cfg: SyntheticAVConfig, rng: np.random.Generator) -> np.ndarray:
     """RGB frames [N, S, S, 3] uint8 of one render."""
     count = num_frames(cfg)
-    background = _background(cfg.size, rng)
+    background = _background(plan.background, cfg.size, rng)
     rgb = np.clip(np.array(COLOUR_RGB[plan.colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1,
                                                                      size=3), 0, 255)
     centres, radii = _trajectory(plan.motion, count, cfg.size, rng)
@@ -401,13 +298,14 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def _write_msrvtt_files(out_dir: str, videos: list) -> None:
-    """MSRVTT_data.json (every caption of every video), the train list and the 1k-A style test CSV."""
-    sentences = [{"caption": caption, "video_id": plan.video_id(render)}
+    """MSRVTT_data.json (every caption of every video), the train list and the JSFUSION-style
+    test CSV with one row per test caption."""
+    sentences = [{"caption": caption.text, "video_id": plan.video_id(render)}
                  for plan, render in videos for caption in plan.captions]
     for sen_id, sentence in enumerate(sentences):
         sentence["sen_id"] = sen_id
     _write_json(os.path.join(out_dir, "MSRVTT_data.json"), {
-        "info": {"description": "synthetic audio-visual benchmark (preprocess/make_synthetic_av.py)"},
+        "info": {"description": "synthetic audio-visual benchmark (synthetic/make_synthetic_av.py)"},
         "videos": [{"video_id": plan.video_id(render), "split": plan.split, "id": n}
                    for n, (plan, render) in enumerate(videos)],
         "sentences": sentences,
@@ -415,26 +313,45 @@ def _write_msrvtt_files(out_dir: str, videos: list) -> None:
     train_ids = [plan.video_id(render) for plan, render in videos if plan.split == "train"]
     pd.DataFrame({"video_id": train_ids}).to_csv(os.path.join(out_dir, "MSRVTT_train.9k.csv"),
                                                  index=False)
-    test = [plan for plan, _ in videos if plan.split == "test"]
-    pd.DataFrame({"key": [f"ret{n}" for n in range(len(test))],
-                  "vid_key": [f"msr{plan.index}" for plan in test],
-                  "video_id": [plan.video_id(0) for plan in test],
-                  "sentence": [plan.captions[0] for plan in test]}).to_csv(
+    rows = test_caption_rows(videos)
+    pd.DataFrame({"key": [row["key"] for row in rows], "vid_key": [row["vid_key"] for row in rows],
+                  "video_id": [row["video_id"] for row in rows],
+                  "sentence": [row["caption"] for row in rows]}).to_csv(
         os.path.join(out_dir, "MSRVTT_JSFUSION_test.csv"), index=False)
 
 
-def _write_metadata(out_dir: str, videos: list, cfg: SyntheticAVConfig, codec: str) -> None:
+def test_caption_rows(videos: list) -> list:
+    """One dict per test caption, in the order of the test CSV's rows."""
+    rows = []
+    for plan, render in videos:
+        if plan.split != "test":
+            continue
+        for caption in plan.captions:
+            rows.append({"key": f"ret{len(rows)}", "vid_key": f"msr{plan.index}",
+                         "video_id": plan.video_id(render), "caption": caption.text,
+                         "mentions_sound": caption.mentions_sound, "kind": caption.kind})
+    return rows
+
+
+def _video_entry(plan: ClipPlan, render: int) -> dict:
+    return {"clip_id": plan.clip_id, "split": plan.split, "render": render, "category": plan.category,
+            **visual_attributes(plan), "sound": plan.sound, "informative_audio": plan.informative,
+            "group_id": plan.group_id,
+            "captions": [{"caption": c.text, "mentions_sound": c.mentions_sound, "kind": c.kind}
+                         for c in plan.captions]}
+
+
+def _write_metadata(out_dir: str, plans: list, videos: list, cfg: SyntheticAVConfig, codec: str) -> None:
     config = {k: v for k, v in asdict(cfg).items() if k != "workers"}  # workers never change output
     _write_json(os.path.join(out_dir, "metadata.json"), {
         "config": config,
         "codec": codec,
-        "vocabulary": {"shapes": SHAPES, "colours": COLOURS, "motions": MOTIONS,
+        "design": {"categories": CATEGORY_DESCRIPTIONS, "caption_kinds": KIND_DESCRIPTIONS,
+                   "counts": design_counts(plans)},
+        "vocabulary": {"shapes": SHAPES, "colours": COLOURS, "motions": MOTIONS, "backgrounds": BACKGROUNDS,
                        "informative_sounds": INFORMATIVE_SOUNDS, "irrelevant_sounds": IRRELEVANT_SOUNDS},
-        "videos": {plan.video_id(render): {
-            "clip_id": plan.clip_id, "split": plan.split, "render": render, "shape": plan.shape,
-            "colour": plan.colour, "motion": plan.motion, "sound": plan.sound,
-            "informative_audio": plan.informative, "group_id": plan.group_id}
-            for plan, render in videos},
+        "videos": {plan.video_id(render): _video_entry(plan, render) for plan, render in videos},
+        "test_captions": test_caption_rows(videos),
     })
 
 
@@ -462,11 +379,12 @@ def generate(out_dir: str, cfg: SyntheticAVConfig) -> dict:
     jobs += [RenderJob(out_dir, cfg, codec, pretrain_index=i) for i in range(cfg.audio_pretrain_clips)]
     _run_all(jobs, cfg.workers)
     _write_msrvtt_files(out_dir, videos)
-    _write_metadata(out_dir, videos, cfg, codec)
+    _write_metadata(out_dir, plans, videos, cfg, codec)
     _write_pretrain_labels(out_dir, cfg)
     return {"train_videos": sum(plan.split == "train" for plan, _ in videos),
             "test_videos": sum(plan.split == "test" for plan, _ in videos),
-            "pretrain_clips": cfg.audio_pretrain_clips, "codec": codec,
+            "test_captions": sum(len(plan.captions) for plan, _ in videos if plan.split == "test"),
+            "design": design_counts(plans), "pretrain_clips": cfg.audio_pretrain_clips, "codec": codec,
             "seconds": round(time.time() - start, 1)}
 
 

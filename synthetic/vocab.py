@@ -1,19 +1,25 @@
 """Vocabulary of the synthetic audio-visual benchmark: visual attributes, sound events (with
 the synthesizer that makes each one) and caption templates.
 
-Visual attributes (shape, colour, motion) are always described; a sound event is described
-only when the soundtrack is informative. Sound words never occur in visual phrases, so a
-caption mentions sound exactly when it names an informative event.
+Every caption names all four visual attributes (shape, colour, motion, background), so the
+text alone pins down a clip's visuals. A caption of the "sound" kind also names the clip's
+informative sound event; a "visual" caption names no sound at all. Sound words never occur
+in visual phrases, so a caption mentions sound exactly when it is of the sound kind.
 """
 import itertools
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from scipy.signal import lfilter
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
+# Hues far apart (and each far from both backgrounds), so colour survives a 32x32 resize.
+COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "white")
+BACKGROUNDS = ("black", "grey")
+BACKGROUND_PHRASES = {
+    "black": ("on a black background", "against a black backdrop"),
+    "grey": ("on a grey background", "against a grey backdrop"),
+}
 
 # motion -> phrasings as (third person, gerund); left/right/up/down and grows/shrinks are
 # pairwise time-reversals of each other, so only frame order tells them apart.
@@ -26,11 +32,17 @@ MOTION_PHRASES = {
     "shrinks": (("shrinks", "shrinking"), ("gets smaller", "getting smaller")),
 }
 MOTIONS = tuple(MOTION_PHRASES)
+VISUAL_ATTRIBUTES = ("shape", "colour", "motion", "background")
+
+
+def visual_combinations() -> list:
+    """Every (shape, colour, motion, background), in a fixed order."""
+    return list(itertools.product(SHAPES, COLOURS, MOTIONS, BACKGROUNDS))
 
 
 @dataclass(frozen=True)
 class SoundEvent:
-    """One sound class. Args: name: class id string; informative: whether captions describe
+    """One sound class. Args: name: class id string; informative: whether captions may describe
     it; phrases: noun phrases used in captions (empty for irrelevant sounds)."""
 
     name: str
@@ -54,11 +66,12 @@ SOUND_BY_NAME = {event.name: event for event in SOUND_EVENTS}
 INFORMATIVE_SOUNDS = tuple(e.name for e in SOUND_EVENTS if e.informative)
 IRRELEVANT_SOUNDS = tuple(e.name for e in SOUND_EVENTS if not e.informative)
 
-# Words that only sound phrases and sound templates use (tests check noise captions avoid them).
+# Words that only sound phrases and sound templates use (tests check visual captions avoid them).
 SOUND_WORDS = ("beeps", "beeping", "ticking", "ticks", "whistle", "chirps", "hum", "humming",
-               "hear", "heard", "sound")
+               "hear", "heard", "sound", "accompanied", "playing")
 
-# {clause}: "a red circle moves left"; {gerund}: "a red circle moving left"
+# {clause}: "a red circle moves left on a black background";
+# {gerund}: "a red circle moving left on a black background"
 VISUAL_TEMPLATES = (
     "{clause}",
     "{clause_the}",
@@ -66,9 +79,9 @@ VISUAL_TEMPLATES = (
     "a video of {gerund}",
     "we see {gerund}",
 )
-AUDIO_VISUAL_TEMPLATES = (
+SOUND_TEMPLATES = (
     "{clause} while you can hear {sound}",
-    "{clause} with {sound} in the background",
+    "{clause}, with {sound} playing",
     "{gerund} to the sound of {sound}",
     "you can hear {sound} as {clause_the}",
     "{gerund}, accompanied by {sound}",
@@ -76,29 +89,32 @@ AUDIO_VISUAL_TEMPLATES = (
 )
 
 
-def _visual_slots(shape: str, colour: str, motion_phrase: tuple) -> dict:
+def _visual_slots(shape: str, colour: str, motion_phrase: tuple, background_phrase: str) -> dict:
     third_person, gerund = motion_phrase
     return {
-        "clause": f"a {colour} {shape} {third_person}",
-        "clause_the": f"the {colour} {shape} {third_person}",
-        "gerund": f"a {colour} {shape} {gerund}",
+        "clause": f"a {colour} {shape} {third_person} {background_phrase}",
+        "clause_the": f"the {colour} {shape} {third_person} {background_phrase}",
+        "gerund": f"a {colour} {shape} {gerund} {background_phrase}",
     }
 
 
-def caption_variants(shape: str, colour: str, motion: str, sound: Optional[str]) -> list:
+def caption_variants(shape: str, colour: str, motion: str, background: str, sound=None) -> list:
     """Every caption realization of one clip's content, in a fixed order.
 
     Args:
-        shape, colour, motion: visual attributes (entries of SHAPES, COLOURS, MOTIONS).
+        shape, colour, motion, background: visual attributes (entries of SHAPES, COLOURS,
+            MOTIONS, BACKGROUNDS).
         sound: an informative sound name to describe, or None for a caption of the visuals only.
     """
+    if sound is not None and not SOUND_BY_NAME[sound].informative:
+        raise ValueError(f"sound {sound!r} is irrelevant audio; captions never describe it")
     sound_phrases = SOUND_BY_NAME[sound].phrases if sound is not None else ("",)
-    templates = AUDIO_VISUAL_TEMPLATES if sound is not None else VISUAL_TEMPLATES
+    templates = SOUND_TEMPLATES if sound is not None else VISUAL_TEMPLATES
     captions = []
-    for template, motion_phrase, sound_phrase in itertools.product(
-            templates, MOTION_PHRASES[motion], sound_phrases):
-        text = template.format(sound=sound_phrase, **_visual_slots(shape, colour, motion_phrase))
-        captions.append(text)
+    for template, motion_phrase, background_phrase, sound_phrase in itertools.product(
+            templates, MOTION_PHRASES[motion], BACKGROUND_PHRASES[background], sound_phrases):
+        slots = _visual_slots(shape, colour, motion_phrase, background_phrase)
+        captions.append(template.format(sound=sound_phrase, **slots))
     return captions
 
 

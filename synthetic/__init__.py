@@ -1,0 +1,4 @@
+"""The synthetic audio-visual benchmark's tooling (README, "Synthetic benchmark"): the clip
+generator (make_synthetic_av), its vocabulary and sound synthesizers (vocab), tiny CLIP/AST
+checkpoints in the released formats (make_tiny_checkpoints) and the audio trunk's short
+supervised pre-training (pretrain_audio_trunk). Real data needs none of it (see preprocess/)."""
