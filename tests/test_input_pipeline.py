@@ -9,6 +9,7 @@ import evaluation
 import main_task_retrieval
 import training
 import util
+from bench import decode_bench
 from dataloaders.base import collate_items
 from dataloaders.registry import DataConfig, build_train_dataset
 from dataloaders.video import FrameSamplingConfig, normalize_frames
@@ -40,8 +41,8 @@ def test_model_inputs_normalize_uint8_frames_on_the_device(data):
     assert inputs["frames"].dtype == torch.float32 and inputs["frames"].shape == batch["frames"].shape
     assert torch.equal(inputs["frames"], normalize_frames(batch["frames"], batch["frame_mask"], CPU))
     assert (inputs["frames"][~batch["frame_mask"]] == 0).all()
-    assert torch.equal(inputs["frame_mask"], batch["frame_mask"]) and torch.equal(inputs["audio"], batch["fbank"])
-    assert torch.equal(inputs["text_ids"], batch["text_ids"])
+    assert torch.equal(inputs["frame_mask"], batch["frame_mask"])
+    assert torch.equal(inputs["audio"], batch["fbank"]) and torch.equal(inputs["text_ids"], batch["text_ids"])
     assert batch["frames"].dtype == torch.uint8  # the batch itself is left as it was
 
 
@@ -77,3 +78,18 @@ def test_each_epoch_loader_gives_that_epochs_items_in_workers(data):
         assert got == expected
         draws.append(expected)
     assert draws[0] != draws[1] or draws[0] != draws[2]  # the draw does change between epochs
+
+
+def test_decode_bench_loader_section_runs_both_paths(tmp_path):
+    """The benchmark's loader pass on a tiny set: both paths deliver every batch, and the
+    former float32 frames take exactly 4x the bytes of the uint8 ones."""
+    args = argparse.Namespace(batches=2, batch_size=2, loader_videos=1, loader_seconds=2.0, loader_fps=3.0,
+                              audio="wav", max_frames=2, decoder="opencv")
+    dataset = decode_bench.loader_dataset(str(tmp_path), args)
+    assert len(dataset) == 4
+    passes = {path: decode_bench.loader_pass(dataset, path, 1, args, CPU, pin_memory=False)
+              for path in decode_bench.PATHS}
+    uint8, former = passes["uint8"], passes["float32 (former)"]
+    assert uint8["batches"] == former["batches"] == 2
+    assert uint8["frame_bytes"] == 2 * 2 * 3 * 224 * 224 and former["frame_bytes"] == 4 * uint8["frame_bytes"]
+    assert uint8["frames_per_s"] > 0 and former["batch_bytes"] > uint8["batch_bytes"]
