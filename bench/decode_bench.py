@@ -20,6 +20,8 @@ machine both run with and without ``pin_memory``. It also times the start of an 
 a fresh loader (what training builds per epoch) against the second epoch of a persistent
 loader.
 
+The loader section's measured numbers are in README.md (Performance).
+
 Usage:
     .venv/bin/python bench/decode_bench.py [--sections decode loader] [--seconds 30] [--repeats 8]
         [--workers N] [--loader_workers 0 1 2 4] [--batch_size 16] [--batches 8]
@@ -218,21 +220,29 @@ def loader_pass(dataset: PairDataset, path: str, workers: int, args: argparse.Na
 def epoch_start(dataset: PairDataset, workers: int, args: argparse.Namespace,
                 rounds: int = 3) -> Tuple[float, float]:
     """Seconds to the first batch of a later epoch, best of ``rounds``: a fresh loader (what
-    training builds per epoch) vs a persistent loader whose workers already run."""
-    def first_batch(loader) -> float:
+    training builds per epoch) vs a persistent loader whose workers already run. Epochs here
+    are one batch per worker, and each is drained untimed, so no worker is still decoding
+    while the other loader is timed."""
+    epoch = torch.utils.data.Subset(dataset, range(min(len(dataset), workers * args.batch_size)))
+
+    def loader(persistent: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(epoch, batch_size=args.batch_size, num_workers=workers,
+                                           collate_fn=collate_items, persistent_workers=persistent)
+
+    def first_batch(source: torch.utils.data.DataLoader) -> float:
         start = time.perf_counter()
-        next(iter(loader))
-        return time.perf_counter() - start
-    persistent = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                                             collate_fn=collate_items, persistent_workers=True)
-    for _ in persistent:  # its workers then wait idle
-        pass
+        batches = iter(source)
+        next(batches)
+        elapsed = time.perf_counter() - start
+        for _ in batches:
+            pass
+        return elapsed
+
+    persistent = loader(True)
+    first_batch(persistent)  # starts its workers
     fresh = kept = float("inf")
     for _ in range(rounds):
-        # Each iterator and its workers are gone when first_batch returns (a persistent
-        # iterator is reset by the next iter()), so the two do not compete.
-        fresh = min(fresh, first_batch(torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, num_workers=workers, collate_fn=collate_items)))
+        fresh = min(fresh, first_batch(loader(False)))
         kept = min(kept, first_batch(persistent))
     return fresh, kept
 

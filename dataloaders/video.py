@@ -20,6 +20,7 @@ K = frames actually read (K <= F).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
@@ -253,6 +254,14 @@ def resize_center_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
     return TF.center_crop(images, [image_size, image_size]).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _clip_mean_std(device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean and std [3, 1, 1] on ``device``, made once: a tensor built from a Python list
+    on CUDA is a blocking copy that would wait for the GPU at every batch."""
+    return (torch.tensor(CLIP_MEAN, dtype=dtype, device=device).view(3, 1, 1),
+            torch.tensor(CLIP_STD, dtype=dtype, device=device).view(3, 1, 1))
+
+
 def normalize_frames(frames: torch.Tensor, frame_mask: torch.Tensor, device: torch.device,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 frames from the loader -> CLIP-normalized frames on ``device``.
@@ -277,8 +286,7 @@ def normalize_frames(frames: torch.Tensor, frame_mask: torch.Tensor, device: tor
     if tuple(frame_mask.shape) != tuple(frames.shape[:-3]):
         raise ValueError(f"frame_mask {tuple(frame_mask.shape)} does not match frames {tuple(frames.shape)}")
     images = frames.to(device, non_blocking=True).to(dtype) / PIXEL_MAX
-    mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=dtype, device=images.device).view(3, 1, 1)
+    mean, std = _clip_mean_std(images.device, dtype)
     images.sub_(mean).div_(std)
     padded = ~frame_mask.to(images.device, non_blocking=True).bool()
     return images.masked_fill_(padded[..., None, None, None], 0.0)
