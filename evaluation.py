@@ -24,11 +24,17 @@ EVAL_ROW_BLOCK = 1024
 SELECTION_METRIC = "t2v_R@1"
 
 
-def eval_loader(dataset, batch_size: int, workers: int, collate_fn) -> torch.utils.data.DataLoader:
-    """Sequential loader over an evaluation dataset (or a rank's subset of it)."""
+def eval_loader(dataset, batch_size: int, workers: int, collate_fn,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """Sequential loader over an evaluation dataset (or a rank's subset of it).
+
+    Batches are pinned when ``device`` is CUDA (the copies in ``video_inputs`` are
+    ``non_blocking``). The loader is built for one pass over the dataset, so its workers
+    are not persistent (there is no second pass for them to serve).
+    """
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                        num_workers=workers, collate_fn=collate_fn,
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(), pin_memory=device.type == "cuda")
 
 
 def _cat(parts: list):
@@ -49,8 +55,8 @@ def encode_dataset(model: torch.nn.Module, dataset, kind: str, batch_size: int, 
     model = unwrap(model).eval()
     shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), info)))
     parts = []
-    for batch in tqdm(eval_loader(shard, batch_size, workers, collate_fn), desc=desc, leave=False,
-                      disable=not info.is_main):
+    for batch in tqdm(eval_loader(shard, batch_size, workers, collate_fn, info.device), desc=desc,
+                      leave=False, disable=not info.is_main):
         with autocast(info.device, precision):
             if kind == "text":
                 feats = model.encode_text(batch["text_ids"].to(info.device),

@@ -320,10 +320,20 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
 
 
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
-    """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched."""
+    """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched.
+
+    Batches are pinned on CUDA (``training.video_inputs`` copies them ``non_blocking``).
+    Workers are deliberately not persistent: a worker holds the copy of ``train_set`` made
+    when it started, so ``train_set.set_epoch`` (the per-epoch caption draw without
+    --expand_msrvtt_sentences) and the per-epoch worker seeds would not reach a worker kept
+    from an earlier epoch. A fresh loader per epoch keeps every item and worker RNG a
+    function of (seed, epoch, rank, index), also after a resume; it costs one worker
+    start per epoch (bench/decode_bench.py measures it).
+    """
     generator = torch.Generator().manual_seed(util.worker_seed(args.seed, epoch, info.rank, -1))
     return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.num_thread_reader,
                                        collate_fn=collate_items, generator=generator,
+                                       pin_memory=info.device.type == "cuda",
                                        worker_init_fn=util.WorkerSeeder(args.seed, epoch, info.rank))
 
 

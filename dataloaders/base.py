@@ -13,10 +13,14 @@ the video of each caption, unique video ids). Everything else lives here once:
 
 Item dicts (S = image_size, F = max_frames, L = max_words, A audio tokens, W AST width):
     text_ids  int64 [L]      text_mask int64 [L]      text_index  int64 []
-    frames    float32 [F, 3, S, S]  frame_mask bool [F]  video_index int64 []
+    frames    uint8 [F, 3, S, S]  frame_mask bool [F]  video_index int64 []
     has_audio bool []
     fbank     float32 [1024, 128]   (audio from wav files)  or
     audio_tokens float16 [A, W]     (audio from an AST feature cache); neither without audio.
+``frames`` are RGB after resize and center crop, zeros at padded frames, not yet
+normalized: workers ship uint8 (a quarter of the float bytes) and the training process
+normalizes the batch on its device (``dataloaders.video.normalize_frames``, called by
+``training.video_inputs``).
 PairDataset items hold all keys, TextDataset items the text keys plus video_index,
 VideoDataset items the video keys. Batches add a leading B dimension.
 
@@ -417,5 +421,6 @@ class VideoDataset(Dataset):
 
 
 def collate_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack a list of item dicts (same keys) into a batch dict with a leading B dimension."""
+    """Stack a list of item dicts (same keys) into a batch dict with a leading B dimension
+    (dtypes kept: frames stay uint8 [B, F, 3, S, S])."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}

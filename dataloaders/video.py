@@ -6,15 +6,21 @@ A clip is read in three steps that can be tested on their own:
    second of the clip; when that gives more than ``max_frames``, ``slice_framepos``
    picks the head (0), the tail (1) or a uniform spread over the whole clip (2).
 2. A decoder (``"opencv"`` or ``"pyav"``) returns those frames as RGB uint8 arrays.
-3. ``clip_transform``: resize the shorter side to ``image_size`` (bicubic, antialiased
-   as PIL does), center crop, scale to [0, 1], normalize with CLIP's mean and std.
+3. ``resize_center_crop``: resize the shorter side to ``image_size`` (bicubic,
+   antialiased as PIL does, rounded back to uint8), center crop.
 
-``read_frames(path, cfg)`` runs the three steps and zero-pads to ``max_frames``.
-Shapes: F = max_frames, S = image_size, H/W = decoded frame height/width, K = frames
-actually read (K <= F).
+``read_frames(path, cfg)`` runs the three steps and zero-pads to ``max_frames``; its
+frames stay uint8, so DataLoader workers ship a quarter of the bytes of float frames.
+``normalize_frames`` (scale to [0, 1], CLIP mean/std) runs on the training device, on the
+whole batch. The uint8 frames are exactly what the float path used to normalize: the
+bicubic resize already rounded to uint8 (torchvision rounds an integer image after
+interpolating in float), so moving the normalization changes no value.
+Shapes: B batch, F = max_frames, S = image_size, H/W = decoded frame height/width,
+K = frames actually read (K <= F).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
@@ -232,33 +238,71 @@ def decode_frames(path: str, plan: IndexPlan, decoder: str) -> np.ndarray:
     raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
 
 
-def clip_transform(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """CLIP preprocessing of decoded frames.
+def resize_center_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """The geometric part of CLIP's preprocessing, kept in uint8.
 
     Args:
         frames: uint8 RGB [K, H, W, 3].
         image_size: S.
 
     Returns:
-        float32 [K, 3, S, S], normalized with ``CLIP_MEAN`` / ``CLIP_STD``.
+        uint8 RGB [K, 3, S, S]: shorter side resized to S (bicubic, antialiased; torchvision
+        interpolates in float, clamps to [0, 255] and rounds to uint8), center crop S x S.
     """
     images = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     images = TF.resize(images, image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    images = TF.center_crop(images, [image_size, image_size])
-    images = images.float() / PIXEL_MAX
-    return TF.normalize(images, CLIP_MEAN, CLIP_STD)
+    return TF.center_crop(images, [image_size, image_size]).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_mean_std(device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean and std [3, 1, 1] on ``device``, made once: a tensor built from a Python list
+    on CUDA is a blocking copy that would wait for the GPU at every batch."""
+    return (torch.tensor(CLIP_MEAN, dtype=dtype, device=device).view(3, 1, 1),
+            torch.tensor(CLIP_STD, dtype=dtype, device=device).view(3, 1, 1))
+
+
+def normalize_frames(frames: torch.Tensor, frame_mask: torch.Tensor, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 frames from the loader -> CLIP-normalized frames on ``device``.
+
+    Moves the uint8 batch (``non_blocking``: asynchronous from pinned memory), then on the
+    device scales to [0, 1] and normalizes with ``CLIP_MEAN`` / ``CLIP_STD``, the same
+    operations in the same order as the former CPU path, so real frames get identical
+    values. Padded frames are set to 0, the value they had before (CLIP never sees them).
+
+    Args:
+        frames: uint8 [B, F, 3, S, S] (or [F, 3, S, S]), RGB.
+        frame_mask: bool [B, F] (or [F]), True at real frames.
+        device: where the model runs.
+        dtype: dtype of the result.
+
+    Returns:
+        ``dtype`` [B, F, 3, S, S] on ``device``.
+    """
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"frames must be the uint8 frames of dataloaders.video.read_frames, got "
+                        f"{frames.dtype}; normalize_frames does the CLIP normalization itself")
+    if tuple(frame_mask.shape) != tuple(frames.shape[:-3]):
+        raise ValueError(f"frame_mask {tuple(frame_mask.shape)} does not match frames {tuple(frames.shape)}")
+    images = frames.to(device, non_blocking=True).to(dtype) / PIXEL_MAX
+    mean, std = _clip_mean_std(images.device, dtype)
+    images.sub_(mean).div_(std)
+    padded = ~frame_mask.to(images.device, non_blocking=True).bool()
+    return images.masked_fill_(padded[..., None, None, None], 0.0)
 
 
 def read_frames(path: str, cfg: FrameSamplingConfig) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Read, transform and pad the frames of one video.
+    """Read, resize/crop and pad the frames of one video.
 
     Returns:
-        frames float32 [F, 3, S, S] (zeros past the real frames) and frame_mask bool [F].
+        frames uint8 RGB [F, 3, S, S] (zeros past the real frames; ``normalize_frames``
+        turns a batch of them into CLIP input) and frame_mask bool [F].
     """
     decoded = decode_frames(path, lambda n, fps: sample_frame_indices(n, fps, cfg), cfg.decoder)
-    images = clip_transform(decoded, cfg.image_size)
+    images = resize_center_crop(decoded, cfg.image_size)
     count = images.shape[0]
-    frames = torch.zeros(cfg.max_frames, 3, cfg.image_size, cfg.image_size)
+    frames = torch.zeros(cfg.max_frames, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
     frames[:count] = images
     frame_mask = torch.zeros(cfg.max_frames, dtype=torch.bool)
     frame_mask[:count] = True

@@ -10,7 +10,7 @@ from dataloaders.audio_cache import AudioCacheWriter
 from dataloaders.base import AnnotationError, collate_items
 from dataloaders.registry import (DataConfig, build_eval_datasets, build_eval_split, build_train_dataset,
                                   build_train_split)
-from dataloaders.video import FrameSamplingConfig, VideoReadError
+from dataloaders.video import FrameSamplingConfig, VideoReadError, normalize_frames
 from modules.tokenization_clip import ClipTokenizer
 from preprocess.make_val_split import main as make_val_split_main
 from tests.datagen import make_charades, make_msrvtt, make_vatex, write_bad_video
@@ -69,7 +69,7 @@ def test_train_items_and_batches_have_documented_shapes(msrvtt, tokenizer):
     item = train[CAPTIONS + 1]  # second caption of the second video
     expected = {"text_ids": ((L,), torch.int64), "text_mask": ((L,), torch.int64),
                 "text_index": ((), torch.int64), "video_index": ((), torch.int64),
-                "frames": ((F, 3, S, S), torch.float32), "frame_mask": ((F,), torch.bool),
+                "frames": ((F, 3, S, S), torch.uint8), "frame_mask": ((F,), torch.bool),
                 "fbank": ((1024, 128), torch.float32), "has_audio": ((), torch.bool)}
     assert {k: (tuple(v.shape), v.dtype) for k, v in item.items()} == expected
     assert item["video_index"] == 1 and item["text_index"] == CAPTIONS + 1 and item["has_audio"]
@@ -77,6 +77,10 @@ def test_train_items_and_batches_have_documented_shapes(msrvtt, tokenizer):
     assert torch.equal(item["text_ids"], ids[0])
     batch = collate_items([train[i] for i in range(3)])
     assert batch["frames"].shape == (3, F, 3, S, S) and batch["fbank"].shape == (3, 1024, 128)
+    # uint8 frames: one byte per value, a quarter of the fp32 frames they become on the device.
+    assert batch["frames"].dtype == torch.uint8 and batch["frames"].nbytes == 3 * F * 3 * S * S
+    assert normalize_frames(batch["frames"], batch["frame_mask"], torch.device("cpu")).nbytes == \
+        4 * batch["frames"].nbytes
 
 
 def test_short_videos_are_masked(msrvtt, tokenizer):
@@ -85,7 +89,7 @@ def test_short_videos_are_masked(msrvtt, tokenizer):
     for video, real in ((0, 2), (1, 3)):
         item = train[video * CAPTIONS]
         assert item["frame_mask"].tolist() == [True] * real + [False] * (F - real)
-        assert item["frames"][real:].abs().sum() == 0
+        assert (item["frames"][real:] == 0).all() and (item["frames"][:real] > 0).any()
 
 
 def test_eval_encodes_each_text_and_video_once(tmp_path, tokenizer):
