@@ -49,6 +49,7 @@ PART_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
 RECORD_SUFFIX = ".sha256.json"
 CHUNK_BYTES = 1 << 20
+HASH_PROGRESS_BYTES = 1 << 30  # files from this size on show a progress bar while hashed
 TIMEOUT_S = 60
 RETRIES = 3  # reconnections per download, each resuming where the last one stopped
 USER_AGENT = "avigate-weights/1"
@@ -132,10 +133,15 @@ def offline_by_default(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def file_sha256(path: PathLike) -> str:
+    """SHA-256 (hex) of a file, with a progress bar for large ones (hashing 13 GB takes a while)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                                          desc=f"sha256 {os.path.basename(path)}",
+                                          disable=size < HASH_PROGRESS_BYTES) as bar:
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 
@@ -253,9 +259,9 @@ def _transfer(url: str, part: str, timeout: float, desc: str) -> None:
             error = err
         if attempt == RETRIES:
             kept = os.path.getsize(part) if os.path.isfile(part) else 0
-            raise WeightsError(unavailable_message(
-                url, part[:-len(PART_SUFFIX)],
-                f"download interrupted ({error}); {kept} bytes are kept in {part} and a rerun resumes there"))
+            reason = (f"download interrupted ({error}); {kept} bytes are kept in {part} and a rerun resumes there"
+                      if kept else f"network error ({error})")
+            raise WeightsError(unavailable_message(url, part[:-len(PART_SUFFIX)], reason))
 
 
 def download(url: str, dest: PathLike, expected_sha256: Optional[str] = None, offline: bool = False,
@@ -355,6 +361,9 @@ def resolve_ast_checkpoint(path: PathLike, cache_dir: Optional[PathLike] = None,
         return _given(path, "AST checkpoint", f"Leave --ast_checkpoint at its default to use the released "
                       f"{AST_RELEASE.file_name} (found in modules/ or the weights cache, else downloaded from "
                       f"{AST_RELEASE.url}).")
+    local = os.path.join(MODULES_DIR, AST_RELEASE.file_name)
+    if os.path.isfile(local):
+        return ResolvedWeights(local, file_sha256(local), "path", AST_RELEASE.url)
     return fetch_release(AST_RELEASE, cache_dir, offline, verify=verify_audioset_checkpoint)
 
 

@@ -260,7 +260,8 @@ def test_ast_with_wrong_shapes_is_refused(tmp_path):
     cfg = ASTConfig.tiny()  # checked against the released (full-size) table
     torch.save(ast_to_audioset_checkpoint(AST(cfg).state_dict(), audioset_head(cfg.embed_dim, 527).state_dict()),
                tmp_path / "small.pth")
-    with pytest.raises(weights.WeightsError, match=r"module\.v\.pos_embed \(1, 1214, 128\) \(expected \(1, 1214, 768\)\)"):
+    expected = r"module\.v\.pos_embed \(1, 1214, 128\) \(expected \(1, 1214, 768\)\)"
+    with pytest.raises(weights.WeightsError, match=expected):
         weights.verify_audioset_checkpoint(tmp_path / "small.pth")
 
 
@@ -308,3 +309,12 @@ def test_main_records_weight_sources(tmp_path):
         with open(paths[name], "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()
         assert model.weight_sources[name] == {"path": paths[name], "sha256": digest, "source": "path", "url": None}
+
+
+def test_default_ast_name_finds_the_modules_copy(tmp_path, ast_release):
+    server, data, modules_dir = ast_release
+    (modules_dir / "audioset_10_10_0.4593.pth").write_bytes(data)
+    for name in ("audioset_10_10_0.4593.pth", modules_dir / "audioset_10_10_0.4593.pth"):
+        found = weights.resolve_ast_checkpoint(name, tmp_path / "cache")
+        assert (found.path, found.source) == (str(modules_dir / "audioset_10_10_0.4593.pth"), "path")
+    assert server.requests == []
