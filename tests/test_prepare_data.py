@@ -382,3 +382,17 @@ def test_charades_descriptions_give_several_captions(tmp_path, charades_release)
     test = build_eval_datasets(DataConfig(datatype="charades", data_path=str(root), features_path=str(root / "videos"),
                                           frames=FRAMES))
     assert (test.split.num_videos, test.split.num_texts) == (2, 4)
+
+
+def test_charades_video_missing_from_the_folder_is_an_error(tmp_path, charades_release, clips):
+    videos = tmp_path / "my_videos"
+    videos.mkdir()
+    for video_id in CHARADES_IDS[:-1]:
+        (videos / f"{video_id}.mp4").write_bytes(clips[True])
+    root = tmp_path / "charades"
+    code = run_prepare("--dataset", "charades", "--root", root, "--download", "--mirror", charades_release.url(""),
+                       "--videos", videos, "--no_ast_cache")
+    assert code == prepare_data.EXIT_ERROR
+    error = report_of(root)["error"]
+    assert "Charades_v1_test.csv" in error and CHARADES_IDS[-1] in error
+    assert [r["path"] for r in charades_release.requests] == ["/Charades.zip"]  # no video archive fetched
