@@ -23,11 +23,10 @@ import util
 from dataloaders.base import collate_items
 from dataloaders.registry import DATASETS, DataConfig, build_eval_datasets, build_train_dataset
 from dataloaders.video import DECODERS, DEFAULT_DECODER, FrameSamplingConfig
-from modules.ast import (CHECKPOINT_NAME, ASTConfig, audioset_checkpoint_to_ast, config_from_weights,
-                         load_audioset_checkpoint)
+from modules import weights
+from modules.ast import CHECKPOINT_NAME, ASTConfig, checkpoint_to_trunk, config_from_weights, load_audioset_checkpoint
 from modules.clip import MODULES_DIR, config_from_state_dict, load_clip_state_dict
-from modules.fusion import FusionConfig
-from modules.fusion import PADDING_RULES, TEXT_INITS
+from modules.fusion import PADDING_RULES, TEXT_INITS, FusionConfig
 from modules.loss import LossConfig
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import TRAINING_PAIRS, ContrastiveObjective, ObjectiveConfig
@@ -99,9 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model")
     m.add_argument("--pretrained_clip_name", default="ViT-B/32",
-                   help="ViT-B/32, ViT-B/16 (modules/ViT-B-*.pt) or a CLIP checkpoint path")
+                   help="ViT-B/32, ViT-B/16 (modules/ViT-B-*.pt, else the weights cache, else downloaded "
+                        "and SHA-256-checked) or a CLIP checkpoint path (OpenAI or open_clip format)")
     m.add_argument("--ast_checkpoint", default=os.path.join(MODULES_DIR, CHECKPOINT_NAME),
-                   help="AST AudioSet checkpoint (audioset_10_10_0.4593.pth format)")
+                   help="AST AudioSet checkpoint (released .pth or transformers ASTModel .bin/.safetensors); "
+                        "the default file is taken from the weights cache or downloaded when missing")
+    m.add_argument("--weights_cache", default=None,
+                   help=f"where released weights are downloaded (default: ${weights.CACHE_ENV}, else "
+                        "$XDG_CACHE_HOME/avigate, else ~/.cache/avigate)")
+    m.add_argument("--offline", action="store_true",
+                   help=f"never download weights (also ${weights.OFFLINE_ENV}=1); a missing file is an error "
+                        "naming its URL and where to put it")
     m.add_argument("--cross_num_hidden_layers", type=int, default=4, help="fusion transformer blocks")
     m.add_argument("--audio_query_layers", type=int, default=4, help="audio resampler blocks")
     m.add_argument("--temperature", type=float, default=1.0, help="tau of the local log-sum-exp score")
@@ -230,13 +237,23 @@ def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
-    """CLIP + AST weights from their released files (DESIGN §7 init), then --init_model if given."""
-    clip_state = load_clip_state_dict(args.pretrained_clip_name)
-    ast_state = None if args.no_audio else load_audioset_checkpoint(args.ast_checkpoint)
-    ast_weights = None if ast_state is None else audioset_checkpoint_to_ast(ast_state)
+    """CLIP + AST weights from their released files (DESIGN §7 init), then --init_model if given.
+
+    Missing released files are fetched into --weights_cache (modules/weights.py); where each file
+    came from, with its SHA-256, is kept as ``model.weight_sources`` for the run record.
+    """
+    cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
+    sources = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
+    if not args.no_audio:
+        sources["ast"] = weights.resolve_ast_checkpoint(args.ast_checkpoint, cache, offline)
+    clip_state = load_clip_state_dict(sources["clip"].path)
+    ast_weights = checkpoint_to_trunk(load_audioset_checkpoint(sources["ast"].path)) if "ast" in sources else None
     cfg = model_config(args, clip_state, ast_weights)
-    model = AVIGATE.from_pretrained(cfg, clip_state, ast_state)
+    model = AVIGATE.from_pretrained(cfg, clip_state, ast_weights)
     model.set_grad_checkpointing(args.grad_checkpointing)
+    model.weight_sources = {name: source.record() for name, source in sources.items()}
+    for name, source in sources.items():
+        util.logger.info("%s weights: %s (%s, sha256 %s)", name, source.path, source.source, source.sha256)
     if args.init_model:
         util.load_model_weights(model, args.init_model)
     return model.to(device)

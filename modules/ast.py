@@ -8,13 +8,18 @@ is frozen (so its tokens can be cached once per clip, see dataloaders/audio_cach
 while ``AST.norm`` stays trainable.
 
 Weights come from the AST authors' released AudioSet checkpoint through the pure
-converter ``audioset_checkpoint_to_ast`` followed by a strict load.
+converter ``audioset_checkpoint_to_ast`` followed by a strict load. The same weights in
+transformers' layout (``ASTModel`` / ``ASTForAudioClassification`` state dicts, .bin or
+.safetensors, e.g. MIT/ast-finetuned-audioset-10-10-0.4593) go through ``hf_ast_to_trunk``;
+``checkpoint_to_trunk`` picks the converter. Finding or downloading the released file is
+modules/weights.py's job.
 
 Shapes: B batch, A audio tokens (1 + patches), W width.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional, Union
@@ -44,6 +49,37 @@ CHECKPOINT_SOURCE = (
 DATAPARALLEL_PREFIX = "module."
 TRUNK_PREFIX = "v."
 DROPPED_PREFIXES = ("mlp_head.", "v.head.", "v.head_dist.")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+# transformers' AST naming -> ours. The classification model nests the trunk under
+# HF_MODEL_PREFIX and adds an AudioSet head (dropped). Block keys exist in two spellings:
+# saved files (``encoder.layer.N.attention.attention.query`` ..., every transformers
+# version's save_pretrained) and transformers 5's modules (``layers.N.attention.q_proj`` ...).
+HF_MODEL_PREFIX = "audio_spectrogram_transformer."
+HF_DROPPED_PREFIXES = ("classifier.",)
+HF_MARKER_KEY = "embeddings.cls_token"
+HF_TOP_LEVEL = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.distillation_token": "dist_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+HF_BLOCK_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+HF_BLOCK_MODULES = {
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1",
+    "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2",
+}
+# Separate q/k/v projections, concatenated in this order into timm's fused qkv.
+HF_QKV_MODULES = {
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+}
+QKV_ORDER = "qkv"
 
 
 @dataclass
@@ -199,14 +235,14 @@ class AST(nn.Module):
 
         Args:
             path_or_state_dict: path of ``audioset_10_10_0.4593.pth`` (or a file in the same
-                format), or the loaded state dict.
+                format, or a transformers AST .bin/.safetensors file), or the loaded state dict.
             cfg: trunk configuration; inferred from the weight shapes when None (heads as
                 width / 64, spectrogram size and strides from the defaults).
         """
         state_dict = path_or_state_dict
         if not isinstance(state_dict, dict):
             state_dict = load_audioset_checkpoint(path_or_state_dict)
-        weights = audioset_checkpoint_to_ast(state_dict)
+        weights = checkpoint_to_trunk(state_dict)
         cfg = cfg or config_from_weights(weights)
         model = cls(cfg)
         load_strict(model, weights)
@@ -214,19 +250,74 @@ class AST(nn.Module):
 
 
 def load_audioset_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    """Read a checkpoint file on the CPU, with a clear message when it is missing."""
+    """Read a checkpoint file (torch or .safetensors) on the CPU, with clear messages when it
+    is missing or a folder. The state dict comes back as stored (see ``checkpoint_to_trunk``)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"AST checkpoint '{path}' is a folder; pass the weights file inside it (a transformers "
+            "folder holds model.safetensors or pytorch_model.bin)")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"AST checkpoint not found: '{path}'. Download {CHECKPOINT_SOURCE} and pass its "
             "path.")
+    if path.endswith(SAFETENSORS_SUFFIX):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_transformers_ast(state_dict: dict) -> bool:
+    """Whether a state dict uses transformers' AST names (``[audio_spectrogram_transformer.]embeddings.*``)."""
+    return any(key.endswith(HF_MARKER_KEY) for key in state_dict)
+
+
+def checkpoint_to_trunk(state_dict: dict) -> dict:
+    """Any supported AST state dict (released AudioSet format or transformers') -> this module's."""
+    if is_transformers_ast(state_dict):
+        return hf_ast_to_trunk(state_dict)
+    return audioset_checkpoint_to_ast(state_dict)
+
+
+def hf_ast_to_trunk(state_dict: dict) -> dict:
+    """transformers ``ASTModel`` / ``ASTForAudioClassification`` state dict -> this module's.
+
+    Same tensors under other names; the separate q/k/v projections of each block are
+    concatenated (q, k, v) into timm's ``attn.qkv``; the classifier is dropped and
+    floating-point weights become fp32. Our LayerNorms keep DeiT's eps (1e-6, the original
+    AST's) whatever transformers' config says.
+    """
+    weights, qkv = {}, {}
+    for key, value in state_dict.items():
+        key = key[len(HF_MODEL_PREFIX):] if key.startswith(HF_MODEL_PREFIX) else key
+        if key.startswith(HF_DROPPED_PREFIXES):
+            continue
+        if key in HF_TOP_LEVEL:
+            weights[HF_TOP_LEVEL[key]] = value
+            continue
+        match = HF_BLOCK_KEY.match(key)
+        if match is None or match.group(2) not in {**HF_BLOCK_MODULES, **HF_QKV_MODULES}:
+            raise KeyError(f"unexpected key {key!r} in a transformers AST state dict")
+        index, module, kind = match.groups()
+        if module in HF_QKV_MODULES:
+            qkv.setdefault((index, kind), {})[HF_QKV_MODULES[module]] = value
+        else:
+            weights[f"blocks.{index}.{HF_BLOCK_MODULES[module]}.{kind}"] = value
+    for (index, kind), parts in qkv.items():
+        if set(parts) != set(QKV_ORDER):
+            raise KeyError(f"transformers AST block {index}: attention {kind} lacks "
+                           f"{sorted(set(QKV_ORDER) - set(parts))} of the q/k/v projections")
+        weights[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts[p] for p in QKV_ORDER], dim=0)
+    return {key: value.float() if value.is_floating_point() else value for key, value in weights.items()}
 
 
 def audioset_checkpoint_to_ast(state_dict: dict) -> dict:
     """Released AudioSet checkpoint (DataParallel, ``module.v.*``) -> this module's state dict.
 
     Drops the AudioSet classifier and the unused ImageNet heads, strips the ``module.`` and
-    ``v.`` prefixes and casts floating-point weights (possibly fp16) to fp32.
+    ``v.`` prefixes and casts floating-point weights (possibly fp16) to fp32. Keys already in
+    this module's naming (e.g. from ``hf_ast_to_trunk``) pass through unchanged.
     """
     weights = {}
     for key, value in state_dict.items():

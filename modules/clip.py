@@ -4,7 +4,9 @@ Parameter names are exactly OpenAI's (``visual.conv1.weight``, ``transformer.res
 ``ln_final``, ``text_projection``, ``logit_scale`` ...), so a released state dict loads with
 ``strict=True`` and nothing is renamed. The architecture is read off the state dict's
 shapes (``config_from_state_dict``), so ViT-B/32, ViT-B/16 and test-sized models share
-one code path. Heads follow OpenAI's rule: width // 64 in both towers.
+one code path. Heads follow OpenAI's rule: width // 64 in both towers. open_clip state
+dicts (``text.*`` text towers, .safetensors files) are converted to OpenAI's names on load
+(``open_clip_to_openai``); finding or downloading the released files is modules/weights.py's job.
 
 Shapes: N images or texts, L tokens, P = grid² patches, W tower width, D joint width.
 """
@@ -35,6 +37,9 @@ ARCHIVE_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Containers other training code wraps a state dict in, and DataParallel's key prefix.
 STATE_DICT_WRAPPER_KEYS = ("state_dict", "model")
 DATA_PARALLEL_PREFIX = "module."
+# open_clip's CustomTextCLIP keeps the text tower under this prefix.
+OPEN_CLIP_TEXT_PREFIX = "text."
+SAFETENSORS_SUFFIX = ".safetensors"
 MODULES_DIR = os.path.dirname(os.path.abspath(__file__))
 RELEASED_CHECKPOINTS = {"ViT-B/32": "ViT-B-32.pt", "ViT-B/16": "ViT-B-16.pt"}
 
@@ -309,6 +314,26 @@ def unwrap_state_dict(checkpoint_obj: dict) -> dict[str, torch.Tensor]:
     return weights
 
 
+def open_clip_to_openai(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pure converter: an open_clip state dict -> OpenAI key names.
+
+    open_clip's ``CLIP`` (e.g. ``ViT-B-32-quickgelu``) already uses OpenAI's names
+    (``visual.*``, ``transformer.resblocks.N.attn.in_proj_weight`` ...: checked against
+    open_clip_torch 3.3); its ``CustomTextCLIP`` keeps the text tower under ``text.``
+    (``text.token_embedding.weight``, ``text.transformer.*``, ``text.ln_final.*``,
+    ``text.text_projection``), which moves back to the top level here. A text projection
+    stored as a Linear (``text.text_projection.weight``, open_clip's ``proj_bias``) has no
+    OpenAI counterpart and is refused. Only the key names are checked: a GELU (not
+    QuickGELU) open_clip model loads but computes with OpenAI's QuickGELU, so convert only
+    quickgelu models (OpenAI-trained weights are).
+    """
+    if any(key.startswith(OPEN_CLIP_TEXT_PREFIX + "text_projection.") for key in state_dict):
+        raise ValueError("open_clip state dict has a Linear text projection (text.text_projection.weight); "
+                         "OpenAI's CLIP has a bias-free projection matrix, so it cannot be converted")
+    return {key[len(OPEN_CLIP_TEXT_PREFIX):] if key.startswith(OPEN_CLIP_TEXT_PREFIX) else key: value
+            for key, value in state_dict.items()}
+
+
 def resolve_checkpoint_path(name_or_path: PathLike) -> str:
     """"ViT-B/32" / "ViT-B/16" -> modules/ViT-B-32.pt / modules/ViT-B-16.pt; paths pass through."""
     name = os.fspath(name_or_path)
@@ -342,11 +367,16 @@ def _is_torchscript_archive(path: str) -> bool:
 
 
 def load_clip_state_dict(name_or_path: PathLike) -> dict[str, torch.Tensor]:
-    """OpenAI TorchScript archive, plain state-dict file or released name -> fp32 OpenAI-named weights."""
+    """Released name, OpenAI TorchScript archive, or a state-dict file (.pt/.bin/.safetensors, OpenAI
+    or open_clip names) -> fp32 OpenAI-named weights."""
     path = resolve_checkpoint_path(name_or_path)
     if not os.path.isfile(path):
         raise _missing_checkpoint_error(name_or_path, path)
-    if _is_torchscript_archive(path):
+    if path.endswith(SAFETENSORS_SUFFIX):
+        from safetensors.torch import load_file
+
+        checkpoint_obj = load_file(path, device="cpu")
+    elif _is_torchscript_archive(path):
         with warnings.catch_warnings():
             # Reading OpenAI's archive format is deliberate; torch flags TorchScript as legacy.
             warnings.simplefilter("ignore", FutureWarning)
@@ -359,4 +389,4 @@ def load_clip_state_dict(name_or_path: PathLike) -> dict[str, torch.Tensor]:
                              f"(torch.save(model.state_dict(), path))") from err
     if not isinstance(checkpoint_obj, dict):
         raise ValueError(f"{path} holds a {type(checkpoint_obj).__name__}, not a CLIP state dict")
-    return unwrap_state_dict(checkpoint_obj)
+    return open_clip_to_openai(unwrap_state_dict(checkpoint_obj))
