@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.base import collate_items
-from metrics import retrieval_metrics, retrieval_metrics_with_dsl
+from metrics import metrics_report
 from training import video_inputs
 from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
 
@@ -136,10 +136,10 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
 
 
 def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
-    """{"plain": metrics} and, with ``dsl``, "dsl" beside it (metrics.py)."""
-    if dsl:
-        return retrieval_metrics_with_dsl(sim, caption_video)
-    return {"plain": retrieval_metrics(sim, caption_video)}
+    """metrics.json's metric entries (metrics.metrics_report): "plain" and, with ``dsl``,
+    "dsl" in the released CLIP4Clip/AVIGATE convention (DESIGN §8), the same under
+    "per_caption" in the stricter per-caption convention, and "metric_convention"."""
+    return metrics_report(sim, caption_video, dsl=dsl)
 
 
 def _floats(values: np.ndarray) -> list:
