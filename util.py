@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from modules import released_checkpoint
+
 
 LOGGER_NAME = "avigate"
 logger = logging.getLogger(LOGGER_NAME)
@@ -379,7 +381,8 @@ def save_model_file(model: torch.nn.Module, path: str) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Strictly load a model-only file (``pytorch_model.bin.N``) into ``model``."""
+    """Strictly load a model-only file (``pytorch_model.bin.N``) into ``model``: ours, or one
+    saved by the released AVIGATE code (converted by modules.released_checkpoint)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_model {path!r} does not exist")
     try:
@@ -387,6 +390,10 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     except pickle.UnpicklingError as err:
         raise ValueError(f"--init_model {path!r} is not a model-only weights file (a training state? "
                          f"continue it with --resume_model, or pass a pytorch_model.bin.N file)") from err
+    if released_checkpoint.is_released_layout(state):  # trained with the released AVIGATE code
+        released_checkpoint.load_released_checkpoint(unwrap(model), state, source=path)
+        logger.info("loaded model weights from %s (released AVIGATE layout, converted)", path)
+        return
     result = unwrap(model).load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the model built from the flags; "
