@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.base import collate_items
-from metrics import retrieval_metrics, retrieval_metrics_with_dsl
+from metrics import metrics_report
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.rerank import ranking_matrices, score_pair_list, shortlists
 from training import video_inputs
@@ -208,21 +208,19 @@ def rerank_metrics(scored: ScoredSplit, caption_video: np.ndarray) -> dict:
     """Final metrics (t2v from the t2v ranking, v2t from the v2t ranking), stage-1 metrics and
     what re-ranking cost."""
     reranked = scored.reranked
-    final = {k: v for k, v in retrieval_metrics(reranked.t2v, caption_video).items() if k.startswith("t2v")}
-    final.update({k: v for k, v in retrieval_metrics(reranked.v2t, caption_video).items() if k.startswith("v2t")})
-    final["RSum"] = sum(final[f"{d}_R@{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10))
     num_texts, num_videos = scored.sim.shape
     fused = int(reranked.pair_text.shape[0])
-    return {"plain": final, "stage1": split_metrics(scored.sim, caption_video, dsl=False),
+    return {**metrics_report(reranked.t2v, caption_video, v2t_sim=reranked.v2t),
+            "stage1": split_metrics(scored.sim, caption_video, dsl=False),
             "rerank": {"topk": reranked.topk, "pairs_fused": fused, "pairs_total": num_texts * num_videos,
                        "fused_fraction": fused / max(num_texts * num_videos, 1)}}
 
 
 def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
-    """{"plain": metrics} and, with ``dsl``, "dsl" beside it (metrics.py)."""
-    if dsl:
-        return retrieval_metrics_with_dsl(sim, caption_video)
-    return {"plain": retrieval_metrics(sim, caption_video)}
+    """metrics.json's metric entries (metrics.metrics_report): "plain" and, with ``dsl``,
+    "dsl" in the released CLIP4Clip/AVIGATE convention (DESIGN §8), the same under
+    "per_caption" in the stricter per-caption convention, and "metric_convention"."""
+    return metrics_report(sim, caption_video, dsl=dsl)
 
 
 def _floats(values: np.ndarray) -> list:

@@ -2,18 +2,36 @@
 
 Shapes: Nt texts (rows), Nv videos (columns). Several texts may describe one video
 (VATEX-style multi-sentence evaluation); ``text_to_video_index[i]`` is the column of text
-i's video.
+i's video, and the captions of a video form its caption group.
 
-Ranks are 1-based and ties are ranked pessimistically: a ground truth tied with k
-non-ground-truth candidates gets the worst rank among them, so a constant score matrix
-cannot score well. Text-to-video ranks each text's video among all videos. Video-to-text
-ranks a video's captions among all texts and counts the video at its best-ranked caption:
-its rank is 1 + the number of other texts scoring at least as high as its best caption
-(its own other captions never count against it).
+Ranks are 1-based and ties are ranked pessimistically in every convention: a ground truth
+tied with k competitors gets the worst rank among them (1 + the number of competitors
+scoring at least as high), so a constant score matrix cannot score well.
+
+Two conventions (``convention=``):
+
+``"released"`` (default): the convention of the released CLIP4Clip / AVIGATE evaluation, so
+numbers stand beside published ones.
+    t2v: each text ranks its video among all videos. R@k and MnR over all texts; MdR is the
+        lower median of the ranks (``torch.median``) when some video has several captions,
+        the usual median (mean of the two middle ranks, ``np.median``) when every video has
+        exactly one.
+    v2t: each caption group is scored, for every video, by its best caption
+        (G[g, v] = max over the captions i of group g of sim[i, v]); a video ranks its own
+        group among all Nv groups. MdR is the usual median.
+``"per_caption"`` (the stricter alternative): t2v as above but MdR always the usual median;
+    v2t ranks a video's best caption among all texts: 1 + the number of other videos'
+    captions scoring at least as high (its own other captions never count against it), so
+    a video whose neighbours have many captions faces more competitors.
+
+With exactly one caption per video both conventions give identical numbers. The released
+code itself breaks ties differently (its argsort orders tied scores arbitrarily, and its
+``compute_metrics`` lists a row tied with k others k+1 times, at each tied position); ties
+need exactly equal scores, which continuous model scores almost never produce.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,9 +39,15 @@ import torch
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 RECALL_AT = (1, 5, 10)
+CONVENTIONS = ("released", "per_caption")
+DEFAULT_CONVENTION = "released"
+MEDIANS = ("average", "lower")
 # Rows compared at once when counting ranks; bounds the boolean temporaries of a 60k x 1.5k
 # (VATEX-size) matrix to a few MB.
 ROW_CHUNK = 4096
+# Video columns whose caption-group scores [Nv, chunk] are built at once (released v2t); keeps
+# a 10k-video gallery's group matrix to a few tens of MB.
+COL_CHUNK = 1024
 # DSL softmax temperature: the scores already carry CLIP's logit scale (up to 100 x cos),
 # so they are used as softmax logits unchanged.
 DEFAULT_DSL_TEMPERATURE = 1.0
@@ -91,7 +115,8 @@ def text_to_video_ranks(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def video_to_text_ranks(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each video at its best-ranked caption among all texts, ties pessimistic.
+    """1-based rank of each video at its best-ranked caption among all texts, ties pessimistic
+    (the "per_caption" video-to-text convention).
 
     Args:
         sim: scores [Nt, Nv].
@@ -114,16 +139,67 @@ def video_to_text_ranks(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return at_least_best - own_at_best + 1
 
 
-def rank_summary(ranks: torch.Tensor, prefix: str) -> Dict[str, float]:
+def caption_group_scores(sim: torch.Tensor, index: torch.Tensor,
+                         columns: slice = slice(None)) -> torch.Tensor:
+    """Score of every caption group for the given video columns: its best caption's score.
+
+    Args:
+        sim: scores [Nt, Nv].
+        index: ground-truth video column per text [Nt]; every video has at least one text.
+        columns: the video columns to compute (a slice of the Nv columns, C of them).
+
+    Returns:
+        G [Nv, C]: G[g, c] = max over the texts i of video g of sim[i, columns][c].
+    """
+    block = sim[:, columns]
+    groups = torch.full((sim.shape[1], block.shape[1]), float("-inf"), dtype=sim.dtype,
+                        device=sim.device)
+    for start in range(0, sim.shape[0], ROW_CHUNK):
+        rows = block[start:start + ROW_CHUNK]
+        groups.scatter_reduce_(0, index[start:start + ROW_CHUNK, None].expand_as(rows), rows,
+                               reduce="amax")
+    return groups
+
+
+def video_to_group_ranks(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each video's own caption group among all Nv groups, each group scored by
+    its best caption, ties pessimistic (the "released" video-to-text convention).
+
+    Args:
+        sim: scores [Nt, Nv].
+        index: ground-truth video column per text [Nt]; every video has at least one text.
+
+    Returns:
+        ranks [Nv] (long).
+    """
+    num_videos = sim.shape[1]
+    ranks = []
+    for start in range(0, num_videos, COL_CHUNK):
+        stop = min(start + COL_CHUNK, num_videos)
+        groups = caption_group_scores(sim, index, slice(start, stop))  # [Nv, C]
+        own = groups[torch.arange(start, stop, device=sim.device), torch.arange(stop - start)]
+        # The own group counts itself, so ">=" gives 1 + the groups tied or ahead.
+        ranks.append((groups >= own).sum(dim=0))
+    return torch.cat(ranks)
+
+
+def rank_summary(ranks: torch.Tensor, prefix: str, median: str = "average") -> Dict[str, float]:
     """R@k (percent), median rank and mean rank of 1-based ranks [N], keys ``{prefix}_R@k`` ...
 
     Args:
         ranks: 1-based ranks [N].
         prefix: key prefix, "t2v" or "v2t".
+        median: "average" (mean of the two middle ranks when N is even, ``np.median``) or
+            "lower" (the lower of the two, ``torch.median``).
     """
+    if median not in MEDIANS:
+        raise ValueError(f"metrics.py: median must be one of {MEDIANS}, got {median!r}")
     ranks = ranks.cpu().numpy()
     summary = {f"{prefix}_R@{k}": float(100.0 * np.mean(ranks <= k)) for k in RECALL_AT}
-    summary[f"{prefix}_MdR"] = float(np.median(ranks))
+    if median == "lower":
+        summary[f"{prefix}_MdR"] = float(np.sort(ranks)[(len(ranks) - 1) // 2])
+    else:
+        summary[f"{prefix}_MdR"] = float(np.median(ranks))
     summary[f"{prefix}_MnR"] = float(np.mean(ranks))
     return summary
 
@@ -135,23 +211,49 @@ def _with_rsum(metrics: Dict[str, float]) -> Dict[str, float]:
     return metrics
 
 
-def retrieval_metrics(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequence[int]]
-                      ) -> Dict[str, float]:
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"metrics.py: convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+def _one_caption_per_video(index: torch.Tensor, num_videos: int) -> bool:
+    return bool((torch.bincount(index, minlength=num_videos) == 1).all())
+
+
+def _directional_metrics(t2v_sim: torch.Tensor, v2t_sim: torch.Tensor, index: torch.Tensor,
+                         convention: str) -> Dict[str, float]:
+    """Metrics with t2v ranked on ``t2v_sim`` and v2t on ``v2t_sim`` (both [Nt, Nv]; they differ
+    only under DSL), in ``convention``."""
+    _check_convention(convention)
+    if convention == "released":
+        single = _one_caption_per_video(index, t2v_sim.shape[1])
+        metrics = rank_summary(text_to_video_ranks(t2v_sim, index), "t2v",
+                               median="average" if single else "lower")
+        metrics.update(rank_summary(video_to_group_ranks(v2t_sim, index), "v2t"))
+    else:
+        metrics = rank_summary(text_to_video_ranks(t2v_sim, index), "t2v")
+        metrics.update(rank_summary(video_to_text_ranks(v2t_sim, index), "v2t"))
+    return _with_rsum(metrics)
+
+
+def retrieval_metrics(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequence[int]],
+                      convention: str = DEFAULT_CONVENTION) -> Dict[str, float]:
     """Text-to-video and video-to-text R@1/5/10 (percent), MdR, MnR, and RSum.
 
     Args:
         sim: scores [Nt, Nv] (numpy or torch, any device); finite.
         text_to_video_index: ground-truth video column of every text [Nt]; several texts may
             share a video, and every video needs at least one text.
+        convention: "released" (CLIP4Clip / AVIGATE evaluation, default) or "per_caption"
+            (see the module docstring; identical with one caption per video).
 
     Returns:
         dict with keys t2v_R@1, t2v_R@5, t2v_R@10, t2v_MdR, t2v_MnR, the same for v2t, RSum.
     """
+    _check_convention(convention)
     sim = _as_score_tensor(sim)
     index = _as_video_index(text_to_video_index, sim)
-    metrics = rank_summary(text_to_video_ranks(sim, index), "t2v")
-    metrics.update(rank_summary(video_to_text_ranks(sim, index), "v2t"))
-    return _with_rsum(metrics)
+    return _directional_metrics(sim, sim, index, convention)
 
 
 def dual_softmax(sim: ArrayLike, temperature: float = DEFAULT_DSL_TEMPERATURE,
@@ -181,22 +283,67 @@ def dual_softmax(sim: ArrayLike, temperature: float = DEFAULT_DSL_TEMPERATURE,
 
 def retrieval_metrics_with_dsl(sim: ArrayLike,
                                text_to_video_index: Union[ArrayLike, Sequence[int]],
-                               temperature: float = DEFAULT_DSL_TEMPERATURE
+                               temperature: float = DEFAULT_DSL_TEMPERATURE,
+                               convention: str = DEFAULT_CONVENTION
                                ) -> Dict[str, Dict[str, float]]:
     """Plain metrics and DSL metrics side by side: ``{"plain": {...}, "dsl": {...}}``.
 
     The DSL text-to-video numbers come from ``dual_softmax(sim, temperature, dim=0)`` and the
-    video-to-text ones from ``dual_softmax(sim, temperature, dim=1)``; both dicts have the
-    keys of ``retrieval_metrics``.
+    video-to-text ones from ``dual_softmax(sim, temperature, dim=1)`` (under "released", the
+    caption groups are scored on that matrix); both dicts have the keys of
+    ``retrieval_metrics``.
 
     Args:
         sim: plain scores [Nt, Nv] (numpy or torch); finite.
         text_to_video_index: ground-truth video column of every text [Nt].
         temperature: DSL softmax temperature.
+        convention: "released" (default) or "per_caption".
+    """
+    _check_convention(convention)
+    sim = _as_score_tensor(sim)
+    index = _as_video_index(text_to_video_index, sim)
+    return {"plain": _directional_metrics(sim, sim, index, convention),
+            "dsl": _directional_metrics(dual_softmax(sim, temperature, dim=0),
+                                        dual_softmax(sim, temperature, dim=1), index, convention)}
+
+
+def metrics_report(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequence[int]],
+                   dsl: bool = False, temperature: float = DEFAULT_DSL_TEMPERATURE,
+                   v2t_sim: Optional[ArrayLike] = None) -> dict:
+    """The metric entries of metrics.json: the default convention under the usual keys, the
+    alternative beside it.
+
+    Returns:
+        {"metric_convention": "released", "plain": {...}, "dsl": {...} (with ``dsl``),
+         "per_caption": {"plain": {...}, "dsl": {...} (with ``dsl``)}}; every inner dict has
+        the keys of ``retrieval_metrics``.
+
+    Args:
+        sim: plain scores [Nt, Nv] (numpy or torch); finite.
+        text_to_video_index: ground-truth video column of every text [Nt].
+        dsl: also compute the DSL metrics.
+        temperature: DSL softmax temperature.
+        v2t_sim: when the two directions rank by different matrices (shortlist re-ranking,
+            modules/rerank.py), the video-to-text one [Nt, Nv]; ``sim`` is then the
+            text-to-video one and DSL is not defined.
     """
     sim = _as_score_tensor(sim)
     index = _as_video_index(text_to_video_index, sim)
-    dsl = rank_summary(text_to_video_ranks(dual_softmax(sim, temperature, dim=0), index), "t2v")
-    dsl.update(rank_summary(video_to_text_ranks(dual_softmax(sim, temperature, dim=1), index),
-                            "v2t"))
-    return {"plain": retrieval_metrics(sim, index), "dsl": _with_rsum(dsl)}
+    if v2t_sim is not None:
+        if dsl:
+            raise ValueError("metrics.py: DSL post-processes one score matrix; it is not defined for "
+                             "separate text-to-video and video-to-text rankings")
+        v2t_sim = _as_score_tensor(v2t_sim)
+        if v2t_sim.shape != sim.shape:
+            raise ValueError(f"metrics.py: v2t_sim {tuple(v2t_sim.shape)} must match sim {tuple(sim.shape)}")
+    matrices = {"plain": (sim, sim if v2t_sim is None else v2t_sim)}
+    if dsl:
+        matrices["dsl"] = (dual_softmax(sim, temperature, dim=0), dual_softmax(sim, temperature, dim=1))
+
+    def entries(convention: str) -> dict:
+        return {name: _directional_metrics(t2v, v2t, index, convention)
+                for name, (t2v, v2t) in matrices.items()}
+
+    alternative = next(c for c in CONVENTIONS if c != DEFAULT_CONVENTION)
+    return {"metric_convention": DEFAULT_CONVENTION, **entries(DEFAULT_CONVENTION),
+            alternative: entries(alternative)}

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from modules import released_checkpoint
+
 
 LOGGER_NAME = "avigate"
 logger = logging.getLogger(LOGGER_NAME)
@@ -405,12 +407,13 @@ def save_model_file(model: torch.nn.Module, path: str) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
-    """Strictly load a model-only file (``pytorch_model.bin.N``) into ``model``; returns the
-    names of the parameters that the file lacks and that were created instead.
+    """Strictly load a model-only file (``pytorch_model.bin.N``, or one saved by the released
+    AVIGATE code, converted by modules.released_checkpoint) into ``model``; returns the names of
+    the parameters that the file lacks and that were created instead.
 
     The one tolerated difference is the warm start of a text-guided model from a checkpoint
     with fewer text terms (e.g. text-agnostic AVIGATE, DESIGN §4a): the missing text terms keep
-    their zero start and are reported. Anything else missing or unexpected, and any shape
+    their initialization and are reported. Anything else missing or unexpected, and any shape
     mismatch, is an error naming the keys.
     """
     if not os.path.isfile(path):
@@ -421,8 +424,16 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
         raise ValueError(f"--init_model {path!r} is not a model-only weights file (a training state? "
                          f"continue it with --resume_model, or pass a pytorch_model.bin.N file)") from err
     module = unwrap(model)
-    own = module.state_dict()
     text_terms = set(module.text_term_names()) if hasattr(module, "text_term_names") else set()
+    if released_checkpoint.is_released_layout(state):  # trained with the released AVIGATE code
+        if not text_terms:
+            released_checkpoint.load_released_checkpoint(module, state, source=path)
+            logger.info("loaded model weights from %s (released AVIGATE layout, converted)", path)
+            return []
+        frames = module.fusion.frame_position.shape[0]
+        state = released_checkpoint.released_to_native(state, num_frames=frames, source=path)
+        logger.info("%s: released AVIGATE layout, converted for a text-guided warm start", path)
+    own = module.state_dict()
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in own.items() if k in state and state[k].shape != v.shape]
     missing = [k for k in own if k not in state]
