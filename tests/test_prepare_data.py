@@ -14,7 +14,7 @@ from dataloaders.registry import DataConfig, build_eval_datasets, build_train_da
 from dataloaders.video import FrameSamplingConfig
 from fileserver import FileServer
 from preprocess import prepare_data, source_charades, source_msrvtt, source_vatex
-from preprocess.make_tiny_checkpoints import TinyCheckpointConfig, make_tiny_checkpoints
+from synthetic.make_tiny_checkpoints import TinyCheckpointConfig, make_tiny_checkpoints
 
 FPS, SECONDS, SIZE, AUDIO_RATE = 5, 1.0, (64, 48), 16000
 FRAMES = FrameSamplingConfig(max_frames=2, image_size=32)

@@ -9,7 +9,7 @@ from fileserver import FileServer
 from modules import weights
 from modules.ast import AST, ASTConfig
 from modules.clip import CLIP, CLIPConfig, load_clip_state_dict
-from preprocess.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head
+from synthetic.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head
 
 DATA = bytes(range(256)) * 4099  # ~1 MB, no repeating period of a chunk size
 
@@ -298,7 +298,7 @@ def test_main_offline_names_url_and_path(tmp_path, monkeypatch):
 
 
 def test_main_records_weight_sources(tmp_path):
-    from preprocess.make_tiny_checkpoints import TinyCheckpointConfig, make_tiny_checkpoints
+    from synthetic.make_tiny_checkpoints import TinyCheckpointConfig, make_tiny_checkpoints
 
     paths = make_tiny_checkpoints(str(tmp_path), TinyCheckpointConfig())
     main, args = parse_main_args("--pretrained_clip_name", paths["clip"], "--ast_checkpoint", paths["ast"],
