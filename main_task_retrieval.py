@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("run")
     a.add_argument("--do_train", action="store_true", help="train, then evaluate the selected checkpoint")
     a.add_argument("--do_eval", action="store_true", help="evaluate --init_model on the test split")
+    a.add_argument("--skip_test", action="store_true",
+                   help="with --do_train: stop after training, without the test-split evaluation "
+                        "(evaluate the selected checkpoint later with --do_eval)")
     a.add_argument("--output_dir", required=True, help="run directory (checkpoints, logs, outputs)")
     a.add_argument("--seed", type=int, default=42)
     a.add_argument("--device", choices=DEVICES, default="auto")
@@ -170,6 +173,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
     if args.batch_size % (world_size * args.gradient_accumulation_steps):
         parser.error(f"--batch_size {args.batch_size} must be divisible by world size {world_size} x "
                      f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
+    if args.skip_test and not args.do_train:
+        parser.error("--skip_test skips the test after training: it needs --do_train")
     if args.resume_model and not args.do_train:
         parser.error("--resume_model continues training: add --do_train")
     if not args.no_audio and not (args.audio_path or args.audio_feature_cache):
@@ -425,8 +430,15 @@ def run(args: argparse.Namespace, info: util.DistInfo) -> None:
             recorder.close()
             return
         checkpoint = util.model_file(args.output_dir, epoch)
-        util.logger.info("testing %s (%s)", checkpoint,
-                         "best validation epoch" if args.val_csv else "last epoch: no --val_csv")
+        selected = "best validation epoch" if args.val_csv else "last epoch: no --val_csv"
+        if args.skip_test:
+            util.logger.info("--skip_test: selected %s (%s); not testing it", checkpoint, selected)
+            if info.is_main:
+                util.write_json(os.path.join(args.output_dir, "selected_checkpoint.json"),
+                                {"checkpoint": checkpoint, "selection": selected})
+            recorder.close()
+            return
+        util.logger.info("testing %s (%s)", checkpoint, selected)
     test(args, info, model, recorder, tokenizer, image_size, checkpoint)
     recorder.close()
 
