@@ -30,7 +30,8 @@ from modules.fusion import PADDING_RULES, TEXT_INITS, FusionConfig
 from modules.loss import LossConfig
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import TRAINING_PAIRS, ContrastiveObjective, ObjectiveConfig
-from modules.optimization import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
+from modules.optimization import (CLIP_SCOPES, DECAY_RULES, OPTIMIZERS, OptimConfig, build_optimizer,
+                                  build_scheduler)
 from modules.resampler import ResamplerConfig
 from modules.tokenization_clip import ClipTokenizer
 
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches per step (each a smaller contrastive batch)")
     o.add_argument("--freeze_layer_num", type=int, default=0, help="leading CLIP blocks frozen per tower")
+    o.add_argument("--grad_clip_scope", choices=CLIP_SCOPES, default="group",
+                   help="clip each parameter group's gradient norm at 1.0 (DESIGN) or the global norm "
+                        "(the released training loop)")
+    o.add_argument("--weight_decay_rule", choices=DECAY_RULES, default="ndim",
+                   help="decay tensors with >= 2 dims (DESIGN) or every tensor whose name lacks 'bias' "
+                        "(released: LayerNorm weights and logit_scale decay too)")
     o.add_argument("--freeze_agnostic", action="store_true",
                    help="text-guided models: train only the text terms; the text-agnostic model (e.g. "
                         "the AVIGATE checkpoint of --init_model) stays exactly as it is")
@@ -267,7 +274,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
 def optim_config(args: argparse.Namespace) -> OptimConfig:
     return OptimConfig(name=args.optimizer, lr=args.lr, coef_lr=args.coef_lr,
                        warmup_proportion=args.warmup_proportion, freeze_layer_num=args.freeze_layer_num,
-                       freeze_agnostic=args.freeze_agnostic)
+                       freeze_agnostic=args.freeze_agnostic, clip_scope=args.grad_clip_scope,
+                       decay_rule=args.weight_decay_rule)
 
 
 def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:

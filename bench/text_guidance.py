@@ -466,7 +466,7 @@ def parse_args(argv):
 
 def study_config(args) -> demo.DemoConfig:
     if args.quick:
-        return replace(demo.DemoConfig(out_dir=args.out_dir), **demo.QUICK, num_test_clips=60)
+        return replace(demo.DemoConfig(out_dir=args.out_dir), **demo.QUICK)
     # The benchmark at its default size (synthetic/design.py), the demo's training recipe.
     return demo.DemoConfig(out_dir=args.out_dir, num_train_clips=540, num_test_clips=540)
 

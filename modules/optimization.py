@@ -38,6 +38,12 @@ from torch import nn
 from modules.fusion import is_text_term
 
 OPTIMIZERS = ("bertadam", "adamw")
+# Gradient clipping: each parameter group on its own (DESIGN §7) or the global norm of every
+# gradient at once (the released CLIP4Clip/AVIGATE training loop).
+CLIP_SCOPES = ("group", "global")
+# Which tensors get weight decay: those with >= 2 dimensions (DESIGN §7) or every tensor whose
+# name lacks "bias" (the released code's no-decay list, which matches none of CLIP's LayerNorms).
+DECAY_RULES = ("ndim", "released")
 ROLES = ("clip", "new", "query")
 
 CLIP_PREFIX = "clip."
@@ -66,6 +72,9 @@ class OptimConfig:
         warmup_proportion: fraction of the steps spent in linear warmup (``--warmup_proportion``).
         freeze_layer_num: number of leading resblocks frozen in each CLIP tower.
         freeze_agnostic: train only the text terms (``--freeze_agnostic``).
+        clip_scope: "group" (each group clipped to max_grad_norm) or "global" (the norm of all
+            gradients together, as released) (``--grad_clip_scope``).
+        decay_rule: "ndim" or "released" (module docstring; ``--weight_decay_rule``).
     """
 
     name: str = "bertadam"
@@ -79,6 +88,14 @@ class OptimConfig:
     warmup_proportion: float = 0.1
     freeze_layer_num: int = 0
     freeze_agnostic: bool = False
+    clip_scope: str = "group"
+    decay_rule: str = "ndim"
+
+    def __post_init__(self):
+        if self.clip_scope not in CLIP_SCOPES:
+            raise ValueError(f"--grad_clip_scope must be one of {CLIP_SCOPES}, got {self.clip_scope!r}")
+        if self.decay_rule not in DECAY_RULES:
+            raise ValueError(f"--weight_decay_rule must be one of {DECAY_RULES}, got {self.decay_rule!r}")
 
 
 def clip_group_gradients(params: Iterable[torch.Tensor], max_norm: float) -> None:
@@ -86,6 +103,16 @@ def clip_group_gradients(params: Iterable[torch.Tensor], max_norm: float) -> Non
     with_grad = [p for p in params if p.grad is not None]
     if max_norm > 0 and with_grad:
         torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+
+
+def clip_gradients(param_groups: list[dict]) -> None:
+    """Each group's gradients to its ``max_grad_norm`` (clip_scope "group"), or all of them
+    together to the first group's (clip_scope "global")."""
+    if param_groups and param_groups[0].get("clip_scope", "group") == "global":
+        clip_group_gradients([p for g in param_groups for p in g["params"]], param_groups[0]["max_grad_norm"])
+        return
+    for group in param_groups:
+        clip_group_gradients(group["params"], group["max_grad_norm"])
 
 
 class BertAdam(torch.optim.Optimizer):
@@ -123,8 +150,8 @@ class BertAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        clip_gradients(self.param_groups)
         for group in self.param_groups:
-            clip_group_gradients(group["params"], group["max_grad_norm"])
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
@@ -155,8 +182,7 @@ class GroupClippedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            clip_group_gradients(group["params"], group["max_grad_norm"])
+        clip_gradients(self.param_groups)
         return super().step(closure)
 
 
@@ -226,10 +252,10 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         role = parameter_role(name, cfg.freeze_layer_num, cfg.freeze_agnostic)
         if role == "frozen" or not p.requires_grad:
             continue
-        decay = p.ndim >= 2
+        decay = p.ndim >= 2 if cfg.decay_rule == "ndim" else "bias" not in name
         key = f"{role}/{'decay' if decay else 'no_decay'}"
         group = buckets.setdefault(key, {"name": key, "params": [], "param_names": [],
-                                         "lr": lr_of_role[role],
+                                         "lr": lr_of_role[role], "clip_scope": cfg.clip_scope,
                                          "weight_decay": cfg.weight_decay if decay else 0.0})
         group["params"].append(p)
         group["param_names"].append(name)

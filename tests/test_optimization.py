@@ -41,6 +41,31 @@ def test_bertadam_clips_each_group_separately():
     torch.testing.assert_close(opt.state[b]["exp_avg"], torch.tensor([0.3, 0.4], dtype=torch.float64))
 
 
+def test_global_clip_scope_clips_all_groups_together():
+    """--grad_clip_scope global (the released loop): the joint norm 5.0249 is clipped to 1, so
+    both groups shrink by the same factor."""
+    a = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = BertAdam([{"params": [a], "clip_scope": "global"}, {"params": [b], "clip_scope": "global"}],
+                   lr=1.0, betas=(0.0, 0.0), eps=0.0, max_grad_norm=1.0)
+    a.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    b.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    opt.step()
+    factor = 1.0 / math.sqrt(25 + 0.25)
+    torch.testing.assert_close(opt.state[a]["exp_avg"], factor * torch.tensor([3.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(opt.state[b]["exp_avg"], factor * torch.tensor([0.3, 0.4], dtype=torch.float64))
+
+
+def test_released_decay_rule_decays_every_tensor_without_bias_in_its_name():
+    model = _FakeModel()
+    groups = {g["name"]: g for g in build_optimizer(model, OptimConfig(decay_rule="released")).param_groups}
+    assert "clip.logit_scale" in groups["clip/decay"]["param_names"]
+    assert "ast.norm.weight" in groups["new/decay"]["param_names"]
+    assert "ast.norm.bias" in groups["new/no_decay"]["param_names"]
+    with pytest.raises(ValueError, match="--weight_decay_rule"):
+        OptimConfig(decay_rule="all")
+
+
 def test_warmup_cosine_values():
     f = WarmupCosine(total_steps=100, warmup=0.1)
     assert f(0) == 0.0
