@@ -25,7 +25,7 @@ from modules.tokenization_clip import ClipTokenizer
 from preprocess.cache_audio_features import main as cache_main
 from tests.datagen import AUDIO_SAMPLE_RATE, make_msrvtt
 from tests.test_train_e2e import tiny_flags, write_tiny_checkpoints
-from tools import error_report
+from tools import error_report, robustness_table
 
 N_TEST = 4
 KINDS = ("none", "silence", "noise", "swap")
@@ -296,3 +296,50 @@ def test_error_report_explains_a_run_without_dump(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(SystemExit, match="--dump_topk"):
         error_report.main(["--run", str(tmp_path), "--worst", "2"])
+
+
+# ----------------------------------------------------------------------------- robustness table
+
+def fake_eval(directory, kind: str, r1: float, gates=None, **settings) -> str:
+    os.makedirs(directory)
+    perturbation = {"kind": kind, **settings}
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump({"plain": {"t2v_R@1": r1}, "audio_perturbation": perturbation}, f)
+    if gates is not None:
+        with open(os.path.join(directory, "gates.json"), "w") as f:
+            json.dump(gates, f)
+    return str(directory)
+
+
+def agnostic_gates(last_layer: list) -> dict:
+    return {"text_guided": False, "gate_names": ["att", "ff"],
+            "videos": [{"video_id": f"v{k}", "gates": {"att": [0.9, g], "ff": [0.0, 0.0]}}
+                       for k, g in enumerate(last_layer)]}
+
+
+def guided_gates(last_layer: list) -> dict:
+    return {"text_guided": True, "gate_names": ["att", "ff", "q"],
+            "videos": [{"video_id": "v0", "own_captions": [{"text_index": k, "caption": "c", "att": [0.0, g],
+                                                            "ff": [0.0, 0.0], "q": [0.0, 0.0]}
+                                                           for k, g in enumerate(last_layer)]}]}
+
+
+def test_robustness_table_reports_drops_and_last_layer_gates(tmp_path, capsys):
+    noise = {"noise_rms": 0.1, "seed": 42}
+    settings = {"none": {}, "silence": {}, "noise": noise, "swap": {"seed": 42}}
+    vis = [fake_eval(tmp_path / f"vis_{k}", k, 13.0, **settings[k]) for k in KINDS]
+    avi = [fake_eval(tmp_path / "avi_none", "none", 50.0, agnostic_gates([0.5, -0.7])),
+           fake_eval(tmp_path / "avi_noise", "noise", 41.5, agnostic_gates([0.1, -0.2]), **noise)]
+    tg = [fake_eval(tmp_path / "tg_none", "none", 42.0, guided_gates([0.4, -0.4, 0.1])),
+          fake_eval(tmp_path / "tg_swap", "swap", 30.0, guided_gates([0.2, 0.2, -0.2]), seed=42)]
+    assert robustness_table.main(["--run", "visual-only", *vis, "--run", "AVIGATE", *avi, "--run", "TG", *tg]) == 0
+    out = capsys.readouterr().out
+    assert "| visual-only | 13.0 | 13.0 (+0.0) | 13.0 (+0.0) | 13.0 (+0.0) | – / – / – / – |" in out
+    assert "| AVIGATE | 50.0 | – | 41.5 (-8.5) | – | 0.600 / – / 0.150 / – |" in out
+    assert "| TG | 42.0 | – | – | 30.0 (-12.0) | 0.300 / – / – / 0.200 |" in out
+    assert '"noise_rms": 0.1' in out
+    with pytest.raises(SystemExit, match="unperturbed"):
+        robustness_table.main(["--run", "AVIGATE", avi[1]])
+    other = fake_eval(tmp_path / "vis_noise_other", "noise", 12.0, noise_rms=0.5, seed=42)
+    with pytest.raises(SystemExit, match="different settings"):
+        robustness_table.main(["--run", "A", *avi, "--run", "B", vis[0], other])
