@@ -59,7 +59,8 @@ def _header(run_dir: str, metrics: dict, records: list, num_videos: int) -> list
     lines = [f"# Error report: `{run_dir}`", "",
              f"Protocol: {metrics.get('protocol', '?')} · audio: {audio} · t2v R@1 "
              f"{plain.get('t2v_R@1', float('nan')):.2f} · {len(records)} texts, {num_videos} videos, "
-             f"top-{k} listed per text", ""]
+             f"top-{k} listed per text", "",
+             "Ranks count ties pessimistically, as the metrics do; the lists break ties by video id.", ""]
     if "LEAKING" in metrics:
         lines += [f"**{metrics['LEAKING']}**", ""]
     if "rerank" in metrics:
