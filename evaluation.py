@@ -1,11 +1,13 @@
 """Evaluation for ``main_task_retrieval.py``: encode each text and each video once, score
 every pair with the model's ``score`` (honest by default), compute metrics and write the
-outputs (metrics.json, sim_matrix.npy, sim_rows/cols.json, gates.json).
+outputs (metrics.json, sim_matrix.npy, sim_rows/cols.json, gates.json; audio_perturbation.json
+under --audio_perturb; topk.jsonl under --dump_topk).
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -13,15 +15,17 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.base import collate_items
-from metrics import metrics_report
+from metrics import metrics_report, text_to_video_ranks
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
-from modules.rerank import ranking_matrices, score_pair_list, shortlists
+from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
 from training import video_inputs
 from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
 SELECTION_METRIC = "t2v_R@1"
+TOPK_FILE = "topk.jsonl"
+PERTURBATION_FILE = "audio_perturbation.json"
 
 
 def eval_loader(dataset, batch_size: int, workers: int, collate_fn,
@@ -88,6 +92,21 @@ class Reranked:
 
 
 @dataclass
+class TopK:
+    """Each text's K best videos (``--dump_topk``), ties broken by video id.
+
+    Args:
+        video: int64 [Nt, K] video columns, best first.
+        pair_gates: name -> [Nt, K, L] gates of those pairs' fusion (text-guided models; with
+            re-ranking NaN for pairs that were not fused); empty when the gates are per video
+            (``ScoredSplit.video_gates``) or the model has none.
+    """
+
+    video: np.ndarray
+    pair_gates: dict = field(default_factory=dict)
+
+
+@dataclass
 class ScoredSplit:
     """Scores of an evaluation split and the gates used (rank 0 holds the full result).
 
@@ -97,6 +116,7 @@ class ScoredSplit:
         own_caption_gates: name -> [Nt, L], text i's gates on its own video (text-guided).
         mean_text_gates: name -> [Nv, L], each video's gates averaged over all Nt texts (text-guided).
         reranked: the re-ranking result (``--rerank_topk``), else None.
+        topk: each text's best videos (``--dump_topk``), else None.
     """
 
     sim: np.ndarray
@@ -104,6 +124,7 @@ class ScoredSplit:
     own_caption_gates: dict
     mean_text_gates: dict
     reranked: Optional[Reranked] = None
+    topk: Optional[TopK] = None
 
 
 def _scored_rows(info: DistInfo, num_texts: int, protocol: str) -> range:
@@ -117,12 +138,14 @@ def _scored_rows(info: DistInfo, num_texts: int, protocol: str) -> range:
 @torch.no_grad()
 def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray, info: DistInfo,
                 protocol: str = "honest", block_size: int = 1,
-                chunk: Optional[tuple[int, int]] = None, precision: str = "fp32") -> Optional[ScoredSplit]:
+                chunk: Optional[tuple[int, int]] = None, precision: str = "fp32",
+                topk: int = 0, video_keys: Optional[torch.Tensor] = None) -> Optional[ScoredSplit]:
     """Score all texts against all videos with the model's ``score_with_gates``.
 
     Rows are split over ranks and scored in blocks of texts; a text-guided model's
-    [rows, Nv, L] gates are reduced per block to each text's own-video gates and to per-video
-    sums. Returns the full result on rank 0 and None elsewhere.
+    [rows, Nv, L] gates are reduced per block to each text's own-video gates, to per-video
+    sums and (with ``topk``) to the gates of each text's best videos. Returns the full result
+    on rank 0 and None elsewhere.
 
     Args:
         texts: TextFeatures of all Nt texts; videos: VideoFeatures of all Nv videos.
@@ -131,12 +154,17 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
         chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
         precision: autocast precision of the pair fusion; the similarity itself always runs in
             fp32 (modules.similarity.exact_fp32), so a lower precision cannot create ties.
+        topk: also keep each text's ``topk`` best videos and their pairs' gates (0: no).
+        video_keys: distinct int64 [Nv] tie-break keys of the videos for ``topk`` (default:
+            positions; ``identity_keys`` of the video ids makes the list order-independent).
     """
     model = unwrap(model).eval()
     rows = _scored_rows(info, len(texts), protocol)
     # paired_block blocks must start at multiples of block_size.
     step = block_size * max(1, EVAL_ROW_BLOCK // block_size) if protocol == "paired_block" else EVAL_ROW_BLOCK
-    sims, own, totals, video_gates = [], {}, {}, {}
+    k = min(topk, len(videos))
+    keys = torch.arange(len(videos)) if video_keys is None else video_keys
+    sims, own, totals, video_gates, top_video, top_gates = [], {}, {}, {}, [], {}
     for start in range(rows.start, rows.stop, step):
         index = torch.arange(start, min(start + step, rows.stop))
         with autocast(info.device, precision):  # the fusion; scores are computed in fp32 inside
@@ -146,6 +174,9 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
                 out = model.score_with_gates(texts.select(index), videos, chunk=chunk)
         sims.append(out.scores.float().cpu().numpy())
         own_video = torch.as_tensor(caption_video[index.numpy()])
+        cols = top_k_with_keys(out.scores.float().cpu(), k, keys) if k else None  # [rows, K]
+        if cols is not None:
+            top_video.append(cols.numpy())
         for name, g in out.gates.items():
             g = g.float().cpu()
             if g.dim() == 2:  # text-agnostic: [Nv, L], the same for every text
@@ -153,7 +184,9 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
                 continue
             own.setdefault(name, []).append(g[torch.arange(len(index)), own_video].numpy())
             totals[name] = totals.get(name, 0) + g.sum(0).numpy()
-    parts = gather_objects((sims, own, totals, video_gates), info)
+            if cols is not None:
+                top_gates.setdefault(name, []).append(g[torch.arange(len(index))[:, None], cols].numpy())
+    parts = gather_objects((sims, own, totals, video_gates, top_video, top_gates), info)
     if not info.is_main:
         return None
     sim = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, len(videos)), np.float32)])
@@ -161,7 +194,11 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
     own_all = {n: np.concatenate([o for p in parts for o in p[1].get(n, [])]) for n in names}
     mean_all = {n: sum(p[2][n] for p in parts if n in p[2]) / len(texts) for n in names}
     video_gates = {n: g for p in parts for n, g in p[3].items()}
-    return ScoredSplit(sim, video_gates, own_all, mean_all)
+    top = None
+    if k:
+        top = TopK(np.concatenate([c for p in parts for c in p[4]]),
+                   {n: np.concatenate([g for p in parts for g in p[5].get(n, [])]) for n in names})
+    return ScoredSplit(sim, video_gates, own_all, mean_all, topk=top)
 
 
 def identity_keys(labels: list) -> torch.Tensor:
@@ -175,9 +212,13 @@ def identity_keys(labels: list) -> torch.Tensor:
 
 @torch.no_grad()
 def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, topk: int,
-                 precision: str = "fp32") -> Optional[ScoredSplit]:
+                 precision: str = "fp32", dump_topk: int = 0) -> Optional[ScoredSplit]:
     """Stage 1 (agnostic view, every pair) then text-guided scores of the shortlisted pairs,
-    which are split over ranks. Returns the result on rank 0, None elsewhere."""
+    which are split over ranks. Returns the result on rank 0, None elsewhere.
+
+    Args:
+        topk: K of the shortlists; dump_topk: also list each text's best videos (final ranking).
+    """
     model = unwrap(model).eval()
     if not model.text_guided:
         raise ValueError("--rerank_topk re-ranks with a text-guided model's pair fusion; this model is "
@@ -187,7 +228,8 @@ def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, t
                        "full text-guided scoring", topk, len(texts), len(videos))
     stage1 = model.agnostic_scores(texts, videos)
     text_keys = identity_keys([(split.video_ids[v], c) for c, v in zip(split.captions, split.caption_video)])
-    lists = shortlists(stage1.scores.cpu(), topk, text_keys, identity_keys(list(split.video_ids)))
+    video_keys = identity_keys(list(split.video_ids))
+    lists = shortlists(stage1.scores.cpu(), topk, text_keys, video_keys)
     mine = shard_range(lists.pair_text.shape[0], info)
     with autocast(info.device, precision):  # the fusion; scores are computed in fp32 inside
         scores, gates = score_pair_list(model, texts, videos, lists.pair_text[mine.start:mine.stop],
@@ -201,7 +243,32 @@ def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, t
     reranked = Reranked(topk, t2v.numpy(), v2t.numpy(), lists.pair_text.numpy(), lists.pair_video.numpy(),
                         pair_scores.numpy(), pair_gates)
     video_gates = {k: v.float().cpu().numpy() for k, v in stage1.gates.items()}
-    return ScoredSplit(stage1.scores.cpu().numpy(), video_gates, {}, {}, reranked)
+    top = reranked_topk(reranked, dump_topk, video_keys) if dump_topk else None
+    return ScoredSplit(stage1.scores.cpu().numpy(), video_gates, {}, {}, reranked, top)
+
+
+def fused_pair_lookup(reranked: Reranked, text: np.ndarray, video: np.ndarray) -> np.ndarray:
+    """Index into the fused pairs of each (text[i], video[i]) (same shapes), -1 where the pair
+    was not fused. The pairs are sorted by (video, text)."""
+    num_texts = reranked.t2v.shape[0]
+    codes = reranked.pair_video.astype(np.int64) * num_texts + reranked.pair_text
+    wanted = video.astype(np.int64) * num_texts + text
+    where = np.clip(np.searchsorted(codes, wanted), 0, max(len(codes) - 1, 0))
+    found = (codes[where] == wanted) if len(codes) else np.zeros(wanted.shape, dtype=bool)
+    return np.where(found, where, -1)
+
+
+def reranked_topk(reranked: Reranked, k: int, video_keys: torch.Tensor) -> TopK:
+    """Each text's best videos in the final (t2v) ranking, with the gates of the fused pairs."""
+    cols = top_k_with_keys(torch.from_numpy(reranked.t2v), min(k, reranked.t2v.shape[1]), video_keys).numpy()
+    rows = np.broadcast_to(np.arange(cols.shape[0])[:, None], cols.shape)
+    pair = fused_pair_lookup(reranked, rows, cols)
+    gates = {}
+    for name, g in reranked.pair_gates.items():
+        picked = g[np.maximum(pair, 0)].astype(np.float32)
+        picked[pair < 0] = np.nan
+        gates[name] = picked
+    return TopK(cols, gates)
 
 
 def rerank_metrics(scored: ScoredSplit, caption_video: np.ndarray) -> dict:
@@ -254,9 +321,67 @@ def gates_report(scored: ScoredSplit, split) -> dict:
     return {"text_guided": text_guided, "gate_names": names, "videos": videos}
 
 
-def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict) -> None:
-    """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json."""
+def _pair_score(scored: ScoredSplit, text: int, video: int, pair: int) -> float:
+    """The score a text ranked a video by: the text-guided score of a fused pair under
+    re-ranking (``pair`` >= 0), else the plain score."""
+    if scored.reranked is not None and pair >= 0:
+        return float(scored.reranked.pair_scores[pair])
+    return float(scored.sim[text, video])
+
+
+def _gates_entry(scored: ScoredSplit, names: list, text: int, slot: int, video: int) -> Optional[dict]:
+    """Gates [L] per name of one listed pair (None for a re-ranked list entry that was not fused)."""
+    if scored.topk.pair_gates:
+        values = {n: scored.topk.pair_gates[n][text, slot] for n in names}
+        if any(np.isnan(v).any() for v in values.values()):
+            return None
+        return {n: _floats(v) for n, v in values.items()}
+    return {n: _floats(scored.video_gates[n][video]) for n in names}
+
+
+def topk_records(split, scored: ScoredSplit):
+    """One dict per text for topk.jsonl: its caption and video, that video's rank and score,
+    and its K best videos with their scores and (where the model has gates) the pair's gates."""
+    top = scored.topk
+    ranking = scored.reranked.t2v if scored.reranked is not None else scored.sim
+    ranks = text_to_video_ranks(torch.as_tensor(ranking), torch.as_tensor(split.caption_video)).numpy()
+    names = sorted(top.pair_gates or scored.video_gates)
+    rows = np.arange(split.num_texts)
+    reranked = scored.reranked is not None
+    own_pair = fused_pair_lookup(scored.reranked, rows, split.caption_video) if reranked else -np.ones_like(rows)
+    top_pair = (fused_pair_lookup(scored.reranked, np.broadcast_to(rows[:, None], top.video.shape), top.video)
+                if reranked else -np.ones_like(top.video))
+    for t in rows:
+        own = int(split.caption_video[t])
+        record = {"text_index": int(t), "caption": split.captions[t], "video_id": split.video_ids[own],
+                  "rank": int(ranks[t]), "score": _pair_score(scored, t, own, own_pair[t]), "top": []}
+        for slot, v in enumerate(top.video[t]):
+            entry = {"video_id": split.video_ids[v], "score": _pair_score(scored, t, v, top_pair[t, slot])}
+            if reranked:
+                entry["text_guided"] = bool(top_pair[t, slot] >= 0)
+            if names:
+                entry["gates"] = _gates_entry(scored, names, t, slot, int(v))
+            record["top"].append(entry)
+        yield record
+
+
+def write_topk(path: str, split, scored: ScoredSplit) -> None:
+    """topk.jsonl (``topk_records``), written atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for record in topk_records(split, scored):
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict,
+                       perturbation: Optional[dict] = None) -> None:
+    """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json; with an
+    audio perturbation (``EvalDatasets.audio_perturbation``) audio_perturbation.json (its
+    settings and the swap map); with ``scored.topk`` topk.jsonl."""
     os.makedirs(output_dir, exist_ok=True)
+    if perturbation is not None and perturbation["kind"] != "none":
+        write_json(os.path.join(output_dir, PERTURBATION_FILE), perturbation)
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
     np.save(tmp, scored.sim.astype(np.float32))
@@ -273,6 +398,8 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
         np.savez(tmp, topk=r.topk, pair_text=r.pair_text, pair_video=r.pair_video, pair_scores=r.pair_scores,
                  **{f"gates_{name}": g for name, g in r.pair_gates.items()})
         os.replace(tmp, os.path.join(output_dir, "rerank_pairs.npz"))
+    if scored.topk is not None:
+        write_topk(os.path.join(output_dir, TOPK_FILE), split, scored)
 
 
 @dataclass
@@ -288,6 +415,7 @@ class EvalOptions:
         chunk: (texts, videos) per fusion chunk; None = the model's memory budget.
         dsl: also compute dual-softmax metrics.
         rerank_topk: K of shortlist re-ranking (text-guided models; 0 = score every pair).
+        dump_topk: keep each text's K best videos for topk.jsonl (0 = no).
     """
 
     batch_size: int = 16
@@ -298,6 +426,7 @@ class EvalOptions:
     chunk: Optional[tuple[int, int]] = None
     dsl: bool = False
     rerank_topk: int = 0
+    dump_topk: int = 0
 
 
 def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo, desc: str = "eval"):
@@ -312,10 +441,12 @@ def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo,
     texts = encode_dataset(model, data.texts, "text", desc=f"{desc} texts", **common)
     videos = encode_dataset(model, data.videos, "video", desc=f"{desc} videos", **common)
     if options.rerank_topk:
-        scored = rerank_split(model, texts, videos, data.split, info, options.rerank_topk, options.precision)
+        scored = rerank_split(model, texts, videos, data.split, info, options.rerank_topk, options.precision,
+                              options.dump_topk)
     else:
         scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
-                             options.block_size, options.chunk, options.precision)
+                             options.block_size, options.chunk, options.precision, options.dump_topk,
+                             identity_keys(list(data.split.video_ids)))
     if not info.is_main:
         return None, None
     if options.rerank_topk:

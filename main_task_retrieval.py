@@ -20,7 +20,9 @@ import torch
 import evaluation
 import training
 import util
+from dataloaders.audio_cache import checkpoint_fingerprint, read_index
 from dataloaders.base import collate_items
+from dataloaders.perturb import AUDIO_PERTURBATIONS, DEFAULT_NOISE_RMS, AudioPerturbation
 from dataloaders.registry import DATASETS, DataConfig, build_eval_datasets, build_train_dataset
 from dataloaders.video import DECODERS, DEFAULT_DECODER, FrameSamplingConfig
 from modules import weights
@@ -167,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rerank_topk", type=int, default=0, metavar="K",
                    help="text-guided models: rank every pair with the agnostic view, then fuse only each "
                         "text's top-K videos and each video's top-K texts (0: fuse every pair)")
+    e.add_argument("--audio_perturb", choices=AUDIO_PERTURBATIONS, default="none",
+                   help="replace every test video's audio: silence (the all-zero AST input), noise (white "
+                        "noise at --audio_noise_rms) or swap (another test video's audio, a derangement "
+                        "fixed by --seed); frames and texts stay as they are (README 'Is a "
+                        "text-conditioned number real?')")
+    e.add_argument("--audio_noise_rms", type=float, default=DEFAULT_NOISE_RMS,
+                   help="--audio_perturb noise: RMS of the Gaussian noise waveform (full scale 1; 0.1 = -20 dBFS)")
+    e.add_argument("--eval_order_seed", type=int, default=None,
+                   help="evaluate the test texts and videos in an order permuted by this seed (scores must "
+                        "not change; tools/audit_protocol.py uses it)")
+    e.add_argument("--dump_topk", type=int, default=0, metavar="K",
+                   help="write topk.jsonl: each text's K best videos with scores (and gates), and its "
+                        "video's rank (tools/error_report.py renders the worst queries)")
     return p
 
 
@@ -201,6 +216,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
     if args.freeze_agnostic and not text_guided:
         parser.error("--freeze_agnostic trains only the text terms of a text-guided model: add the "
                      "text-guided flags or drop --freeze_agnostic")
+    if args.audio_perturb == "noise" and not args.audio_noise_rms > 0:
+        parser.error(f"--audio_noise_rms must be > 0, got {args.audio_noise_rms}")
+    if args.dump_topk < 0:
+        parser.error(f"--dump_topk must be >= 0 (0: no dump), got {args.dump_topk}")
 
 
 def annotation_file(path: Optional[str]) -> Optional[str]:
@@ -209,7 +228,10 @@ def annotation_file(path: Optional[str]) -> Optional[str]:
     return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
-def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[str] = None) -> DataConfig:
+def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[str] = None,
+                test_split: bool = False) -> DataConfig:
+    """Data settings; ``test_split``: the test evaluation, which alone gets --audio_perturb and
+    --eval_order_seed (validation always sees the real audio)."""
     data_path = os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
     use_cache = bool(args.audio_feature_cache) and not args.no_audio
     return DataConfig(
@@ -222,7 +244,29 @@ def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[s
                                    slice_framepos=args.slice_framepos, image_size=image_size,
                                    decoder=args.decoder),
         on_bad_audio=args.on_bad_audio, skip_bad_videos=args.skip_bad_videos,
-        expand_sentences=args.expand_msrvtt_sentences, seed=args.seed)
+        expand_sentences=args.expand_msrvtt_sentences, seed=args.seed,
+        audio_perturbation=audio_perturbation(args) if test_split else AudioPerturbation(),
+        eval_order_seed=args.eval_order_seed if test_split else None)
+
+
+def audio_perturbation(args: argparse.Namespace) -> AudioPerturbation:
+    return AudioPerturbation(kind=args.audio_perturb, noise_rms=args.audio_noise_rms, seed=args.seed)
+
+
+def check_perturbation_trunk(args: argparse.Namespace) -> None:
+    """silence / noise with an AST feature cache: the perturbed fbank goes through the model's AST
+    (--ast_checkpoint), which must be the trunk the cache was built with."""
+    if args.audio_perturb not in ("silence", "noise") or not args.audio_feature_cache or args.no_audio:
+        return
+    stored = (read_index(args.audio_feature_cache).get("fingerprint") or {}).get("checkpoint")
+    if stored is None:
+        util.logger.warning("--audio_perturb %s: the AST feature cache %s does not record its checkpoint; the "
+                            "perturbed clips use --ast_checkpoint %s", args.audio_perturb,
+                            args.audio_feature_cache, args.ast_checkpoint)
+    elif stored != checkpoint_fingerprint(args.ast_checkpoint):
+        raise ValueError(f"--audio_perturb {args.audio_perturb} computes the perturbed clips' tokens with "
+                         f"--ast_checkpoint {args.ast_checkpoint!r}, but --audio_feature_cache "
+                         f"{args.audio_feature_cache!r} was built with {stored}: pass that checkpoint")
 
 
 def model_config(args: argparse.Namespace, clip_state: dict, ast_weights: Optional[dict]) -> AVIGATEConfig:
@@ -283,7 +327,7 @@ def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
     return evaluation.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
                                   precision=args.precision, protocol=args.eval_protocol,
                                   block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl,
-                                  rerank_topk=args.rerank_topk)
+                                  rerank_topk=args.rerank_topk, dump_topk=args.dump_topk)
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
@@ -386,16 +430,21 @@ def test(args, info, model: AVIGATE, recorder, tokenizer, image_size: int, check
     """Evaluate the test split and write metrics.json, the score matrix and gates to --output_dir."""
     if checkpoint is not None:
         util.load_model_weights(model, checkpoint)
-    test_data = build_eval_datasets(data_config(args, image_size, args.test_csv), tokenizer)
+    test_data = build_eval_datasets(data_config(args, image_size, args.test_csv, test_split=True), tokenizer)
     options = eval_options(args)
+    perturbation = test_data.audio_perturbation()
+    if perturbation["kind"] != "none":
+        util.logger.info("test audio perturbed: %s", {k: v for k, v in perturbation.items() if k != "swap_sources"})
     metrics, scored = evaluation.evaluate(model, test_data, options, info, desc="test")
     util.report_data_issues("test data", test_data.counter, test_data.videos.media.audio.counter, info,
                             recorder)
     if not info.is_main:
         return
     metrics.update({"split": test_data.split.name, "checkpoint": checkpoint or args.init_model,
-                    "num_texts": test_data.split.num_texts, "num_videos": test_data.split.num_videos})
-    evaluation.write_eval_outputs(args.output_dir, test_data.split, scored, metrics)
+                    "num_texts": test_data.split.num_texts, "num_videos": test_data.split.num_videos,
+                    "eval_order_seed": args.eval_order_seed,
+                    "audio_perturbation": {k: v for k, v in perturbation.items() if k != "swap_sources"}})
+    evaluation.write_eval_outputs(args.output_dir, test_data.split, scored, metrics, perturbation)
     recorder.log({"event": "test", "metrics": metrics})
     plain = metrics["plain"]
     util.logger.info("test %s: t2v R@1 %.2f R@5 %.2f R@10 %.2f MdR %.1f | v2t R@1 %.2f R@5 %.2f R@10 %.2f",
@@ -423,6 +472,7 @@ def run(args: argparse.Namespace, info: util.DistInfo) -> None:
     recorder = util.RunRecorder(args.output_dir, info, args.tensorboard)
     recorder.write_run_files(vars(args), info)
     util.logger.info("command: %s", " ".join(sys.argv))
+    check_perturbation_trunk(args)
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
     model = build_model(args, info.device)
     util.seed_everything(args.seed, info.rank)

@@ -4,6 +4,9 @@
 # metrics.json, sim_matrix.npy, sim_rows.json, sim_cols.json, gates.json and log.txt.
 #   CHECKPOINT=ckpts/msrvtt_avigate/pytorch_model.bin.4 bash run_eval.sh
 #   CHECKPOINT=... TEXT_GUIDED="--text_gate --text_query --query_gate" bash run_eval.sh --dsl
+#   CHECKPOINT=... AUDIO_PERTURB=noise bash run_eval.sh --audio_noise_rms 0.1 --dump_topk 10
+# Extra arguments go to main_task_retrieval.py last (they override the settings above).
+# The same flags audit a checkpoint: python -m tools.audit_protocol --audit_dir DIR -- <flags>.
 # With NUM_GPUS > 1 texts and videos are encoded (and text rows scored) in shards.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,6 +30,7 @@ TEXT_GUIDED=${TEXT_GUIDED:-}
 GATE=${GATE:-soft}
 FUSION_RESIDUAL=${FUSION_RESIDUAL:-0.05}
 EVAL_PROTOCOL=${EVAL_PROTOCOL:-honest}               # paired_block = the LEAKING public protocol
+AUDIO_PERTURB=${AUDIO_PERTURB:-none}                 # none | silence | noise | swap (robustness)
 
 OUTPUT_DIR=${OUTPUT_DIR:-$(dirname "$CHECKPOINT")/eval_$(basename "$CHECKPOINT")}
 
@@ -37,7 +41,7 @@ args=(
     --pretrained_clip_name "$CLIP_NAME" --ast_checkpoint "$AST_CHECKPOINT"
     --batch_size_val 16 --max_words "$MAX_WORDS" --max_frames "$MAX_FRAMES" --feature_framerate 1 --slice_framepos 2
     --cross_num_hidden_layers 4 --audio_query_layers 4 --gate "$GATE" --fusion_residual "$FUSION_RESIDUAL"
-    --eval_protocol "$EVAL_PROTOCOL" --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS"
+    --eval_protocol "$EVAL_PROTOCOL" --audio_perturb "$AUDIO_PERTURB" --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS"
 )
 if [[ -n "$TEST_CSV" ]]; then args+=(--test_csv "$TEST_CSV"); fi
 read -r -a text_guided <<< "$TEXT_GUIDED"

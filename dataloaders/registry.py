@@ -20,10 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
+
 from dataloaders import charades, msrvtt, vatex
 from dataloaders.audio import FbankConfig
+from dataloaders.audio_cache import read_index
 from dataloaders.base import (AudioSource, MediaLoader, PairDataset, RetrievalSplit, TextDataset,
                               VideoDataset, VideoIssueCounter, prepare_videos)
+from dataloaders.perturb import AudioPerturbation, PerturbedAudio
 from dataloaders.video import FrameSamplingConfig
 from modules.tokenization_clip import ClipTokenizer
 
@@ -75,6 +79,10 @@ class DataConfig:
             samples) and count them, instead of raising.
         expand_sentences: training item per caption (else one per video per epoch).
         seed: seed of the per-epoch caption draw when not expanding sentences.
+        audio_perturbation: what replaces the audio of every evaluation video
+            (dataloaders.perturb; evaluation datasets only).
+        eval_order_seed: permute the evaluation split's texts and videos with this seed
+            (``permuted_split``; None = file order); a score must not depend on it.
     """
 
     datatype: str = "msrvtt"
@@ -91,6 +99,8 @@ class DataConfig:
     skip_bad_videos: bool = False
     expand_sentences: bool = True
     seed: int = 0
+    audio_perturbation: AudioPerturbation = field(default_factory=AudioPerturbation)
+    eval_order_seed: Optional[int] = None
 
 
 @dataclass
@@ -113,6 +123,11 @@ class EvalDatasets:
         """Dropped videos and audio fallbacks, summed over DataLoader workers (log once)."""
         return self.videos.media.issue_summary(self.counter)
 
+    def audio_perturbation(self) -> dict:
+        """The audio perturbation of the videos (``PerturbedAudio.record``), {"kind": "none"} without."""
+        audio = self.videos.media.audio
+        return audio.record() if isinstance(audio, PerturbedAudio) else {"kind": "none"}
+
 
 def dataset_format(datatype: str) -> DatasetFormat:
     if datatype not in DATASETS:
@@ -128,6 +143,34 @@ def build_train_split(cfg: DataConfig) -> RetrievalSplit:
 def build_eval_split(cfg: DataConfig) -> RetrievalSplit:
     fmt = dataset_format(cfg.datatype)
     return fmt.parse_eval(cfg.data_path, cfg.eval_file or fmt.eval_file)
+
+
+def permuted_split(split: RetrievalSplit, seed: int) -> RetrievalSplit:
+    """The same captions and videos, texts and videos each in an order drawn from ``seed``
+    (``numpy.random.default_rng``); every caption keeps its video."""
+    rng = np.random.default_rng(seed)
+    text_order = rng.permutation(split.num_texts)
+    video_order = rng.permutation(split.num_videos)
+    new_position = np.empty(split.num_videos, dtype=np.int64)
+    new_position[video_order] = np.arange(split.num_videos)
+    return RetrievalSplit(f"{split.name} (order seed {seed})", [split.captions[i] for i in text_order],
+                          new_position[split.caption_video[text_order]],
+                          [split.video_ids[v] for v in video_order])
+
+
+def cache_fbank_config(cache_dir: str, default: FbankConfig) -> FbankConfig:
+    """The fbank settings an AST feature cache was built with (its fingerprint), else ``default``."""
+    settings = (read_index(cache_dir).get("fingerprint") or {}).get("fbank")
+    return FbankConfig(**settings) if isinstance(settings, dict) else default
+
+
+def _perturbed(media: MediaLoader, cfg: DataConfig, video_ids: list) -> MediaLoader:
+    """``media`` with its audio replaced as ``cfg.audio_perturbation`` says (unchanged for "none")."""
+    if cfg.audio_perturbation.kind == "none":
+        return media
+    fbank = cache_fbank_config(cfg.audio_cache_dir, cfg.fbank) if cfg.audio_cache_dir else cfg.fbank
+    media.audio = PerturbedAudio(media.audio, cfg.audio_perturbation, video_ids, fbank)
+    return media
 
 
 def _media(cfg: DataConfig, video_files) -> MediaLoader:
@@ -158,5 +201,8 @@ def build_eval_datasets(cfg: DataConfig, tokenizer=None) -> EvalDatasets:
     counter = VideoIssueCounter()
     split, files = prepare_videos(build_eval_split(cfg), cfg.features_path, cfg.skip_bad_videos,
                                   counter, probe_decoder=cfg.frames.decoder)
+    if cfg.eval_order_seed is not None:
+        split = permuted_split(split, cfg.eval_order_seed)
+    media = _perturbed(_media(cfg, files), cfg, split.video_ids)
     return EvalDatasets(split, TextDataset(split, tokenizer or ClipTokenizer(), cfg.max_words),
-                        VideoDataset(split, _media(cfg, files)), counter)
+                        VideoDataset(split, media), counter)

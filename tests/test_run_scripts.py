@@ -61,6 +61,15 @@ def test_run_vatex_then_run_eval_reproduce_scores(tmp_path):
     np.testing.assert_allclose(np.load(eval_dir / "sim_matrix.npy"), np.load(train_dir / "sim_matrix.npy"),
                                rtol=0, atol=1e-5)
 
+    swap_dir = tmp_path / "eval_swap"  # AUDIO_PERTURB and extra flags reach the evaluation
+    _run("run_eval.sh", {**common, "DATATYPE": "vatex", "OUTPUT_DIR": str(swap_dir), "AUDIO_PERTURB": "swap",
+                         "CHECKPOINT": str(train_dir / "pytorch_model.bin.0")},
+         "--max_frames", "2", "--max_words", "16", "--cross_num_hidden_layers", "1",
+         "--audio_query_layers", "1", "--batch_size_val", "2", "--device", "cpu", "--dump_topk", "2")
+    with open(swap_dir / "metrics.json") as f:
+        assert json.load(f)["audio_perturbation"]["kind"] == "swap"
+    assert (swap_dir / "topk.jsonl").is_file() and (swap_dir / "audio_perturbation.json").is_file()
+
 
 def test_run_sh_rejects_unknown_datatype():
     result = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env={**os.environ, "DATATYPE": "kinetics"},
