@@ -13,7 +13,11 @@ Measures, on this machine:
   is fused from the raw per-video inputs (``fuse_reference`` on gathered pairs), so the K/V
   projections of the audio, the means and the gates' video terms are recomputed per pair;
   "naive+audio": additionally re-runs the audio path after the cached AST tokens (final
-  LayerNorm, projection, resampler) for every text, as the public similarity function does.
+  LayerNorm, projection, resampler) for every text, as the public similarity function does;
+- text-guided 1k texts x 1k videos at real width: full scoring (every pair fused) against
+  shortlist re-ranking at K = 50 (modules/rerank.py: stage 1 agnostic view over every pair,
+  stage 2 the union of each text's and each video's top-50 fused): pairs fused and seconds,
+  the pair fusion timed on a sample and extrapolated (``--rerank_sample`` pairs).
 
 Prints a markdown table and the targets. Usage:
     .venv/bin/python bench/score_bench.py [--quick] [--threads N]
@@ -37,6 +41,7 @@ from modules.clip import CLIPConfig  # noqa: E402
 from modules.fusion import FusionConfig  # noqa: E402
 from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures  # noqa: E402
 from modules.resampler import ResamplerConfig  # noqa: E402
+from modules.rerank import score_pair_list, shortlists  # noqa: E402
 from modules.similarity import VideoIndex, pair_scores, video_index  # noqa: E402
 
 D, F, Q, LAYERS = 512, 12, 12, 4
@@ -178,6 +183,55 @@ def bench_text_guided(flags: dict, num_texts: int, num_videos: int, naive_texts:
             "agreement": (naive - fast[:naive_texts]).abs().max().item()}
 
 
+def bench_rerank(num_texts: int, num_videos: int, k: int, sample_pairs: int) -> dict:
+    """Full text-guided scoring of num_texts x num_videos vs re-ranking at ``k``, at real width.
+
+    Random weights and features: the shortlists of a random model overlap little, so the
+    union of the text and video lists is near its maximum k (Nt + Nv); a trained model's
+    mutual top-k lists overlap more (fewer pairs). Pair fusion is timed on ``sample_pairs``
+    pairs (full: a block of texts x all videos; re-ranking: the first pairs of the sorted
+    union) and extrapolated; stage 1 and the shortlists are timed in full.
+    """
+    torch.manual_seed(0)
+    model = text_guided_model(text_gate=True, text_query=True, query_gate=True)
+    lengths = torch.randint(1, F + 1, (num_videos,))
+    mask = torch.arange(F)[None, :] < lengths[:, None]
+    with torch.no_grad():
+        frames = torch.randn(num_videos, F, D) * mask[..., None]
+        tokens = (model.cfg.ast.num_output_tokens, model.cfg.ast.embed_dim)
+        audio = torch.cat([model.resampled_audio(torch.randn(min(50, num_videos - s), *tokens))
+                           for s in range(0, num_videos, 50)])  # in chunks: 1,213 x 768 tokens per video
+        fused = model.fusion.agnostic(frames, mask, audio)
+        videos = VideoFeatures(frames, mask, audio, video_index(fused.fused, mask), fused.gates)
+        texts = TextFeatures(torch.randn(num_texts, D))
+        sample_texts = max(1, sample_pairs // num_videos)
+        full_sample = best_seconds(lambda: model.score(texts.select(torch.arange(sample_texts)), videos), repeats=1)
+        full_s = full_sample * num_texts / sample_texts
+        start = time.perf_counter()
+        stage1 = model.agnostic_scores(texts, videos).scores
+        lists = shortlists(stage1, k)
+        stage1_s = time.perf_counter() - start
+        pairs = lists.pair_text.shape[0]
+        n = min(sample_pairs, pairs)
+        fuse_sample = best_seconds(lambda: score_pair_list(model, texts, videos, lists.pair_text[:n],
+                                                           lists.pair_video[:n]), repeats=1)
+    rerank_s = stage1_s + fuse_sample * pairs / n
+    return {"texts": num_texts, "videos": num_videos, "k": k, "full_pairs": num_texts * num_videos,
+            "full_s": full_s, "rerank_pairs": pairs, "stage1_s": stage1_s, "rerank_s": rerank_s,
+            "full_rate": sample_texts * num_videos / full_sample, "rerank_rate": n / fuse_sample}
+
+
+def report_rerank(r: dict) -> None:
+    print(f"\n| text-guided {r['texts']:,} x {r['videos']:,} (D=512, F=12, Q=12, L=4) | pairs fused | pairs/s "
+          f"| seconds (extrapolated) |")
+    print("|---|---|---|---|")
+    print(f"| full scoring | {r['full_pairs']:,} | {r['full_rate']:.0f} | {r['full_s']:.0f} |")
+    print(f"| re-ranked, K = {r['k']} (stage 1 {r['stage1_s']:.2f} s) | {r['rerank_pairs']:,} "
+          f"({r['rerank_pairs'] / r['full_pairs']:.1%}) | {r['rerank_rate']:.0f} | {r['rerank_s']:.0f} |")
+    print(f"\nRe-ranking at K = {r['k']}: {r['full_s'] / r['rerank_s']:.1f}x faster than full scoring "
+          f"(target >= 15x), {r['full_pairs'] / r['rerank_pairs']:.1f}x fewer pairs")
+
+
 def report(machine: dict, agnostic: list[dict], guided: list[dict]) -> None:
     bw, mm = machine["bandwidth"], machine["matmul"]
     print(f"\nMachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -221,10 +275,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run of a minute or two")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--rerank_only", action="store_true", help="only the 1k x 1k full vs re-ranked comparison")
+    parser.add_argument("--rerank_sample", type=int, default=4000, help="pairs timed per fusion (extrapolated)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
+    size = 200 if args.quick else 1000
+    rerank = bench_rerank(size, size, 50, args.rerank_sample // (4 if args.quick else 1))
+    if args.rerank_only:
+        report_rerank(rerank)
+        return
     machine = {"bandwidth": memory_bandwidth(repeats), "matmul": matmul_rate(repeats)}
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     queries = 200 if args.quick else 1000
@@ -236,6 +297,7 @@ def main(argv=None) -> None:
     # The machine may be shared: the reference rate is the best seen before and after.
     machine["matmul"] = max(machine["matmul"], matmul_rate(repeats))
     report(machine, agnostic, guided)
+    report_rerank(rerank)
 
 
 if __name__ == "__main__":

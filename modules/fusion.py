@@ -175,12 +175,12 @@ class VideoContext:
 class TextContext:
     """Per-text fusion inputs (``FusionTransformer.prepare_texts``).
 
-    injection [Nt, D]: what the cross-attention query adds before its gate, s t/|t| (s the
-    injection scale without a query gate, else 1); None without injection. gate_terms: per
-    layer, gate name -> [Nt, D/2] (W_t t) for the gates that see the text.
+    text_unit [Nt, D]: t/|t|, what the cross-attention query adds (times each block's gate
+    or scale); None without injection. gate_terms: per layer, gate name -> [Nt, D/2] (W_t t)
+    for the gates that see the text.
     """
 
-    injection: Optional[torch.Tensor]
+    text_unit: Optional[torch.Tensor]
     gate_terms: list[dict[str, torch.Tensor]]
 
 
@@ -281,10 +281,12 @@ class FusionBlock(ResidualAttentionBlock):
         """Whether gate ``name`` takes the text as a third input block."""
         return self.gates[name].fc1_text is not None
 
-    def injection(self, text: torch.Tensor) -> torch.Tensor:
-        """text [B, D] -> what the query adds before its gate: t/|t| (times the scale when ungated)."""
-        unit = F.normalize(text, dim=-1)
-        return unit * self.text_scale.to(unit.dtype) if self.text_scale is not None else unit
+    def injection(self, unit: torch.Tensor, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """unit t/|t| [B, D] -> what this block's query adds [B, 1, D]: times the query gate
+        g_q [B], or times this block's learned scale when the injection has no gate."""
+        if GATE_Q in gates:
+            return gates[GATE_Q][:, None, None] * unit[:, None, :]
+        return self.text_scale.to(unit.dtype) * unit[:, None, :]
 
     # ----- plain path -----------------------------------------------------------------
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor, audio: torch.Tensor,
@@ -296,8 +298,7 @@ class FusionBlock(ResidualAttentionBlock):
                  for name, mlp in self.gates.items()}
         query = x
         if self.cfg.injects_text:
-            g_q = gates[GATE_Q][:, None, None] if GATE_Q in gates else 1.0
-            query = x + g_q * self.injection(text)[:, None, :]
+            query = x + self.injection(F.normalize(text, dim=-1), gates)
         return self._finish(x, frame_mask, gates, self.cross_attn(self.ln_3(query), key_value=audio)), gates
 
     def _finish(self, x: torch.Tensor, frame_mask: torch.Tensor, gates: dict[str, torch.Tensor],
@@ -315,7 +316,7 @@ class FusionBlock(ResidualAttentionBlock):
     # ----- fast pair path -------------------------------------------------------------
     def forward_pairs(self, x: torch.Tensor, frame_mask: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, gate_hidden: dict[str, torch.Tensor],
-                      injection: Optional[torch.Tensor], cross: Optional[torch.Tensor],
+                      text_unit: Optional[torch.Tensor], cross: Optional[torch.Tensor],
                       add_frame_mean: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair remainder of ``forward`` from precomputed parts.
 
@@ -324,7 +325,7 @@ class FusionBlock(ResidualAttentionBlock):
             key, value: this layer's projections of Â, per pair [P, H, Q, Dh] or per video
                 [G, H, Q, Dh] with the P = G * n pairs ordered video-major (n pairs per video).
             gate_hidden: gate name -> first-linear terms already known [P, D/2].
-            injection: what the query adds before its gate [P, D] (injection only, else None).
+            text_unit: t/|t| of each pair's text [P, D] (injection only, else None).
             cross: precomputed cross-attention output [P, F, D] or None.
             add_frame_mean: add W_x mean_f x (False when gate_hidden already holds it).
         Returns: (x [P, F, D], gates name -> [P]).
@@ -337,8 +338,7 @@ class FusionBlock(ResidualAttentionBlock):
         if cross is None:
             query = x
             if self.cfg.injects_text:
-                g_q = gates[GATE_Q][:, None, None] if GATE_Q in gates else 1.0
-                query = x + g_q * injection[:, None, :]
+                query = x + self.injection(text_unit, gates)
             cross = self._cross_attention(self.ln_3(query), key, value)
         return self._finish(x, frame_mask, gates, cross), gates
 
@@ -476,12 +476,12 @@ class FusionTransformer(nn.Module):
         return VideoContext(v0, mask, keys, values, gate_terms, cross0)
 
     def prepare_texts(self, text: torch.Tensor) -> TextContext:
-        """text [Nt, D] -> TextContext (the injection and the gates' text terms, once per text)."""
-        injection = self.blocks[0].injection(text) if self.cfg.injects_text and self.blocks else None
+        """text [Nt, D] -> TextContext (t/|t| and the gates' text terms, once per text)."""
+        unit = F.normalize(text, dim=-1) if self.cfg.injects_text else None
         gate_terms = [{name: F.linear(text, mlp.input_weight(2))
                        for name, mlp in block.gates.items() if block.text_blocks(name)}
                       for block in self.blocks]
-        return TextContext(injection, gate_terms)
+        return TextContext(unit, gate_terms)
 
     def _check_text_guided(self) -> None:
         if not self.text_guided:
@@ -523,7 +523,7 @@ class FusionTransformer(nn.Module):
         """The per-pair layers for pairs (ti [P], vi [P]) with per-layer keys/values ``kv``."""
         v0 = videos.v0[vi]
         mask = videos.frame_mask[vi]
-        injection = texts.injection[ti] if texts.injection is not None else None
+        unit = texts.text_unit[ti] if texts.text_unit is not None else None
         x, per_layer = v0, []
         for layer, block in enumerate(self.blocks):
             hidden = {}
@@ -531,7 +531,7 @@ class FusionTransformer(nn.Module):
                 text_term = texts.gate_terms[layer].get(name)
                 hidden[name] = term[vi] + text_term[ti] if text_term is not None else term[vi]
             key, value = kv[layer]
-            x, gates = block.forward_pairs(x, mask, key, value, hidden, injection,
+            x, gates = block.forward_pairs(x, mask, key, value, hidden, unit,
                                            cross0 if layer == 0 else None, add_frame_mean=layer > 0)
             per_layer.append(gates)
         return FusionOutput(self._blend(x, v0), self._stack_gates(per_layer))

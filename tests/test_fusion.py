@@ -18,14 +18,14 @@ def make(**kw) -> FusionTransformer:
     kw.setdefault("fusion_residual", 0.5)
     model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, **kw))
     with torch.no_grad():
-        for block in model.blocks:
+        for layer, block in enumerate(model.blocks):
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
                 gate.fc2.weight.normal_(std=0.5)
                 if gate.fc1_text is not None:
                     gate.fc1_text.weight.normal_(std=0.3)
             if block.text_scale is not None:
-                block.text_scale.fill_(0.8)
+                block.text_scale.fill_(0.8 - 0.5 * layer)  # a scale of its own per layer
     return model
 
 
@@ -220,7 +220,7 @@ def test_residual_start_equals_the_agnostic_fusion(text_gate, text_query, query_
     model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, fusion_residual=0.5,
                                            text_gate=text_gate, text_query=text_query, query_gate=query_gate))
     with torch.no_grad():  # make the agnostic gates non-trivial; text terms stay at their zero init
-        for block in model.blocks:
+        for layer, block in enumerate(model.blocks):
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
     twin = _agnostic_twin(model)

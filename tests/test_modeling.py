@@ -19,14 +19,14 @@ VARIANTS = {"agnostic": {}, "text_gate": dict(text_gate=True),
 def make_model(**flags) -> AVIGATE:
     model = AVIGATE(AVIGATEConfig.tiny(**flags))
     with torch.no_grad():  # gates far from the near-zero init and text terms on, so the fusion matters
-        for block in model.fusion.blocks:
+        for layer, block in enumerate(model.fusion.blocks):
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
                 gate.fc2.weight.normal_(std=0.5)
                 if gate.fc1_text is not None:
                     gate.fc1_text.weight.normal_(std=0.3)
             if block.text_scale is not None:
-                block.text_scale.fill_(0.8)
+                block.text_scale.fill_(0.8 - 0.5 * layer)  # a scale of its own per layer
     return model
 
 
@@ -273,3 +273,19 @@ def test_width_and_depth_mismatches_are_clear_errors():
     deep = replace(tiny, fusion=replace(tiny.fusion, layers=3))
     with pytest.raises(ValueError, match="fusion has 3 layers"):
         AVIGATE.from_pretrained(deep, CLIP(deep.clip).state_dict())
+
+
+@pytest.mark.parametrize("flags", [dict(text_gate=True), dict(text_query=True), dict(query_gate=True),
+                                   dict(text_gate=True, text_query=True, query_gate=True), {}])
+@pytest.mark.parametrize("training_pairs", ["all", "hardest_k"])
+def test_every_trainable_parameter_takes_part_in_the_loss(flags, training_pairs):
+    """DDP (without unused-parameter search) needs every trainable parameter in the graph of
+    every step: none may be left without a gradient, in any variant and pair selection."""
+    from modules.optimization import freeze_parameters
+    model = AVIGATE(AVIGATEConfig.tiny(**flags))  # the residual (zero) start
+    freeze_parameters(model, freeze_layer_num=0)
+    ids, tmask = texts(3)
+    frames, fmask, tokens = videos(model, 3)
+    objective(model, training_pairs=training_pairs, hardest_k=1)(ids, tmask, frames, fmask, tokens).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused

@@ -30,7 +30,7 @@ def encoded(flags):
     text terms are on (so the text matters), and the features of NT texts and NV videos."""
     model = AVIGATE(AVIGATEConfig.tiny(fusion_residual=0.5, **flags)).eval()
     with torch.no_grad():
-        for block in model.fusion.blocks:
+        for layer, block in enumerate(model.fusion.blocks):
             block.cross_attn.out_proj.weight.normal_(std=0.3)
             for gate in block.gates.values():
                 gate.fc1.weight.normal_(std=0.3)
@@ -38,7 +38,7 @@ def encoded(flags):
                 if gate.fc1_text is not None:
                     gate.fc1_text.weight.normal_(std=0.3)
             if block.text_scale is not None:
-                block.text_scale.fill_(0.8)
+                block.text_scale.fill_(0.8 - 0.5 * layer)  # a scale of its own per layer
     cfg = model.cfg
     ids = torch.randint(1, 40000, (NT, 8))
     ids[:, 0], ids[:, 7] = 49406, 49407
@@ -105,7 +105,7 @@ def test_fast_path_and_chunking_at_full_width():
     model = FusionTransformer(FusionConfig(width=d, layers=4, max_frames=f, text_gate=True,
                                            text_query=True, query_gate=True, fusion_residual=0.5))
     with torch.no_grad():
-        for block in model.blocks:
+        for layer, block in enumerate(model.blocks):
             for gate in block.gates.values():
                 gate.fc2.weight.normal_(std=1.0)
         frames, audio, text = torch.randn(nv, f, d), torch.randn(nv, q, d), torch.randn(nt, d)
