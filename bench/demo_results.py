@@ -77,6 +77,29 @@ def informative_flags(metadata: dict, video_ids: list) -> np.ndarray:
     return np.array([bool(videos[v]["informative_audio"]) for v in video_ids])
 
 
+CAPTION_KINDS = ("sound", "visual_informative", "visual_noise")
+
+
+def caption_kinds(metadata: dict, rows: list) -> np.ndarray:
+    """str [Nt]: each evaluated caption's kind (metadata.json "test_captions", matched on video
+    id and caption, so any row order works)."""
+    kind_of = {(c["video_id"], c["caption"]): c["kind"] for c in metadata["test_captions"]}
+    missing = [r for r in rows if (r["video_id"], r["caption"]) not in kind_of]
+    if missing:
+        raise KeyError(f"captions {missing[:3]} are not in metadata.json's test_captions; was the benchmark "
+                       "regenerated after the run? Delete the demo's run folders and rerun")
+    return np.array([kind_of[(r["video_id"], r["caption"])] for r in rows])
+
+
+def kind_recalls(sim: np.ndarray, caption_video: np.ndarray, kinds: np.ndarray, k: int = 1) -> dict:
+    """t2v R@k (percent) of the captions of each kind, every caption ranking its video among
+    all videos: {"t2v_R@k": {kind: x}} (None for a kind without captions)."""
+    hits = (text_to_video_ranks(torch.as_tensor(sim, dtype=torch.float64), torch.as_tensor(caption_video))
+            <= k).numpy()
+    return {f"t2v_R@{k}": {kind: (float(PERCENT * hits[kinds == kind].mean()) if (kinds == kind).any() else None)
+                           for kind in CAPTION_KINDS}}
+
+
 def subset_recalls(sim: np.ndarray, caption_video: np.ndarray, video_informative: np.ndarray,
                    k: int = 1) -> dict:
     """R@k (percent) of text-to-video and video-to-text queries restricted to one subset.
@@ -163,12 +186,15 @@ def max_pair_difference(a: EvalRun, b: EvalRun) -> float:
 
 
 def row_summary(run: EvalRun, metadata: dict) -> dict:
-    """Plain metrics, subset R@1 and (when the model has gates) the gate summary of one run."""
+    """Plain metrics, subset R@1 (by caption kind, and by the video's audio) and (when the model
+    has gates) the gate summary of one run."""
     video_informative = informative_flags(metadata, run.cols)
     plain = run.metrics["plain"]
+    subsets = subset_recalls(run.sim, run.caption_video, video_informative)
+    subsets["t2v_R@1"].update(kind_recalls(run.sim, run.caption_video, caption_kinds(metadata, run.rows))["t2v_R@1"])
     summary = {"metrics": {key: plain[key] for key in
                            ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "v2t_R@1", "v2t_R@5", "v2t_R@10")},
-               "subsets": subset_recalls(run.sim, run.caption_video, video_informative),
+               "subsets": subsets,
                "num_texts": len(run.rows), "num_videos": len(run.cols),
                "num_informative_videos": int(video_informative.sum())}
     if run.gates is not None:
@@ -183,15 +209,15 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 def retrieval_table(rows: list) -> list:
     """Markdown lines of the main table. ``rows``: dicts with "label", "summary" (row_summary)
     and optionally "paired_block" (R@1 t2v under the leaking protocol)."""
-    lines = ["| model | t2v R@1 | R@5 | R@10 | v2t R@1 | R@5 | R@10 | t2v R@1 informative | "
-             "t2v R@1 noise | t2v R@1 paired_block (LEAKING) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | t2v R@1 | R@5 | R@10 | v2t R@1 | R@5 | R@10 | t2v R@1 sound captions | "
+             "visual captions, informative audio | visual captions, noise clips | t2v R@1 paired_block (LEAKING) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, sub = row["summary"]["metrics"], row["summary"]["subsets"]["t2v_R@1"]
         leak = row.get("paired_block")
         lines.append(f"| {row['label']} | {_fmt(m['t2v_R@1'])} | {_fmt(m['t2v_R@5'])} | {_fmt(m['t2v_R@10'])} | "
                      f"{_fmt(m['v2t_R@1'])} | {_fmt(m['v2t_R@5'])} | {_fmt(m['v2t_R@10'])} | "
-                     f"{_fmt(sub['informative'])} | {_fmt(sub['noise'])} | {_fmt(leak)} |")
+                     + " | ".join(_fmt(sub.get(kind)) for kind in CAPTION_KINDS) + f" | {_fmt(leak)} |")
     return lines
 
 
