@@ -367,6 +367,18 @@ def fmt(stat: Optional[dict]) -> str:
     return "–" if not stat else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
+def goal_lines(rows: dict, key: str) -> list:
+    """Markdown table of one goal test (``key`` of the summary) for the rows that have it."""
+    lines = ["| row | all | sound | visual, informative audio | visual, noise |", "|---|---|---|---|---|"]
+    for e in rows.values():
+        if key in e:
+            g = e[key]
+            lines.append(f"| {e['label']} | " + " | ".join(
+                f"{g[s]['difference']:+.1f} ± {g[s]['standard_error']:.1f}{' MET' if g[s]['met'] else ''}"
+                for s in ("all", *KINDS)) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     rows = results["summary"]
     lines = ["# Text guidance study", "", f"Command: `{results['command']}`; seeds {results['seeds']}; "
@@ -380,21 +392,9 @@ def markdown(results: dict) -> str:
                      f"{fmt(f['all'].get('t2v_R@10'))} | {fmt(f['all'].get('v2t_R@1'))} | "
                      + " | ".join(fmt(f[k].get("t2v_R@1")) for k in KINDS) + " |")
     lines += ["", "## Goal test vs AVIGATE (t2v R@1 difference, paired-bootstrap SE; met = ≥ 3 points and > 2 SE)", "",
-              "| row | all | sound | visual, informative audio | visual, noise |", "|---|---|---|---|---|"]
-    for name, e in rows.items():
-        if "goal_vs_avigate" in e:
-            g = e["goal_vs_avigate"]
-            lines.append(f"| {e['label']} | " + " | ".join(
-                f"{g[s]['difference']:+.1f} ± {g[s]['standard_error']:.1f}{' MET' if g[s]['met'] else ''}"
-                for s in ("all", *KINDS)) + " |")
-    lines += ["", "Warm-started rows against the continued-training control (same warm start and epoch, no text):", "",
-              "| row | all | sound | visual, informative audio | visual, noise |", "|---|---|---|---|---|"]
-    for name, e in rows.items():
-        if "goal_vs_avigate_continued" in e:
-            g = e["goal_vs_avigate_continued"]
-            lines.append(f"| {e['label']} | " + " | ".join(
-                f"{g[s]['difference']:+.1f} ± {g[s]['standard_error']:.1f}{' MET' if g[s]['met'] else ''}"
-                for s in ("all", *KINDS)) + " |")
+              *goal_lines(rows, "goal_vs_avigate"), "",
+              "Warm-started rows against the continued-training control (same warm start and epoch, no text):", "",
+              *goal_lines(rows, "goal_vs_avigate_continued")]
     lines += ["", "## Re-ranking (t2v R@1 all captions; pairs fused per evaluation; seconds)", "",
               "| row | full | " + " | ".join(f"K={k}" for k in RERANK_KS) + " |", "|---|---|" + "---|" * len(RERANK_KS)]
     for name, e in rows.items():
