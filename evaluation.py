@@ -254,10 +254,16 @@ def gates_report(scored: ScoredSplit, split) -> dict:
     return {"text_guided": text_guided, "gate_names": names, "videos": videos}
 
 
-def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict) -> None:
-    """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json."""
+def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict,
+                       leaking: Optional[str] = None) -> None:
+    """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json.
+
+    ``leaking``: the LEAKING label of a leaking protocol, put first in metrics.json and
+    gates.json (the list-shaped files keep their format; the run's LEAKING file covers them).
+    """
     os.makedirs(output_dir, exist_ok=True)
-    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    label = {"LEAKING": leaking} if leaking else {}
+    write_json(os.path.join(output_dir, "metrics.json"), {**label, **metrics})
     tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
     np.save(tmp, scored.sim.astype(np.float32))
     os.replace(tmp, os.path.join(output_dir, "sim_matrix.npy"))
@@ -266,7 +272,7 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
                 for c, v in zip(split.captions, split.caption_video)])
     write_json(os.path.join(output_dir, "sim_cols.json"), list(split.video_ids))
     if scored.video_gates or scored.own_caption_gates:
-        write_json(os.path.join(output_dir, "gates.json"), gates_report(scored, split))
+        write_json(os.path.join(output_dir, "gates.json"), {**label, **gates_report(scored, split)})
     if scored.reranked is not None:
         r = scored.reranked
         tmp = os.path.join(output_dir, f"rerank_pairs.tmp{os.getpid()}.npz")
