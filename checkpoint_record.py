@@ -49,6 +49,10 @@ TEXT_FLAGS = ("text_gate", "text_query", "query_gate", "text_init")
 TEXT_GUIDING_FLAGS = ("text_gate", "text_query", "query_gate")
 # Recorded for provenance and for the checks they allow, not compared as architecture.
 WEIGHT_FLAGS = ("pretrained_clip_name", "ast_checkpoint", "train_ast")
+# Where the checkpoint's initial CLIP / AST weights came from: left out, they take the recorded
+# values (args.json then names the files behind the model); given, they may name another copy
+# of the same weights (their sizes are checked against the record when the model is built).
+SOURCE_FLAGS = ("pretrained_clip_name", "ast_checkpoint")
 
 
 class RecordError(ValueError):
@@ -137,6 +141,8 @@ def resolve_flags(args: argparse.Namespace, explicit: Iterable[str], record: dic
         explicit: destinations given on the command line (``explicit_flags``).
         record: the checkpoint's record; source: the checkpoint path (for messages).
         names: the flags to resolve.
+    The weight-source flags (``SOURCE_FLAGS``) left out also take the recorded values, without a
+    comparison (another path may hold the same weights).
     Returns: {"from_record": {flag: value}, "warm_start": bool}.
     Raises RecordError naming the flag, both values and the file when an explicit flag
     disagrees with the record.
@@ -159,6 +165,9 @@ def resolve_flags(args: argparse.Namespace, explicit: Iterable[str], record: dic
         elif getattr(args, name) != value and not (warm_start and name in TEXT_FLAGS):
             conflicts.append(f"{flag_text(name, getattr(args, name))} given, but the checkpoint was trained "
                              f"with {flag_text(name, value)}")
+    for name in SOURCE_FLAGS:
+        if name in recorded and name not in explicit:
+            setattr(args, name, recorded[name])
     if conflicts:
         raise RecordError(f"{source} (record {record_path(source)}): " + "; ".join(conflicts) +
                           ". Drop these flags to use the checkpoint's values (architecture flags are read "

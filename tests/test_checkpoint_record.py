@@ -72,6 +72,7 @@ def test_eval_without_architecture_flags_reproduces_the_training_run_exactly(tra
     np.testing.assert_array_equal(out["sim"], np.load(trained["run"] / "sim_matrix.npy"))
     assert out["args"]["fusion_residual"] == 1.0 and out["args"]["text_gate"] and out["args"]["text_query"]
     assert out["args"]["max_frames"] == 2 and out["args"]["cross_num_hidden_layers"] == 1
+    assert out["args"]["pretrained_clip_name"] == trained["ckpts"]["clip"]  # the files behind the model
     log = (out["dir"] / "log.txt").read_text()
     assert "--fusion_residual 1.0" in log and "architecture from the record" in log
     # The evaluation's own record of where its weights came from names the checkpoint it read.
