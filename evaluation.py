@@ -375,14 +375,20 @@ def write_topk(path: str, split, scored: ScoredSplit) -> None:
 
 
 def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict,
-                       perturbation: Optional[dict] = None) -> None:
+                       perturbation: Optional[dict] = None, leaking: Optional[str] = None) -> None:
     """metrics.json, sim_matrix.npy [Nt, Nv], sim_rows.json, sim_cols.json and gates.json; with an
     audio perturbation (``EvalDatasets.audio_perturbation``) audio_perturbation.json (its
-    settings and the swap map); with ``scored.topk`` topk.jsonl."""
+    settings and the swap map); with ``scored.topk`` topk.jsonl.
+
+    ``leaking``: the LEAKING label of a leaking protocol, put first in metrics.json, gates.json
+    and audio_perturbation.json (the list-shaped files keep their format; the run's LEAKING file
+    covers them).
+    """
     os.makedirs(output_dir, exist_ok=True)
+    label = {"LEAKING": leaking} if leaking else {}
     if perturbation is not None and perturbation["kind"] != "none":
-        write_json(os.path.join(output_dir, PERTURBATION_FILE), perturbation)
-    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+        write_json(os.path.join(output_dir, PERTURBATION_FILE), {**label, **perturbation})
+    write_json(os.path.join(output_dir, "metrics.json"), {**label, **metrics})
     tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
     np.save(tmp, scored.sim.astype(np.float32))
     os.replace(tmp, os.path.join(output_dir, "sim_matrix.npy"))
@@ -391,7 +397,7 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
                 for c, v in zip(split.captions, split.caption_video)])
     write_json(os.path.join(output_dir, "sim_cols.json"), list(split.video_ids))
     if scored.video_gates or scored.own_caption_gates:
-        write_json(os.path.join(output_dir, "gates.json"), gates_report(scored, split))
+        write_json(os.path.join(output_dir, "gates.json"), {**label, **gates_report(scored, split)})
     if scored.reranked is not None:
         r = scored.reranked
         tmp = os.path.join(output_dir, f"rerank_pairs.tmp{os.getpid()}.npz")

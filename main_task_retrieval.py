@@ -6,93 +6,117 @@ model, data and optimizer, and the work is done by small functions in ``training
 
 Runs as ``python main_task_retrieval.py ...`` (CPU or one GPU) and under ``torchrun``
 (single or multi node; ``--batch_size`` is the global batch). Examples: run.sh (MSR-VTT
-recipe), run_eval.sh (evaluate a checkpoint), run_vatex.sh, run_charades.sh.
+recipe and the paper's ablations as presets), run_eval.sh (evaluate a checkpoint),
+run_vatex.sh, run_charades.sh.
+
+Checkpoints describe themselves (checkpoint_record.py): ``--init_model`` / ``--resume_model``
+read the architecture from the checkpoint's record, so architecture flags may be left out; an
+architecture flag that contradicts the record is an error naming both values.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional
 
-import torch
-
-import evaluation
-import training
-import util
-from dataloaders.audio_cache import checkpoint_fingerprint, read_index
-from dataloaders.base import collate_items
-from dataloaders.perturb import AUDIO_PERTURBATIONS, DEFAULT_NOISE_RMS, AudioPerturbation
-from dataloaders.registry import DATASETS, DataConfig, build_eval_datasets, build_train_dataset
-from dataloaders.video import DECODERS, DEFAULT_DECODER, FrameSamplingConfig
+import checkpoint_record
 from modules import weights
-from modules.ast import CHECKPOINT_NAME, ASTConfig, checkpoint_to_trunk, config_from_weights, load_audioset_checkpoint
-from modules.clip import MODULES_DIR, config_from_state_dict, load_clip_state_dict
-from modules.fusion import PADDING_RULES, TEXT_INITS, FusionConfig
-from modules.loss import LossConfig
-from modules.modeling import AVIGATE, AVIGATEConfig
-from modules.objective import TRAINING_PAIRS, ContrastiveObjective, ObjectiveConfig
-from modules.optimization import (CLIP_SCOPES, DECAY_RULES, OPTIMIZERS, OptimConfig, build_optimizer,
-                                  build_scheduler)
-from modules.resampler import ResamplerConfig
-from modules.tokenization_clip import ClipTokenizer
 
-GATES = ("soft", "hard", "none")
+# The flags' choices, spelled out here so that --help and flag errors answer before the
+# torch-heavy imports further down (tests/test_cli.py checks each against its owner module).
+DATATYPES = ("charades", "msrvtt", "vatex")                     # dataloaders.registry.DATASETS
+DECODERS = ("opencv", "pyav")                                   # dataloaders.video.DECODERS
+DEFAULT_DECODER = "opencv"                                      # dataloaders.video.DEFAULT_DECODER
+PRECISIONS = ("fp32", "bf16", "fp16")                           # util.PRECISIONS
+PADDING_RULES = ("masked", "released")                          # modules.fusion.PADDING_RULES
+TEXT_INITS = ("zero", "normal")                                 # modules.fusion.TEXT_INITS
+ALIGNMENTS = ("both", "global", "local")                        # modules.similarity.ALIGNMENTS
+TRAINING_PAIRS = ("all", "hardest_k", "own_caption")            # modules.objective.TRAINING_PAIRS
+OPTIMIZERS = ("bertadam", "adamw")                              # modules.optimization.OPTIMIZERS
+GATES = ("soft", "hard", "none")                                # modules.fusion.GATE_MODES
 BAD_AUDIO = ("error", "zero")
 EVAL_PROTOCOLS = ("honest", "paired_block")
 DEVICES = ("auto", "cpu", "cuda")
+CLIP_SCOPES = ("group", "global")                               # modules.optimization.CLIP_SCOPES
+DECAY_RULES = ("ndim", "released")                              # modules.optimization.DECAY_RULES
+AUDIO_PERTURBATIONS = ("none", "silence", "noise", "swap")      # dataloaders.perturb.AUDIO_PERTURBATIONS
+DEFAULT_NOISE_RMS = 0.1                                         # dataloaders.perturb.DEFAULT_NOISE_RMS
+DEFAULT_AST_CHECKPOINT = os.path.join(weights.MODULES_DIR, weights.AST_RELEASE.file_name)
+# FusionConfig fields set by the text flags: they may differ from an AVIGATE checkpoint's record
+# in the warm start of a text-guided model (checkpoint_record.TEXT_FLAGS).
+FUSION_TEXT_FIELDS = ("text_gate", "text_query", "query_gate", "text_init")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, once: "(default: X)" is added unless the
+    help already states it; switches (off by default) and defaults of None, whose meaning
+    each help spells out, get none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if "%(default)" in help_text or "(default" in help_text or default is None or default is False \
+                or default == argparse.SUPPRESS:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("run")
     a.add_argument("--do_train", action="store_true", help="train, then evaluate the selected checkpoint")
     a.add_argument("--do_eval", action="store_true", help="evaluate --init_model on the test split")
     a.add_argument("--skip_test", action="store_true",
                    help="with --do_train: stop after training, without the test-split evaluation "
                         "(evaluate the selected checkpoint later with --do_eval)")
-    a.add_argument("--output_dir", required=True, help="run directory (checkpoints, logs, outputs)")
-    a.add_argument("--seed", type=int, default=42)
-    a.add_argument("--device", choices=DEVICES, default="auto")
-    a.add_argument("--precision", choices=list(util.PRECISIONS), default="fp32",
+    a.add_argument("--output_dir", required=True,
+                   help="run directory (checkpoints, logs, outputs); a folder holding an earlier run is "
+                        "refused (except when --resume_model continues the run in it)")
+    a.add_argument("--seed", type=int, default=42, help="seed of the model init, data order and workers")
+    a.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU")
+    a.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16/fp16 autocast of the encoders and the fusion (fp16 adds a GradScaler); "
                         "similarities and the loss always run in fp32")
     a.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 tensor-core matmuls/convolutions for fp32 work on CUDA (scores stay IEEE fp32)")
     a.add_argument("--n_display", type=int, default=100, help="log the loss every n optimizer steps")
     a.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
-    a.add_argument("--init_model", default=None, help="model-only weights to start from / evaluate")
+    a.add_argument("--init_model", default=None,
+                   help="model-only weights to start from / evaluate (pytorch_model.bin.N; its record "
+                        "pytorch_model.bin.N.json supplies the architecture flags left out)")
     a.add_argument("--resume_model", default=None,
                    help="training state (training_state.pt) to continue, mid-epoch included")
     a.add_argument("--save_every_steps", type=int, default=0,
                    help="write the full training state every n steps (0: at epoch ends only)")
     a.add_argument("--max_steps", type=int, default=0,
-                   help="stop after n optimizer steps of the run, saving the training state (0: no limit); "
-                        "the schedule still spans --epochs")
+                   help="stop after n optimizer steps of the run, saving the training state and a model file "
+                        "pytorch_model.bin.step<n> (0: no limit); the schedule still spans --epochs")
 
     d = p.add_argument_group("data")
-    d.add_argument("--datatype", choices=sorted(DATASETS), default="msrvtt")
+    d.add_argument("--datatype", choices=DATATYPES, default="msrvtt", help="dataset format")
     d.add_argument("--data_path", required=True,
                    help="directory of the annotation files (MSRVTT_data.json may be named instead)")
     d.add_argument("--features_path", required=True, help="directory of <video_id>.mp4 files")
-    d.add_argument("--audio_path", default=None, help="directory of <video_id>.wav files")
+    d.add_argument("--audio_path", default=None, help="directory of <video_id>.wav files (or --audio_feature_cache)")
     d.add_argument("--audio_feature_cache", default=None,
-                   help="AST token cache (preprocess) used instead of --audio_path")
+                   help="AST token cache (preprocess/cache_audio_features.py) used instead of --audio_path")
     d.add_argument("--train_csv", default=None, help="training annotation file (default: the datatype's)")
     d.add_argument("--val_csv", default=None,
                    help="validation file that picks the best epoch (e.g. from preprocess/make_val_split.py); "
                         "without it the last epoch is tested. Passing the test file (MSR-VTT 1k-A) here "
                         "and as --test_csv reproduces the published recipes, which selected on the test set")
     d.add_argument("--test_csv", default=None, help="test annotation file (default: the datatype's)")
-    d.add_argument("--max_words", type=int, default=32)
-    d.add_argument("--max_frames", type=int, default=12)
-    d.add_argument("--feature_framerate", type=float, default=1.0)
+    d.add_argument("--max_words", type=int, default=32, help="caption tokens, start and end included")
+    d.add_argument("--max_frames", type=int, default=12, help="frames per video F (architecture: frame positions)")
+    d.add_argument("--feature_framerate", type=float, default=1.0, help="frames sampled per second")
     d.add_argument("--slice_framepos", type=int, choices=(0, 1, 2), default=2,
                    help="more frames than --max_frames: 0 head, 1 tail, 2 uniform")
     d.add_argument("--expand_msrvtt_sentences", action="store_true",
                    help="every caption is a training sample (any datatype); else one random caption "
                         "per video per epoch")
-    d.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER)
+    d.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER, help="video decoding library")
     d.add_argument("--skip_bad_videos", action="store_true",
                    help="drop missing/unreadable videos (counted) instead of failing")
     d.add_argument("--on_bad_audio", choices=BAD_AUDIO, default="error",
@@ -106,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pretrained_clip_name", default="ViT-B/32",
                    help="ViT-B/32, ViT-B/16 (modules/ViT-B-*.pt, else the weights cache, else downloaded "
                         "and SHA-256-checked) or a CLIP checkpoint path (OpenAI or open_clip format)")
-    m.add_argument("--ast_checkpoint", default=os.path.join(MODULES_DIR, CHECKPOINT_NAME),
+    m.add_argument("--ast_checkpoint", default=DEFAULT_AST_CHECKPOINT,
                    help="AST AudioSet checkpoint (released .pth or transformers ASTModel .bin/.safetensors); "
                         "the default file is taken from the weights cache or downloaded when missing")
     m.add_argument("--weights_cache", default=None,
@@ -118,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cross_num_hidden_layers", type=int, default=4, help="fusion transformer blocks")
     m.add_argument("--audio_query_layers", type=int, default=4, help="audio resampler blocks")
     m.add_argument("--temperature", type=float, default=1.0, help="tau of the local log-sum-exp score")
-    m.add_argument("--gate", choices=GATES, default="soft")
+    m.add_argument("--gate", choices=GATES, default="soft",
+                   help="fusion gates: soft (tanh), hard (open/closed), none (fixed at 1, ungated fusion)")
     m.add_argument("--fusion_residual", type=float, default=0.05,
                    help="V = r x_L + (1 - r) v0 (1.0 = the paper's plain output)")
     m.add_argument("--no_audio", action="store_true", help="visual-only baseline (V = v0)")
@@ -128,20 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--padding_rule", choices=PADDING_RULES, default="masked",
                    help="padded frames: masked (excluded from gate means and self-attention keys) or "
                         "released (the released code: blank-frame embeddings, means over all frames)")
+    m.add_argument("--alignment", choices=ALIGNMENTS, default="both",
+                   help="similarity: the mean of the global and local (log-sum-exp) terms, or one alone")
     m.add_argument("--text_init", choices=TEXT_INITS, default="zero",
                    help="text-guided terms start at zero (the model starts as text-agnostic AVIGATE) "
                         "or normal (the earlier random start)")
     m.add_argument("--grad_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
 
     o = p.add_argument_group("optimization")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, default="bertadam")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="bertadam",
+                   help="bertadam (the released recipe's Adam without bias correction) or adamw")
     o.add_argument("--lr", type=float, default=1e-4, help="lr of new modules and audio_projection")
     o.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP lr = lr x coef_lr")
-    o.add_argument("--epochs", type=int, default=5)
-    o.add_argument("--warmup_proportion", type=float, default=0.1)
+    o.add_argument("--query_lr_scale", type=float, default=100.0,
+                   help="resampler query tokens' lr = lr x query_lr_scale (the released recipe's rate)")
+    o.add_argument("--epochs", type=int, default=5, help="training epochs")
+    o.add_argument("--warmup_proportion", type=float, default=0.1, help="fraction of the steps in linear warmup")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches per step (each a smaller contrastive batch)")
     o.add_argument("--freeze_layer_num", type=int, default=0, help="leading CLIP blocks frozen per tower")
+    o.add_argument("--freeze_clip", action="store_true",
+                   help="freeze both CLIP towers (their logit_scale still trains); the paper's Table 11 (f)")
+    o.add_argument("--train_ast", action="store_true",
+                   help="fine-tune the AST trunk at lr x coef_lr (needs --audio_path: a token cache holds the "
+                        "frozen trunk's output); the paper's Table 11 (e)")
     o.add_argument("--grad_clip_scope", choices=CLIP_SCOPES, default="group",
                    help="clip each parameter group's gradient norm at 1.0 (DESIGN) or the global norm "
                         "(the released training loop)")
@@ -186,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
-    """Flag combinations that cannot work, reported before any process group starts."""
+    """Flag combinations that cannot work, reported before any process group starts (and, run
+    as a script, before the torch imports)."""
     if not (args.do_train or args.do_eval):
         parser.error("nothing to do: pass --do_train and/or --do_eval")
     if args.batch_size % world_size:
@@ -205,6 +241,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
         parser.error("--eval_chunk takes one (texts = videos) or two (texts videos) numbers")
     if args.n_display < 1:
         parser.error("--n_display must be >= 1")
+    if args.query_lr_scale < 0:
+        parser.error(f"--query_lr_scale must be >= 0, got {args.query_lr_scale}")
     text_guided = args.text_gate or args.text_query or args.query_gate
     if args.rerank_topk < 0:
         parser.error(f"--rerank_topk must be >= 1 (or 0 to fuse every pair), got {args.rerank_topk}")
@@ -216,10 +254,108 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
     if args.freeze_agnostic and not text_guided:
         parser.error("--freeze_agnostic trains only the text terms of a text-guided model: add the "
                      "text-guided flags or drop --freeze_agnostic")
+    if args.freeze_agnostic and (args.freeze_clip or args.train_ast):
+        parser.error("--freeze_agnostic trains only the text terms: --freeze_clip / --train_ast would have no "
+                     "effect; drop one of them")
+    if args.train_ast and args.no_audio:
+        parser.error("--train_ast fine-tunes the AST trunk, which --no_audio does not build: drop one of them")
+    if args.train_ast and args.audio_feature_cache:
+        parser.error("--train_ast fine-tunes the AST trunk, but --audio_feature_cache holds the frozen trunk's "
+                     "tokens and skips it: pass --audio_path (the wavs) instead of --audio_feature_cache")
     if args.audio_perturb == "noise" and not args.audio_noise_rms > 0:
         parser.error(f"--audio_noise_rms must be > 0, got {args.audio_noise_rms}")
     if args.dump_topk < 0:
         parser.error(f"--dump_topk must be >= 0 (0: no dump), got {args.dump_topk}")
+    check_output_dir(parser, args)
+
+
+def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a --output_dir that holds an earlier run: its logs, metrics and model files would mix
+    with this run's. Continuing the run in it (--resume_model of its training state) is allowed."""
+    existing = checkpoint_record.existing_run_files(args.output_dir)
+    if existing and not checkpoint_record.resumes_in_place(args.output_dir, args.resume_model):
+        shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
+        parser.error(f"--output_dir {args.output_dir} already holds a run ({shown}); its files would mix with "
+                     f"this run's. Pass a new --output_dir, delete the old run, or continue it with "
+                     f"--resume_model {os.path.join(args.output_dir, 'training_state.pt')}")
+
+
+@dataclasses.dataclass
+class CheckpointContext:
+    """What the command line says about the checkpoint a run reads.
+
+    Args:
+        checkpoint: --resume_model, else --init_model (None: neither).
+        record: its record (checkpoint_record), None when it has none.
+        explicit: the flags given on the command line (argparse destinations).
+        from_record: flags that took the record's values, {flag: value}.
+        warm_start: a text-guided model warm-started from a text-agnostic checkpoint.
+    """
+
+    checkpoint: Optional[str] = None
+    record: Optional[dict] = None
+    explicit: frozenset = frozenset()
+    from_record: dict = dataclasses.field(default_factory=dict)
+    warm_start: bool = False
+
+
+def apply_checkpoint_record(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                            explicit: set[str]) -> CheckpointContext:
+    """Read the record of the checkpoint this run reads (--resume_model, else --init_model) and
+    take the architecture flags from it (checkpoint_record.resolve_flags): flags left out take its
+    values, an explicit flag that disagrees is an error naming both."""
+    checkpoint = args.resume_model or args.init_model
+    context = CheckpointContext(checkpoint=checkpoint, explicit=frozenset(explicit))
+    if not checkpoint:
+        return context
+    flag = "--resume_model" if args.resume_model else "--init_model"
+    try:
+        context.record = checkpoint_record.read_record(checkpoint, flag)
+        if context.record is not None:
+            resolved = checkpoint_record.resolve_flags(args, explicit, context.record, checkpoint)
+            context.from_record, context.warm_start = resolved["from_record"], resolved["warm_start"]
+    except (OSError, checkpoint_record.RecordError) as err:
+        parser.error(str(err))
+    if context.record is not None and context.record["flags"].get("train_ast") and args.audio_feature_cache:
+        parser.error(f"{checkpoint} fine-tuned its AST trunk (--train_ast): --audio_feature_cache holds the "
+                     f"original trunk's tokens, not this model's; pass --audio_path (the wavs) instead")
+    return context
+
+
+def parse_and_check(argv: Optional[list[str]]) -> tuple[argparse.Namespace, CheckpointContext]:
+    """Parse the flags, take the architecture from the checkpoint's record and check the result.
+    Needs no torch: run as a script, this answers --help and flag errors before the heavy imports."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    context = apply_checkpoint_record(parser, args, checkpoint_record.explicit_flags(parser, argv))
+    check_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
+    return args, context
+
+
+if __name__ == "__main__":
+    parse_and_check(sys.argv[1:])  # fast answers; main() below parses again after the imports
+
+# The torch-heavy imports (seconds on a loaded machine) come after the flags were checked.
+import torch  # noqa: E402
+
+import evaluation  # noqa: E402
+import training  # noqa: E402
+import util  # noqa: E402
+from dataloaders.audio_cache import checkpoint_fingerprint, read_index  # noqa: E402
+from dataloaders.base import collate_items  # noqa: E402
+from dataloaders.perturb import AudioPerturbation  # noqa: E402
+from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset  # noqa: E402
+from dataloaders.video import FrameSamplingConfig  # noqa: E402
+from modules.ast import ASTConfig, checkpoint_to_trunk, config_from_weights, load_audioset_checkpoint  # noqa: E402
+from modules.clip import CLIPConfig, config_from_state_dict, load_clip_state_dict  # noqa: E402
+from modules.diagnostics import LEAK_LABEL  # noqa: E402
+from modules.fusion import FusionConfig  # noqa: E402
+from modules.loss import LossConfig  # noqa: E402
+from modules.modeling import AVIGATE, AVIGATEConfig  # noqa: E402
+from modules.objective import ContrastiveObjective, ObjectiveConfig  # noqa: E402
+from modules.optimization import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
+from modules.resampler import ResamplerConfig  # noqa: E402
+from modules.tokenization_clip import ClipTokenizer  # noqa: E402
 
 
 def annotation_file(path: Optional[str]) -> Optional[str]:
@@ -269,20 +405,19 @@ def check_perturbation_trunk(args: argparse.Namespace) -> None:
                          f"{args.audio_feature_cache!r} was built with {stored}: pass that checkpoint")
 
 
-def model_config(args: argparse.Namespace, clip_state: dict, ast_weights: Optional[dict]) -> AVIGATEConfig:
-    """The architecture: what the weights of a checkpoint mean."""
-    clip_cfg = config_from_state_dict(clip_state)
+def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTConfig) -> AVIGATEConfig:
+    """The architecture: what the weights of a checkpoint mean (CLIP and AST sizes come from
+    their weights or from a checkpoint's record)."""
     width = clip_cfg.embed_dim
     return AVIGATEConfig(
-        clip=clip_cfg,
-        ast=config_from_weights(ast_weights) if ast_weights is not None else ASTConfig(),
+        clip=clip_cfg, ast=ast_cfg,
         resampler=ResamplerConfig(width=width, layers=args.audio_query_layers),
         fusion=FusionConfig(width=width, layers=args.cross_num_hidden_layers, max_frames=args.max_frames,
                             gate=args.gate, fusion_residual=args.fusion_residual,
                             use_audio=not args.no_audio, text_gate=args.text_gate,
                             text_query=args.text_query, query_gate=args.query_gate,
                             text_init=args.text_init, padding_rule=args.padding_rule),
-        temperature=args.temperature)
+        temperature=args.temperature, alignment=args.alignment)
 
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
@@ -292,33 +427,100 @@ def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
                            pairs_per_chunk=args.train_pairs_per_chunk)
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> AVIGATE:
-    """CLIP + AST weights from their released files (DESIGN §7 init), then --init_model if given.
+def build_model(args: argparse.Namespace, device: torch.device,
+                context: Optional[CheckpointContext] = None) -> AVIGATE:
+    """The model, then --init_model's weights if given.
 
-    Missing released files are fetched into --weights_cache (modules/weights.py); where each file
-    came from, with its SHA-256, is kept as ``model.weight_sources`` for the run record.
+    Without a checkpoint record: CLIP + AST weights from their released files (DESIGN §7 init);
+    missing released files are fetched into --weights_cache (modules/weights.py). With the
+    record of --init_model / --resume_model (``context.record``) every weight comes from that
+    checkpoint, so the model is built from the record's configuration (``args`` already agree
+    with it, see apply_checkpoint_record) and no released file is read, unless
+    --pretrained_clip_name / --ast_checkpoint are given: then their sizes must match the
+    record's. ``model.weight_sources`` keeps where the weights came from, with SHA-256, for the
+    run's records.
     """
-    cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
-    sources = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
-    if not args.no_audio:
-        sources["ast"] = weights.resolve_ast_checkpoint(args.ast_checkpoint, cache, offline)
-    clip_state = load_clip_state_dict(sources["clip"].path)
-    ast_weights = checkpoint_to_trunk(load_audioset_checkpoint(sources["ast"].path)) if "ast" in sources else None
-    cfg = model_config(args, clip_state, ast_weights)
-    model = AVIGATE.from_pretrained(cfg, clip_state, ast_weights)
+    context = context or CheckpointContext()
+    record = context.record
+    if record is not None and not context.explicit & {"pretrained_clip_name", "ast_checkpoint"}:
+        model, sources = model_from_record(args, context)
+    else:
+        model, sources = model_from_released_weights(args)
+        if record is not None:
+            check_sizes_against_record(args, model.cfg, context)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.weight_sources = {name: source.record() for name, source in sources.items()}
-    for name, source in sources.items():
-        util.logger.info("%s weights: %s (%s, sha256 %s)", name, source.path, source.source, source.sha256)
     if args.init_model:
         util.load_model_weights(model, args.init_model)
+        sources["init_model"] = {"path": os.path.abspath(args.init_model),
+                                 "sha256": weights.file_sha256(args.init_model)}
+        if record is not None:
+            sources["init_model"]["weight_sources"] = record.get("weight_sources")
+    model.weight_sources = sources
     return model.to(device)
 
 
+def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
+    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+    cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
+    resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
+    if not args.no_audio:
+        resolved["ast"] = weights.resolve_ast_checkpoint(args.ast_checkpoint, cache, offline)
+    clip_state = load_clip_state_dict(resolved["clip"].path)
+    ast_weights = checkpoint_to_trunk(load_audioset_checkpoint(resolved["ast"].path)) if "ast" in resolved else None
+    ast_cfg = config_from_weights(ast_weights) if ast_weights is not None else ASTConfig()
+    model = AVIGATE.from_pretrained(model_config(args, config_from_state_dict(clip_state), ast_cfg),
+                                    clip_state, ast_weights)
+    for name, source in resolved.items():
+        util.logger.info("%s weights: %s (%s, sha256 %s)", name, source.path, source.source, source.sha256)
+    return model, {name: source.record() for name, source in resolved.items()}
+
+
+def model_from_record(args: argparse.Namespace, context: CheckpointContext) -> tuple[AVIGATE, dict]:
+    """The model of a checkpoint's record, before its weights are loaded: the recorded
+    configuration, with this run's text flags in the warm start of a text-guided model from an
+    AVIGATE checkpoint (its text terms then start at their init, DESIGN §4a)."""
+    source = checkpoint_record.record_path(context.checkpoint)
+    recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
+    cfg = model_config(args, recorded.clip, recorded.ast)
+    expected = dataclasses.replace(
+        recorded, fusion=dataclasses.replace(recorded.fusion, **{k: getattr(cfg.fusion, k) for k in FUSION_TEXT_FIELDS}))
+    if cfg != expected:
+        raise ValueError(f"{source}: the recorded model configuration disagrees with its own flags "
+                         f"(recorded {dataclasses.asdict(expected)}, from the flags {dataclasses.asdict(cfg)}); "
+                         f"was the record edited?")
+    util.logger.info("model built from the checkpoint record %s (no released weight file read)", source)
+    return AVIGATE(expected), dict(context.record.get("weight_sources") or {})
+
+
+def check_sizes_against_record(args: argparse.Namespace, cfg: AVIGATEConfig, context: CheckpointContext) -> None:
+    """--pretrained_clip_name / --ast_checkpoint given with a recorded checkpoint: the sizes of
+    their weights must be the checkpoint's."""
+    source = checkpoint_record.record_path(context.checkpoint)
+    recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
+    for name, flag in (("clip", "pretrained_clip_name"), ("ast", "ast_checkpoint")):
+        if name == "ast" and not cfg.fusion.use_audio:
+            continue
+        if getattr(cfg, name) != getattr(recorded, name):
+            raise ValueError(f"--{flag} {getattr(args, flag)} has weights of another size ({getattr(cfg, name)}) "
+                             f"than {context.checkpoint} was trained with ({getattr(recorded, name)}, its record "
+                             f"{source}); drop --{flag} to build the model from the record")
+
+
+def checkpoint_record_of(args: argparse.Namespace, model: AVIGATE, **extra) -> dict:
+    """The record written beside every model file and training state of this run."""
+    flags = {name: getattr(args, name)
+             for name in checkpoint_record.ARCHITECTURE_FLAGS + checkpoint_record.WEIGHT_FLAGS}
+    if args.eval_protocol == "paired_block":
+        extra[util.LEAKING_KEY] = LEAK_LABEL
+    return checkpoint_record.make_record(dataclasses.asdict(model.cfg), flags, model.weight_sources,
+                                         util.git_revision(), **extra)
+
+
 def optim_config(args: argparse.Namespace) -> OptimConfig:
-    return OptimConfig(name=args.optimizer, lr=args.lr, coef_lr=args.coef_lr,
+    return OptimConfig(name=args.optimizer, lr=args.lr, coef_lr=args.coef_lr, query_lr_scale=args.query_lr_scale,
                        warmup_proportion=args.warmup_proportion, freeze_layer_num=args.freeze_layer_num,
-                       freeze_agnostic=args.freeze_agnostic, clip_scope=args.grad_clip_scope,
+                       freeze_agnostic=args.freeze_agnostic, freeze_clip=args.freeze_clip,
+                       train_ast=args.train_ast, clip_scope=args.grad_clip_scope,
                        decay_rule=args.weight_decay_rule)
 
 
@@ -347,8 +549,9 @@ def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -
 
 
 def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder, tokenizer,
-          image_size: int) -> Optional[int]:
-    """Train for --epochs; returns the 0-based epoch whose weights to test (None if stopped early)."""
+          image_size: int, resume_state: Optional[dict] = None) -> Optional[int]:
+    """Train for --epochs (continuing ``resume_state``, the --resume_model training state, if
+    given); returns the 0-based epoch whose weights to test (None if --max_steps stopped it)."""
     train_set = build_train_dataset(data_config(args, image_size), tokenizer)
     val_data = (build_eval_datasets(data_config(args, image_size, args.val_csv), tokenizer)
                 if args.val_csv else None)
@@ -357,14 +560,15 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
     steps_per_epoch = sampler.micro_batches_per_epoch // args.gradient_accumulation_steps
     trainer = build_trainer(args, info, model, steps_per_epoch * args.epochs)
     progress = training.Progress()
-    if args.resume_model:
-        progress = training.restore_training_state(trainer, util.load_training_state(args.resume_model))
+    if resume_state is not None:
+        progress = training.restore_training_state(trainer, resume_state)
         util.logger.info("resumed %s at epoch %d, step %d", args.resume_model, progress.epoch + 1,
                          progress.step)
     state_path = os.path.join(args.output_dir, util.TRAINING_STATE_FILE)
 
     def save_state():
         state = training.training_state(trainer, progress, vars(args))
+        state["record"] = checkpoint_record_of(args, model, epoch=progress.epoch, step=progress.step)
         if info.is_main:
             util.save_training_state(state_path, state)
         util.barrier(info)
@@ -380,11 +584,16 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
         sampler.set_epoch(epoch, progress.epoch_step * args.gradient_accumulation_steps)
         train_set.set_epoch(epoch)
         if not training.train_epoch(trainer, train_loader(args, train_set, sampler, info, epoch),
-                                progress, steps_per_epoch, hooks):
-            util.logger.info("stopped after --max_steps %d; training state in %s", args.max_steps, state_path)
+                                    progress, steps_per_epoch, hooks):
+            path = util.step_model_file(args.output_dir, progress.step)
+            if info.is_main:
+                util.save_model_file(model, path, checkpoint_record_of(args, model, epoch=epoch, step=progress.step))
+            util.logger.info("stopped after --max_steps %d: model file %s (evaluate it with --do_eval "
+                             "--init_model %s), training state %s", args.max_steps, path, path, state_path)
             return None
         if info.is_main:
-            util.save_model_file(model, util.model_file(args.output_dir, epoch))
+            util.save_model_file(model, util.model_file(args.output_dir, epoch),
+                                 checkpoint_record_of(args, model, epoch=epoch, step=progress.step))
         if val_data is not None:
             select_on_validation(args, info, model, val_data, progress, recorder)
         progress.epoch, progress.epoch_step = epoch + 1, 0
@@ -444,37 +653,42 @@ def test(args, info, model: AVIGATE, recorder, tokenizer, image_size: int, check
                     "num_texts": test_data.split.num_texts, "num_videos": test_data.split.num_videos,
                     "eval_order_seed": args.eval_order_seed,
                     "audio_perturbation": {k: v for k, v in perturbation.items() if k != "swap_sources"}})
-    evaluation.write_eval_outputs(args.output_dir, test_data.split, scored, metrics, perturbation)
+    evaluation.write_eval_outputs(args.output_dir, test_data.split, scored, metrics, perturbation,
+                                  leaking=recorder.leaking)
     recorder.log({"event": "test", "metrics": metrics})
     plain = metrics["plain"]
     util.logger.info("test %s: t2v R@1 %.2f R@5 %.2f R@10 %.2f MdR %.1f | v2t R@1 %.2f R@5 %.2f R@10 %.2f",
                      test_data.split.name, plain["t2v_R@1"], plain["t2v_R@5"], plain["t2v_R@10"],
                      plain["t2v_MdR"], plain["v2t_R@1"], plain["v2t_R@5"], plain["v2t_R@10"])
     if options.protocol == "paired_block":
-        util.logger.warning(evaluation.LEAK_LABEL)
+        util.logger.warning(LEAK_LABEL)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
+    args, context = parse_and_check(argv)
     info = util.setup_distributed(args.device)
     try:
         util.setup_precision(info.device, args.precision, args.tf32)
-        run(args, info)
+        run(args, info, context)
     finally:
         util.cleanup_distributed()
 
 
-def run(args: argparse.Namespace, info: util.DistInfo) -> None:
+def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[CheckpointContext] = None) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     util.setup_logging(args.output_dir, info)
-    recorder = util.RunRecorder(args.output_dir, info, args.tensorboard)
+    leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
+    recorder = util.RunRecorder(args.output_dir, info, args.tensorboard, leaking=leaking)
     recorder.write_run_files(vars(args), info)
     util.logger.info("command: %s", " ".join(sys.argv))
+    if leaking:
+        util.logger.warning("%s (every output of this run is labelled; see the LEAKING file)", leaking)
+    context = context or CheckpointContext()
+    log_record_use(context)
     check_perturbation_trunk(args)
+    resume_state = util.load_training_state(args.resume_model) if args.resume_model else None
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
-    model = build_model(args, info.device)
+    model = build_model(args, info.device, context)
     util.seed_everything(args.seed, info.rank)
     tokenizer = ClipTokenizer()
     image_size = model.cfg.clip.image_resolution
@@ -483,7 +697,7 @@ def run(args: argparse.Namespace, info: util.DistInfo) -> None:
         util.logger.warning("--do_eval without --init_model evaluates the untrained model (CLIP + new "
                             "modules at their initialization)")
     if args.do_train:
-        epoch = train(args, info, model, recorder, tokenizer, image_size)
+        epoch = train(args, info, model, recorder, tokenizer, image_size, resume_state)
         if epoch is None:
             recorder.close()
             return
@@ -491,14 +705,29 @@ def run(args: argparse.Namespace, info: util.DistInfo) -> None:
         selected = "best validation epoch" if args.val_csv else "last epoch: no --val_csv"
         if args.skip_test:
             util.logger.info("--skip_test: selected %s (%s); not testing it", checkpoint, selected)
-            if info.is_main:
-                util.write_json(os.path.join(args.output_dir, "selected_checkpoint.json"),
-                                {"checkpoint": checkpoint, "selection": selected})
+            recorder.write_json("selected_checkpoint.json", {"checkpoint": checkpoint, "selection": selected})
             recorder.close()
             return
         util.logger.info("testing %s (%s)", checkpoint, selected)
     test(args, info, model, recorder, tokenizer, image_size, checkpoint)
     recorder.close()
+
+
+def log_record_use(context: CheckpointContext) -> None:
+    """Say where the architecture came from (the checkpoint's record or the flags)."""
+    checkpoint = context.checkpoint
+    if checkpoint is None:
+        return
+    if context.record is None:
+        util.logger.info("%s has no record (%s): its architecture is taken from the flags as given",
+                         checkpoint, checkpoint_record.record_path(checkpoint))
+        return
+    taken = ", ".join(checkpoint_record.flag_text(k, v) for k, v in context.from_record.items())
+    util.logger.info("architecture from the record of %s%s", checkpoint,
+                     f": {taken}" if taken else " (the flags given agree with it)")
+    if context.warm_start:
+        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (DESIGN §4a): "
+                         "its text terms are created at their init", checkpoint)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,120 @@
 # Extra arguments are passed on to main_task_retrieval.py (they win over the ones here):
 #   bash run.sh --resume_model ckpts/msrvtt_avigate/training_state.pt
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
+#
+# Presets: one row of the AVIGATE paper's ablations, or a text-guided variant, per name:
+#   bash run.sh --list-presets                   # every preset, one line each
+#   PRESET=table4-gated bash run.sh              # output in ckpts/<datatype>_<preset>
+#   STAGE1_CHECKPOINT=ckpts/msrvtt_avigate/pytorch_model.bin.4 PRESET=tg-two-stage bash run.sh
+#   PRESET=table11a-depth2 bash run.sh --dry-run # print the command instead of running it
+# The table4/5/11 presets reproduce paper rows and use the released code's padding rule
+# (--padding_rule released, README "Fidelity to the released code"); the text-guided ones keep
+# the default masked rule, as plain `bash run.sh` (AVIGATE) does, so the two compare directly.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+PAPER_ROW=(--padding_rule released)
+TEXT_ALL=(--text_gate --text_query --query_gate)
+# The listed sweeps of Table 11 (a)-(c); any other value works too (e.g. table11b-beta0.25).
+DEPTHS=(1 2 3 4 5 6)
+BETAS=(0.1 0.2 0.3 0.4 0.5)
+DELTAS=(0.05 0.1 0.15 0.2)
+FIXED_PRESETS=(table4-clip table4-fusion table4-gated table4-margin table5-global table5-local table5-both)
+AFTER_SWEEPS=(table11d-hard table11e-train-ast table11f-freeze-clip
+              tg-gate tg-query tg-qgate tg-all tg-two-stage)
+
+preset_names() {
+    local n
+    printf '%s\n' "${FIXED_PRESETS[@]}"
+    for n in "${DEPTHS[@]}"; do echo "table11a-depth$n"; done
+    for n in "${BETAS[@]}"; do echo "table11b-beta$n"; done
+    for n in "${DELTAS[@]}"; do echo "table11c-delta$n"; done
+    printf '%s\n' "${AFTER_SWEEPS[@]}"
+}
+
+number_suffix() {  # the number after a sweep preset's prefix, or an error
+    local value=${1#"$2"}
+    if [[ ! $value =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+        echo "run.sh: preset '$1' needs a number after '$2' (e.g. ${2}${3})" >&2
+        exit 2
+    fi
+    echo "$value"
+}
+
+# preset NAME: sets preset_help, preset_args (flags added to the recipe) and preset_from_checkpoint
+# (1: the architecture comes from the checkpoint's record, so the recipe's architecture flags
+# are left out).
+preset() {
+    preset_from_checkpoint=0
+    local value
+    case "$1" in
+        table4-clip)    preset_help="Table 4: CLIP baseline (visual only, no audio, plain contrastive loss)"
+                        preset_args=(--no_audio --beta 0 "${PAPER_ROW[@]}") ;;
+        table4-fusion)  preset_help="Table 4: + audio fusion without gates (gates fixed at 1), plain loss"
+                        preset_args=(--gate none --beta 0 "${PAPER_ROW[@]}") ;;
+        table4-gated)   preset_help="Table 4: + gated fusion (soft gates), plain loss"
+                        preset_args=(--gate soft --beta 0 "${PAPER_ROW[@]}") ;;
+        table4-margin)  preset_help="Table 4: + adaptive margin = AVIGATE (beta 0.2)"
+                        preset_args=(--gate soft "${PAPER_ROW[@]}") ;;
+        table5-global)  preset_help="Table 5: global alignment only"
+                        preset_args=(--alignment global "${PAPER_ROW[@]}") ;;
+        table5-local)   preset_help="Table 5: local (log-sum-exp over frames) alignment only"
+                        preset_args=(--alignment local "${PAPER_ROW[@]}") ;;
+        table5-both)    preset_help="Table 5: global + local alignment (= AVIGATE)"
+                        preset_args=(--alignment both "${PAPER_ROW[@]}") ;;
+        table11a-depth*) value=$(number_suffix "$1" table11a-depth 2)
+                        preset_help="Table 11 (a): fusion depth, $value gated fusion block(s)"
+                        preset_args=(--cross_num_hidden_layers "$value" "${PAPER_ROW[@]}") ;;
+        table11b-beta*) value=$(number_suffix "$1" table11b-beta 0.3)
+                        preset_help="Table 11 (b): adaptive-margin slope beta = $value"
+                        preset_args=(--beta "$value" "${PAPER_ROW[@]}") ;;
+        table11c-delta*) value=$(number_suffix "$1" table11c-delta 0.15)
+                        preset_help="Table 11 (c): adaptive-margin cap delta (--margin_BD) = $value"
+                        preset_args=(--margin_BD "$value" "${PAPER_ROW[@]}") ;;
+        table11d-hard)  preset_help="Table 11 (d): hard gates (open/closed) instead of soft"
+                        preset_args=(--gate hard "${PAPER_ROW[@]}") ;;
+        table11e-train-ast) preset_help="Table 11 (e): AST trunk fine-tuned (lr x coef_lr), global batch 32"
+                        preset_args=(--train_ast --batch_size 32 "${PAPER_ROW[@]}") ;;
+        table11f-freeze-clip) preset_help="Table 11 (f): both CLIP towers frozen"
+                        preset_args=(--freeze_clip "${PAPER_ROW[@]}") ;;
+        tg-gate)        preset_help="text-guided: text-conditioned gates only (residual start)"
+                        preset_args=(--text_gate) ;;
+        tg-query)       preset_help="text-guided: text injected into the cross-attention query only (residual start)"
+                        preset_args=(--text_query) ;;
+        tg-qgate)       preset_help="text-guided: gated text injection only (--query_gate implies the injection)"
+                        preset_args=(--query_gate) ;;
+        tg-all)         preset_help="text-guided: all three text flags, one stage (residual start)"
+                        preset_args=("${TEXT_ALL[@]}") ;;
+        tg-two-stage)   preset_help="text-guided stage 2: all three text flags on \$STAGE1_CHECKPOINT (AVIGATE, stage 1 = bash run.sh), --freeze_agnostic, 1 epoch"
+                        if [[ -z ${STAGE1_CHECKPOINT:-} && ${LISTING:-0} != 1 ]]; then
+                            echo "run.sh: PRESET=tg-two-stage fine-tunes a stage-1 AVIGATE checkpoint: set" \
+                                 "STAGE1_CHECKPOINT to its model file, e.g." \
+                                 "STAGE1_CHECKPOINT=ckpts/${DATATYPE}_avigate/pytorch_model.bin.4 (stage 1: bash run.sh)" >&2
+                            exit 2
+                        fi
+                        if [[ ${LISTING:-0} != 1 && ! -f $STAGE1_CHECKPOINT ]]; then
+                            echo "run.sh: STAGE1_CHECKPOINT=$STAGE1_CHECKPOINT is not a file (train stage 1 with: bash run.sh)" >&2
+                            exit 2
+                        fi
+                        preset_args=(--init_model "${STAGE1_CHECKPOINT:-\$STAGE1_CHECKPOINT}" --freeze_agnostic
+                                     "${TEXT_ALL[@]}" --epochs 1)
+                        preset_from_checkpoint=1 ;;
+        *) echo "run.sh: unknown PRESET '$1'; bash run.sh --list-presets lists them" >&2
+           exit 2 ;;
+    esac
+}
+
+if [[ ${1:-} == --list-presets ]]; then
+    LISTING=1
+    DATATYPE=${DATATYPE:-msrvtt}
+    while read -r name; do
+        preset "$name"
+        printf '%-22s %s  [%s]\n' "$name" "$preset_help" "${preset_args[*]}"
+    done < <(preset_names)
+    exit 0
+fi
+DRY_RUN=0
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 
 # ---- dataset (DESIGN §9): annotation files and margin cap per dataset
 DATATYPE=${DATATYPE:-msrvtt}
@@ -21,6 +133,11 @@ case "$DATATYPE" in
               every_caption= ;;                             # one caption per video
     *) echo "run.sh: DATATYPE must be msrvtt, vatex or charades (got '$DATATYPE')" >&2; exit 2 ;;
 esac
+
+PRESET=${PRESET:-}
+preset_args=()
+preset_from_checkpoint=0
+if [[ -n $PRESET ]]; then preset "$PRESET"; fi
 
 # ---- machines
 NUM_GPUS=${NUM_GPUS:-4}              # processes (GPUs) per node
@@ -54,24 +171,36 @@ FUSION_RESIDUAL=${FUSION_RESIDUAL:-0.05}
 MARGIN_BD=${MARGIN_BD:-$margin}
 BETA=${BETA:-0.2}
 
-OUTPUT_DIR=${OUTPUT_DIR:-ckpts/${DATATYPE}_avigate}
+OUTPUT_DIR=${OUTPUT_DIR:-ckpts/${DATATYPE}_${PRESET:-avigate}}
 
 args=(
     --do_train --datatype "$DATATYPE"
     --data_path "$DATA_PATH" --features_path "$VIDEO_PATH" --audio_path "$AUDIO_PATH"
     --train_csv "$TRAIN_CSV" --test_csv "$TEST_CSV"
     --output_dir "$OUTPUT_DIR"
-    --pretrained_clip_name "$CLIP_NAME" --ast_checkpoint "$AST_CHECKPOINT"
     --epochs 5 --batch_size 128 --batch_size_val 16 --lr 1e-4 --coef_lr 1e-3
-    --max_words 32 --max_frames 12 --feature_framerate 1 --slice_framepos 2
-    --cross_num_hidden_layers 4 --audio_query_layers 4 --freeze_layer_num 0
-    --margin_BD "$MARGIN_BD" --beta "$BETA" --gate "$GATE" --fusion_residual "$FUSION_RESIDUAL"
+    --max_words 32 --feature_framerate 1 --slice_framepos 2 --freeze_layer_num 0
+    --margin_BD "$MARGIN_BD" --beta "$BETA"
     --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS" --save_every_steps 500
 )
+# The architecture and its weights; a preset that starts from a checkpoint takes them from the
+# checkpoint's record instead (an explicit flag there must agree with it).
+if [[ $preset_from_checkpoint == 0 ]]; then
+    args+=(--pretrained_clip_name "$CLIP_NAME" --ast_checkpoint "$AST_CHECKPOINT"
+           --max_frames 12 --cross_num_hidden_layers 4 --audio_query_layers 4
+           --gate "$GATE" --fusion_residual "$FUSION_RESIDUAL")
+fi
 if [[ -n "$every_caption" ]]; then args+=("$every_caption"); fi
 if [[ -n "$VAL_CSV" ]]; then args+=(--val_csv "$VAL_CSV"); fi
 read -r -a text_guided <<< "$TEXT_GUIDED"
 
-torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    main_task_retrieval.py "${args[@]}" ${text_guided[@]+"${text_guided[@]}"} "$@"
+command=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
+         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+         main_task_retrieval.py "${args[@]}" ${preset_args[@]+"${preset_args[@]}"}
+         ${text_guided[@]+"${text_guided[@]}"} "$@")
+if [[ $DRY_RUN == 1 ]]; then
+    printf '%q ' "${command[@]}"
+    echo
+    exit 0
+fi
+"${command[@]}"

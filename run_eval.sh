@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Evaluate a model-only checkpoint (pytorch_model.bin.N of a training run) on a test split.
-# The architecture switches must match the training run (see its args.json). Writes
-# metrics.json, sim_matrix.npy, sim_rows.json, sim_cols.json, gates.json and log.txt.
+# Writes metrics.json, sim_matrix.npy, sim_rows.json, sim_cols.json, gates.json and log.txt.
 #   CHECKPOINT=ckpts/msrvtt_avigate/pytorch_model.bin.4 bash run_eval.sh
-#   CHECKPOINT=... TEXT_GUIDED="--text_gate --text_query --query_gate" bash run_eval.sh --dsl
+#   CHECKPOINT=ckpts/msrvtt_avigate/pytorch_model.bin.4 bash run_eval.sh --dsl
+# The architecture (fusion depth, gates, residual, text flags, frames, CLIP/AST sizes) comes from
+# the checkpoint's record (pytorch_model.bin.N.json, written by training): no architecture flag
+# is needed. A flag given anyway (the variables below, or extra arguments) must agree with the
+# record, else the run stops naming both values. A checkpoint without a record (older runs, the
+# released code's files) needs the flags of its training run: set them here, e.g.
+#   CHECKPOINT=old/pytorch_model.bin.4 GATE=soft FUSION_RESIDUAL=0.05 MAX_FRAMES=12 \
+#       TEXT_GUIDED="--text_gate --text_query --query_gate" bash run_eval.sh
 #   CHECKPOINT=... AUDIO_PERTURB=noise bash run_eval.sh --audio_noise_rms 0.1 --dump_topk 10
 # Extra arguments go to main_task_retrieval.py last (they override the settings above).
 # The same flags audit a checkpoint: python -m tools.audit_protocol --audit_dir DIR -- <flags>.
@@ -17,20 +23,21 @@ NUM_WORKERS=${NUM_WORKERS:-8}
 PRECISION=${PRECISION:-fp32}
 
 DATATYPE=${DATATYPE:-msrvtt}                         # msrvtt | vatex | charades
-DATA_PATH=${DATA_PATH:-data/msrvtt}
-VIDEO_PATH=${VIDEO_PATH:-data/msrvtt/videos}
-AUDIO_PATH=${AUDIO_PATH:-data/msrvtt/audio}
+DATA_PATH=${DATA_PATH:-data/$DATATYPE}
+VIDEO_PATH=${VIDEO_PATH:-data/$DATATYPE/videos}
+AUDIO_PATH=${AUDIO_PATH:-data/$DATATYPE/audio}
 TEST_CSV=${TEST_CSV:-}                               # empty: the datatype's test file
 MAX_WORDS=${MAX_WORDS:-32}
-MAX_FRAMES=${MAX_FRAMES:-12}
-
-CLIP_NAME=${CLIP_NAME:-ViT-B/32}
-AST_CHECKPOINT=${AST_CHECKPOINT:-modules/audioset_10_10_0.4593.pth}
-TEXT_GUIDED=${TEXT_GUIDED:-}
-GATE=${GATE:-soft}
-FUSION_RESIDUAL=${FUSION_RESIDUAL:-0.05}
 EVAL_PROTOCOL=${EVAL_PROTOCOL:-honest}               # paired_block = the LEAKING public protocol
 AUDIO_PERTURB=${AUDIO_PERTURB:-none}                 # none | silence | noise | swap (robustness)
+
+# Architecture and weight flags: empty = from the checkpoint's record.
+CLIP_NAME=${CLIP_NAME:-}
+AST_CHECKPOINT=${AST_CHECKPOINT:-}
+TEXT_GUIDED=${TEXT_GUIDED:-}
+GATE=${GATE:-}
+FUSION_RESIDUAL=${FUSION_RESIDUAL:-}
+MAX_FRAMES=${MAX_FRAMES:-}
 
 OUTPUT_DIR=${OUTPUT_DIR:-$(dirname "$CHECKPOINT")/eval_$(basename "$CHECKPOINT")}
 
@@ -38,12 +45,15 @@ args=(
     --do_eval --datatype "$DATATYPE" --init_model "$CHECKPOINT"
     --data_path "$DATA_PATH" --features_path "$VIDEO_PATH" --audio_path "$AUDIO_PATH"
     --output_dir "$OUTPUT_DIR"
-    --pretrained_clip_name "$CLIP_NAME" --ast_checkpoint "$AST_CHECKPOINT"
-    --batch_size_val 16 --max_words "$MAX_WORDS" --max_frames "$MAX_FRAMES" --feature_framerate 1 --slice_framepos 2
-    --cross_num_hidden_layers 4 --audio_query_layers 4 --gate "$GATE" --fusion_residual "$FUSION_RESIDUAL"
+    --batch_size_val 16 --max_words "$MAX_WORDS" --feature_framerate 1 --slice_framepos 2
     --eval_protocol "$EVAL_PROTOCOL" --audio_perturb "$AUDIO_PERTURB" --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS"
 )
 if [[ -n "$TEST_CSV" ]]; then args+=(--test_csv "$TEST_CSV"); fi
+if [[ -n "$CLIP_NAME" ]]; then args+=(--pretrained_clip_name "$CLIP_NAME"); fi
+if [[ -n "$AST_CHECKPOINT" ]]; then args+=(--ast_checkpoint "$AST_CHECKPOINT"); fi
+if [[ -n "$GATE" ]]; then args+=(--gate "$GATE"); fi
+if [[ -n "$FUSION_RESIDUAL" ]]; then args+=(--fusion_residual "$FUSION_RESIDUAL"); fi
+if [[ -n "$MAX_FRAMES" ]]; then args+=(--max_frames "$MAX_FRAMES"); fi
 read -r -a text_guided <<< "$TEXT_GUIDED"
 
 torchrun --standalone --nproc_per_node "$NUM_GPUS" \

@@ -124,6 +124,16 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict:
     return {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}
 
 
+def lr_summary(lrs: dict) -> str:
+    """"lr 1e-04 (clip 1e-07, new 1e-04, query 0.01)": the base lr (--lr after the schedule: the
+    "new" groups') and each parameter role's lr (its decay / no_decay groups share it)."""
+    roles = {}
+    for name, lr in lrs.items():
+        roles.setdefault(name.split("/")[0], lr)
+    base = f"lr {roles['new']:.3g}" if "new" in roles else "lr (no base group)"
+    return f"{base} ({', '.join(f'{role} {lr:.3g}' for role, lr in roles.items())})"
+
+
 def grouped(loader, size: int) -> Iterator[list]:
     """Consecutive lists of ``size`` items (an incomplete tail is dropped)."""
     group = []
@@ -196,8 +206,8 @@ def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: in
             hooks.recorder.log({"event": "train", "epoch": progress.epoch + 1, "step": progress.step,
                                 "loss": loss, "lr": lrs, "gate_abs_mean": gates,
                                 "steps_per_s": rate}, step=progress.step)
-            logger.info("epoch %d step %d/%d loss %.6f lr %.3g", progress.epoch + 1, progress.epoch_step,
-                        steps_in_epoch, loss, max(lrs.values()))
+            logger.info("epoch %d step %d/%d loss %.6f %s", progress.epoch + 1, progress.epoch_step,
+                        steps_in_epoch, loss, lr_summary(lrs))
         if hooks.max_steps and progress.step >= hooks.max_steps:
             hooks.save_state()
             bar.close()

@@ -10,6 +10,7 @@ checkpoints; data-issue reports.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,18 +27,21 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+import checkpoint_record
 from modules import released_checkpoint
 
 
 LOGGER_NAME = "avigate"
 logger = logging.getLogger(LOGGER_NAME)
 
-MODEL_FILE_PREFIX = "pytorch_model.bin."
+MODEL_FILE_PREFIX = checkpoint_record.MODEL_FILE_PREFIX
 TRAINING_STATE_FILE = "training_state.pt"
 ARGS_FILE = "args.json"
 RUN_INFO_FILE = "run_info.json"
 TRAIN_METRICS_FILE = "train_metrics.jsonl"
 LOG_FILE = "log.txt"
+LEAKING_FILE = "LEAKING"
+LEAKING_KEY = "LEAKING"
 TENSORBOARD_DIR = "tensorboard"
 # Seeds of different streams (ranks, epochs, workers) are spread by these strides so they
 # never coincide for realistic run sizes.
@@ -247,8 +251,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 # --------------------------------------------------------------------------- run records
+@functools.lru_cache(maxsize=None)
 def git_revision() -> dict:
-    """Commit hash of the code and whether the tree had local changes (None outside git)."""
+    """Commit hash of the code and whether the tree had local changes (None outside git), as
+    first seen by this process (every record of a run names the same revision)."""
     root = os.path.dirname(os.path.abspath(__file__))
 
     def run(*cmd):
@@ -293,37 +299,54 @@ class RunRecorder:
 
     ``output_dir`` gets ``args.json`` (resolved flags), ``run_info.json`` (git revision,
     command line, world size, versions), ``train_metrics.jsonl`` (one JSON object per
-    record) and, with ``tensorboard``, TensorBoard scalars.
+    record) and, with ``tensorboard``, TensorBoard scalars. A run under a leaking protocol
+    (``leaking``: its label) also gets a ``LEAKING`` file holding the label, and every JSON
+    object it writes through the recorder carries ``"LEAKING": label``.
 
     Args:
         output_dir: run directory (created).
         info: this process's place in the job.
         tensorboard: also write TensorBoard event files.
+        leaking: the LEAKING label of the run's protocol, or None.
     """
 
-    def __init__(self, output_dir: str, info: DistInfo, tensorboard: bool = False):
+    def __init__(self, output_dir: str, info: DistInfo, tensorboard: bool = False,
+                 leaking: Optional[str] = None):
         self.output_dir = output_dir
         self.active = info.is_main
+        self.leaking = leaking
         self.writer = None
         if self.active and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency, loaded on demand
             self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
 
+    def labelled(self, obj: dict) -> dict:
+        """``obj`` with the run's LEAKING label first (unchanged for an honest run)."""
+        return {LEAKING_KEY: self.leaking, **obj} if self.leaking else obj
+
+    def write_json(self, name: str, obj: dict) -> None:
+        """Atomic write of ``output_dir/name`` (labelled)."""
+        if self.active:
+            write_json(os.path.join(self.output_dir, name), self.labelled(obj))
+
     def write_run_files(self, args: dict, info: DistInfo) -> None:
         if not self.active:
             return
-        write_json(os.path.join(self.output_dir, ARGS_FILE), args)
-        write_json(os.path.join(self.output_dir, RUN_INFO_FILE), {
+        if self.leaking:
+            with open(os.path.join(self.output_dir, LEAKING_FILE), "w") as f:
+                f.write(self.leaking + "\n")
+        self.write_json(ARGS_FILE, args)
+        self.write_json(RUN_INFO_FILE, {
             "git": git_revision(), "argv": sys.argv, "world_size": info.world_size,
             "device": str(info.device), "torch": torch.__version__,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     def log(self, record: dict, step: Optional[int] = None) -> None:
-        """Append ``record`` to the JSON-lines file; numeric leaves also go to TensorBoard."""
+        """Append ``record`` (labelled) to the JSON-lines file; numeric leaves also go to TensorBoard."""
         if not self.active:
             return
         with open(os.path.join(self.output_dir, TRAIN_METRICS_FILE), "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json.dumps(self.labelled(record), default=float) + "\n")
         if self.writer is not None and step is not None:
             for key, value in _flatten(record).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -401,9 +424,18 @@ def model_file(output_dir: str, epoch: int) -> str:
     return os.path.join(output_dir, f"{MODEL_FILE_PREFIX}{epoch}")
 
 
-def save_model_file(model: torch.nn.Module, path: str) -> None:
-    """Model-only checkpoint (a plain state dict, loadable by ``--init_model``)."""
+def step_model_file(output_dir: str, step: int) -> str:
+    """Path of the model-only file of a run stopped after ``step`` optimizer steps (--max_steps)."""
+    return os.path.join(output_dir, f"{MODEL_FILE_PREFIX}step{step}")
+
+
+def save_model_file(model: torch.nn.Module, path: str, record: Optional[dict] = None) -> None:
+    """Model-only checkpoint: a plain state dict (``torch.load(path, weights_only=True)`` ->
+    {name: tensor}, loadable by ``--init_model`` and by ``load_state_dict``), and its record
+    ``<path>.json`` (checkpoint_record) when given."""
     atomic_save({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path)
+    if record is not None:
+        checkpoint_record.write_record(path, {**record, "file": os.path.basename(path)})
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
@@ -441,8 +473,12 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
     missing = [k for k in missing if k not in text_terms]
     unexpected = [k for k in state if k not in own]
     if mismatched or missing or unexpected:
+        hint = ("compare its record " + checkpoint_record.record_path(path)
+                if os.path.isfile(checkpoint_record.record_path(path)) else
+                "it has no record, so the architecture flags must repeat its training run's: compare with "
+                "that run's args.json")
         raise ValueError(f"{path}: weights do not match the model built from the flags (width, depth, "
-                         f"frames or text flags differ? compare with the run's args.json): "
+                         f"frames or text flags differ? {hint}): "
                          f"shape mismatches {mismatched[:10]}, missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}")
     module.load_state_dict(state, strict=False)
@@ -454,8 +490,11 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
 
 
 def save_training_state(path: str, state: dict) -> None:
-    """Atomic write of a full training state dict (see ``main_task_retrieval.training_state``)."""
+    """Atomic write of a full training state dict (see ``training.training_state``); its
+    ``"record"`` (checkpoint_record), when present, is also written beside it as ``<path>.json``."""
     atomic_save(state, path)
+    if state.get("record") is not None:
+        checkpoint_record.write_record(path, {**state["record"], "file": os.path.basename(path)})
 
 
 def load_training_state(path: str) -> dict:

@@ -153,7 +153,8 @@ class SpectrogramPatchEmbed(nn.Module):
 
 
 class AST(nn.Module):
-    """AST trunk (frozen) plus its final LayerNorm (trainable).
+    """AST trunk (frozen unless --train_ast turns its requires_grad on) plus its final LayerNorm
+    (trainable).
 
     ``norm`` (layers.LayerNorm) computes in fp32 and returns its input's dtype, so it takes
     fp16 tokens read from the cache as they are.
@@ -199,9 +200,13 @@ class AST(nn.Module):
             module.eval()
         return self
 
-    @torch.no_grad()
+    @property
+    def trunk_trainable(self) -> bool:
+        """Whether the trunk learns (``--train_ast`` turns its requires_grad on)."""
+        return self.pos_embed.requires_grad
+
     def tokens(self, fbank: torch.Tensor) -> torch.Tensor:
-        """Frozen trunk output before the final LayerNorm.
+        """Trunk output before the final LayerNorm; without gradient while the trunk is frozen.
 
         no_grad rather than inference_mode: the tokens feed ``norm`` and later layers that
         are trained, which inference tensors cannot.
@@ -215,14 +220,15 @@ class AST(nn.Module):
         if fbank.dim() != 3 or tuple(fbank.shape[1:]) != expected:
             raise ValueError(f"AST.tokens expects fbank [B, {expected[0]}, {expected[1]}], "
                              f"got {tuple(fbank.shape)}")
-        x = self.patch_embed(fbank.to(self.pos_embed.dtype))  # [B, P, W]
-        batch = x.shape[0]
-        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(batch, -1, -1)
-        x = torch.cat([prefix, x], dim=1) + self.pos_embed  # [B, 2 + P, W]
-        for block in self.blocks:
-            x = block(x)
-        pooled = x[:, :NUM_PREFIX_TOKENS].mean(dim=1, keepdim=True)  # [B, 1, W]
-        return torch.cat([pooled, x[:, NUM_PREFIX_TOKENS:]], dim=1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trunk_trainable):
+            x = self.patch_embed(fbank.to(self.pos_embed.dtype))  # [B, P, W]
+            batch = x.shape[0]
+            prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(batch, -1, -1)
+            x = torch.cat([prefix, x], dim=1) + self.pos_embed  # [B, 2 + P, W]
+            for block in self.blocks:
+                x = block(x)
+            pooled = x[:, :NUM_PREFIX_TOKENS].mean(dim=1, keepdim=True)  # [B, 1, W]
+            return torch.cat([pooled, x[:, NUM_PREFIX_TOKENS:]], dim=1)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         """fbank [B, T, M] -> normalized tokens [B, A, W] (trunk, then the trainable norm)."""

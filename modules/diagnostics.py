@@ -47,7 +47,7 @@ def paired_block_scores(model: AVIGATE, text_feats: TextFeatures, video_feats: V
             with exact_fp32(text.device):
                 scores[t0:t1, v0:v1] = global_local_scores(text[t0:t1].float(), out.fused.float(),
                                                            ctx.frame_mask, model.logit_scale.float(),
-                                                           model.cfg.temperature)
+                                                           model.cfg.temperature, model.cfg.alignment)
             for name, value in out.gates.items():
                 gates[name][t0:t1, v0:v1] = value.unsqueeze(0)
     return ScoreOutput(scores, gates)

@@ -33,8 +33,8 @@ from modules.clip import CLIP, CLIPConfig, state_dict_problems
 from modules.fusion import FusionConfig, FusionTransformer, TextContext, VideoContext
 from modules.layers import NEW_WEIGHT_STD, SELF_ATTENTION_PARAM_PREFIXES, copy_clip_layer
 from modules.resampler import AudioResampler, ResamplerConfig
-from modules.similarity import (MAX_LOG_LOGIT_SCALE, exact_fp32, index_scores, pair_scores, unit_frames,
-                                video_index)
+from modules.similarity import (MAX_LOG_LOGIT_SCALE, check_alignment, exact_fp32, index_scores, pair_scores,
+                                unit_frames, video_index)
 
 # Pairs fused at once when scoring without an explicit chunk (--eval_chunk). At D = 512, F = 12
 # a pair's forward working set is a few hundred KB (bench/pair_memory.py), so 2,048 pairs stay
@@ -55,6 +55,10 @@ class AVIGATEConfig:
         resampler: audio resampler (width D).
         fusion: fusion transformer (width D; text flags make the model text-guided).
         temperature: tau of the local (log-sum-exp) similarity (``--temperature``).
+        alignment: the similarity's alignment scheme (``--alignment``): "both" (the mean of
+            the global and local terms, DESIGN §5), "global" or "local" alone (the paper's
+            Table 5). It adds no weights; every score of the model (training logits, pair
+            scores, the cached index) uses it.
     """
 
     clip: CLIPConfig = field(default_factory=CLIPConfig)
@@ -62,8 +66,10 @@ class AVIGATEConfig:
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     temperature: float = 1.0
+    alignment: str = "both"
 
     def __post_init__(self):
+        check_alignment(self.alignment)
         widths = {"clip.embed_dim": self.clip.embed_dim, "resampler.width": self.resampler.width,
                   "fusion.width": self.fusion.width}
         if len(set(widths.values())) != 1:
@@ -366,7 +372,7 @@ class AVIGATE(nn.Module):
         (VideoFeatures.index) with frame_mask [Nv, F], in fp32."""
         with exact_fp32(text.device):
             return index_scores(text.float(), index.float(), frame_mask, self.logit_scale.float(),
-                                self.cfg.temperature)
+                                self.cfg.temperature, alignment=self.cfg.alignment)
 
     def unfused_scores(self, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Scores [Nt, Nv] of texts [Nt, D] against the unfused frames v0 [Nv, F, D] (a cheap
@@ -391,7 +397,7 @@ class AVIGATE(nn.Module):
         """fp32 scores [P] of pairs (text ti[p], video vi[p]) with fused frames [P, F, D]."""
         with exact_fp32(fused.device):
             return pair_scores(ctx.text[ti], fused.float(), ctx.frame_mask[vi], self.logit_scale.float(),
-                               self.cfg.temperature)
+                               self.cfg.temperature, self.cfg.alignment)
 
     def score_pairs(self, ctx: PairContext, ti: torch.Tensor, vi: torch.Tensor) -> PairScores:
         """Differentiable scores of pairs p = (text ti[p], video vi[p]), ti/vi LongTensor [P],

@@ -11,16 +11,23 @@
 * ``parameter_groups``: named groups from the model's parameter names (no argparse).
 
 Parameter roles (``parameter_role``):
-    frozen  AST trunk (all of ``ast.*`` except its final LayerNorm ``ast.norm.*``);
+    frozen  AST trunk (all of ``ast.*`` except its final LayerNorm ``ast.norm.*``) unless
+            ``train_ast``;
             CLIP's embeddings: ``visual.conv1``, ``visual.class_embedding``,
             ``visual.positional_embedding``, ``visual.ln_pre``, ``token_embedding``,
             ``positional_embedding``; and resblocks 0..freeze_layer_num-1 of both
-            CLIP towers (``--freeze_layer_num``; 0 freezes no block).
+            CLIP towers (``--freeze_layer_num``; 0 freezes no block); with ``freeze_clip``
+            both CLIP towers whole (``--freeze_clip``; only ``logit_scale``, the similarity's
+            temperature, which belongs to no tower, keeps training).
     clip    every other CLIP parameter (lr x coef_lr).
-    query   the resampler's learned query tokens (lr x query_lr_scale).
+    ast     with ``train_ast`` (``--train_ast``), the AST trunk: lr x coef_lr, the rate of the
+            other pretrained encoder.
+    query   the resampler's learned query tokens (lr x query_lr_scale, ``--query_lr_scale``).
     new     everything else, including ``audio_projection`` and ``ast.norm`` (lr).
 With ``freeze_agnostic`` every parameter but the text terms of a text-guided fusion
 (``modules.fusion.is_text_term``) is frozen: only the text guidance learns (DESIGN §4a).
+``freeze_parameters`` sets ``requires_grad`` from the role, for every parameter (trainable
+roles on, frozen off), so it alone decides what trains.
 Weight decay rule: tensors with fewer than two dimensions (biases, LayerNorm weights and
 biases, ``logit_scale``, CLIP's class embedding) get none; matrices and embedding tables
 get ``weight_decay``.
@@ -44,7 +51,7 @@ CLIP_SCOPES = ("group", "global")
 # Which tensors get weight decay: those with >= 2 dimensions (DESIGN §7) or every tensor whose
 # name lacks "bias" (the released code's no-decay list, which matches none of CLIP's LayerNorms).
 DECAY_RULES = ("ndim", "released")
-ROLES = ("clip", "new", "query")
+ROLES = ("clip", "ast", "new", "query")
 
 CLIP_PREFIX = "clip."
 AST_PREFIX = "ast."
@@ -54,6 +61,8 @@ QUERY_PARAM_NAMES = ("resampler.queries",)
 CLIP_FROZEN_PREFIXES = ("visual.conv1.", "visual.class_embedding", "visual.positional_embedding",
                         "visual.ln_pre.", "token_embedding.", "positional_embedding")
 CLIP_RESBLOCK = re.compile(r"^(?:visual\.)?transformer\.resblocks\.(\d+)\.")
+# The one CLIP parameter outside the towers: the similarity's learned temperature.
+CLIP_TEMPERATURE = "logit_scale"
 
 
 @dataclass
@@ -64,7 +73,8 @@ class OptimConfig:
         name: "bertadam" (released recipe) or "adamw".
         lr: learning rate of the new modules and ``audio_projection`` (``--lr``).
         coef_lr: multiplier of ``lr`` for CLIP parameters (``--coef_lr``).
-        query_lr_scale: multiplier of ``lr`` for the resampler's query tokens.
+        query_lr_scale: multiplier of ``lr`` for the resampler's query tokens
+            (``--query_lr_scale``; the released recipe's 100).
         weight_decay: decoupled weight decay on matrices.
         betas: Adam moment coefficients.
         eps: Adam epsilon (added to sqrt(v)).
@@ -72,6 +82,8 @@ class OptimConfig:
         warmup_proportion: fraction of the steps spent in linear warmup (``--warmup_proportion``).
         freeze_layer_num: number of leading resblocks frozen in each CLIP tower.
         freeze_agnostic: train only the text terms (``--freeze_agnostic``).
+        freeze_clip: freeze both CLIP towers (``--freeze_clip``; Table 11 (f)).
+        train_ast: train the AST trunk at lr x coef_lr (``--train_ast``; Table 11 (e)).
         clip_scope: "group" (each group clipped to max_grad_norm) or "global" (the norm of all
             gradients together, as released) (``--grad_clip_scope``).
         decay_rule: "ndim" or "released" (module docstring; ``--weight_decay_rule``).
@@ -88,6 +100,8 @@ class OptimConfig:
     warmup_proportion: float = 0.1
     freeze_layer_num: int = 0
     freeze_agnostic: bool = False
+    freeze_clip: bool = False
+    train_ast: bool = False
     clip_scope: str = "group"
     decay_rule: str = "ndim"
 
@@ -96,6 +110,9 @@ class OptimConfig:
             raise ValueError(f"--grad_clip_scope must be one of {CLIP_SCOPES}, got {self.clip_scope!r}")
         if self.decay_rule not in DECAY_RULES:
             raise ValueError(f"--weight_decay_rule must be one of {DECAY_RULES}, got {self.decay_rule!r}")
+        if self.freeze_agnostic and (self.freeze_clip or self.train_ast):
+            raise ValueError("--freeze_agnostic trains only the text terms; --freeze_clip / --train_ast "
+                             "would have no effect: drop one of them")
 
 
 def clip_group_gradients(params: Iterable[torch.Tensor], max_norm: float) -> None:
@@ -210,14 +227,20 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * x))
 
 
-def parameter_role(name: str, freeze_layer_num: int, freeze_agnostic: bool = False) -> str:
-    """Role of a model parameter, from its name: "frozen", "clip", "query" or "new" (module doc)."""
+def parameter_role(name: str, freeze_layer_num: int, freeze_agnostic: bool = False, freeze_clip: bool = False,
+                   train_ast: bool = False) -> str:
+    """Role of a model parameter, from its name: "frozen", "clip", "ast", "query" or "new"
+    (module doc)."""
     if freeze_agnostic:
         return "new" if is_text_term(name) else "frozen"
     if name.startswith(AST_PREFIX):
-        return "new" if name.startswith(AST_TRAINABLE_PREFIX) else "frozen"
+        if name.startswith(AST_TRAINABLE_PREFIX):
+            return "new"
+        return "ast" if train_ast else "frozen"
     if name.startswith(CLIP_PREFIX):
         clip_name = name[len(CLIP_PREFIX):]
+        if freeze_clip and clip_name != CLIP_TEMPERATURE:
+            return "frozen"
         if clip_name.startswith(CLIP_FROZEN_PREFIXES):
             return "frozen"
         block = CLIP_RESBLOCK.match(clip_name)
@@ -229,12 +252,20 @@ def parameter_role(name: str, freeze_layer_num: int, freeze_agnostic: bool = Fal
     return "new"
 
 
-def freeze_parameters(model: nn.Module, freeze_layer_num: int, freeze_agnostic: bool = False) -> list[str]:
-    """Set requires_grad=False on the frozen parameters; returns their names."""
+def role_of(name: str, cfg: OptimConfig) -> str:
+    """``parameter_role`` with the settings of ``cfg``."""
+    return parameter_role(name, cfg.freeze_layer_num, cfg.freeze_agnostic, cfg.freeze_clip, cfg.train_ast)
+
+
+def freeze_parameters(model: nn.Module, freeze_layer_num: int, freeze_agnostic: bool = False,
+                      freeze_clip: bool = False, train_ast: bool = False) -> list[str]:
+    """Set requires_grad from each parameter's role (off for "frozen", on otherwise); returns
+    the names of the frozen ones."""
     frozen = []
     for name, p in model.named_parameters():
-        if parameter_role(name, freeze_layer_num, freeze_agnostic) == "frozen":
-            p.requires_grad_(False)
+        trainable = parameter_role(name, freeze_layer_num, freeze_agnostic, freeze_clip, train_ast) != "frozen"
+        p.requires_grad_(trainable)
+        if not trainable:
             frozen.append(name)
     return frozen
 
@@ -246,10 +277,11 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     "new/no_decay", "query/decay". Frozen parameters and those with requires_grad=False
     appear in no group.
     """
-    lr_of_role = {"clip": cfg.lr * cfg.coef_lr, "new": cfg.lr, "query": cfg.lr * cfg.query_lr_scale}
+    lr_of_role = {"clip": cfg.lr * cfg.coef_lr, "ast": cfg.lr * cfg.coef_lr, "new": cfg.lr,
+                  "query": cfg.lr * cfg.query_lr_scale}
     buckets: dict[str, dict] = {}
     for name, p in model.named_parameters():
-        role = parameter_role(name, cfg.freeze_layer_num, cfg.freeze_agnostic)
+        role = role_of(name, cfg)
         if role == "frozen" or not p.requires_grad:
             continue
         decay = p.ndim >= 2 if cfg.decay_rule == "ndim" else "bias" not in name
@@ -267,7 +299,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """Freeze the frozen parameters and build the optimizer over the named groups."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"--optimizer {cfg.name!r} is unknown; choose one of {OPTIMIZERS}")
-    freeze_parameters(model, cfg.freeze_layer_num, cfg.freeze_agnostic)
+    freeze_parameters(model, cfg.freeze_layer_num, cfg.freeze_agnostic, cfg.freeze_clip, cfg.train_ast)
     groups = parameter_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters" +

@@ -3,7 +3,12 @@
     s            = exp(logit_scale)     (the parameter is clamped at ln 100 after each step)
     global(t, V) = s * cos(t, normalize(masked_mean_f normalize(V_f)))
     local(t, V)  = (1/tau) * log sum_{f valid} exp(tau * s * cos(t, V_f))
-    score        = (global + local) / 2
+    score        = (global + local) / 2      (alignment "both", the default)
+
+``alignment`` selects the scheme (AVIGATEConfig.alignment, ``--alignment``; the paper's
+Table 5): "global" scores with the global term alone, "local" with the local term alone,
+"both" with their mean. Every scoring path (pair scores, score matrices, the cached video
+index) takes it, so training logits and evaluation scores always use the same scheme.
 
 The log-sum-exp subtracts its maximum and skips padded frames, so it never overflows. A
 video without any valid frame has no visual evidence: both terms are 0 for it. Scores are
@@ -37,6 +42,8 @@ GLOBAL_ROWS = 1
 # enough to stay in a CPU core's L2 / L3 share while the log-sum-exp passes over it (1-4 MiB
 # measured best on an AVX-512 EPYC, bench/score_bench.py).
 SCORE_TILE_BYTES = 4 << 20
+# Alignment schemes (DESIGN §5): the global term, the local (log-sum-exp) term, or their mean.
+ALIGNMENTS = ("both", "global", "local")
 # Floor of the max-subtracted exponents in the in-place log-sum-exp: exp(-80) ~ 2e-35 is
 # nothing next to the maximum term exp(0) = 1, and inputs below about -87 (masked entries,
 # underflow to denormals) take a scalar slow path in vectorized exp that costs ~10x.
@@ -105,16 +112,28 @@ def unit_frames(frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.T
     return unit, F.normalize(mean, dim=-1)
 
 
-def _combine(scaled: torch.Tensor, frame_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def check_alignment(alignment: str) -> None:
+    """Raise ValueError naming --alignment unless ``alignment`` is one of ALIGNMENTS."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment (--alignment) must be one of {ALIGNMENTS}, got {alignment!r}")
+
+
+def _combine(scaled: torch.Tensor, frame_mask: torch.Tensor, temperature: float,
+             alignment: str = "both") -> torch.Tensor:
     """scaled [..., 1+F] = tau * s * cos(t, row) for the global row and the F frames,
-    frame_mask [..., F] -> score [...] = (s cos_global + lse_f(tau s cos_f) / tau) / 2.
+    frame_mask [..., F] -> score [...]: global = s cos_global, local = lse_f(tau s cos_f) / tau,
+    and (global + local) / 2 ("both"), or one of them alone.
 
     The log-sum-exp runs over all 1+F columns with the global one masked out: the contiguous
-    rows vectorize far better on the CPU than the strided frame columns would.
+    rows vectorize far better on the CPU than the strided frame columns would. "global" skips
+    it.
     """
-    global_term = scaled[..., 0].clone()
-    local = masked_logsumexp(scaled, F.pad(frame_mask.bool(), (GLOBAL_ROWS, 0), value=False))
-    return (global_term + local) / (2 * temperature)
+    check_alignment(alignment)
+    global_term = scaled[..., 0] / temperature  # a new tensor: the log-sum-exp may work in place
+    if alignment == "global":
+        return global_term
+    local = masked_logsumexp(scaled, F.pad(frame_mask.bool(), (GLOBAL_ROWS, 0), value=False)) / temperature
+    return local if alignment == "local" else (global_term + local) / 2
 
 
 def scaled_unit_text(text: torch.Tensor, logit_scale: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -123,7 +142,7 @@ def scaled_unit_text(text: torch.Tensor, logit_scale: torch.Tensor, temperature:
 
 
 def pair_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor,
-                logit_scale: torch.Tensor, temperature: float) -> torch.Tensor:
+                logit_scale: torch.Tensor, temperature: float, alignment: str = "both") -> torch.Tensor:
     """Score of each pair: text [P, D], frames [P, F, D], frame_mask [P, F] -> [P]."""
     _check_shapes(text, frames, frame_mask)
     if text.shape[0] != frames.shape[0]:
@@ -131,11 +150,11 @@ def pair_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tens
                          f"frames {tuple(frames.shape)}")
     rows = video_index(frames, frame_mask)
     scaled = torch.einsum("pd,prd->pr", scaled_unit_text(text, logit_scale, temperature), rows)
-    return _combine(scaled, frame_mask.bool(), temperature)
+    return _combine(scaled, frame_mask.bool(), temperature, alignment)
 
 
 def global_local_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor,
-                        logit_scale: torch.Tensor, temperature: float) -> torch.Tensor:
+                        logit_scale: torch.Tensor, temperature: float, alignment: str = "both") -> torch.Tensor:
     """Score matrix [Nt, Nv].
 
     Args:
@@ -144,6 +163,7 @@ def global_local_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: to
         frame_mask: [Nv, F] (True/1 = real frame).
         logit_scale: CLIP's log-temperature (scalar tensor).
         temperature: tau of the local term.
+        alignment: "both", "global" or "local" (module docstring).
     """
     _check_shapes(text, frames, frame_mask)
     if frames.dim() == 4:
@@ -153,9 +173,10 @@ def global_local_scores(text: torch.Tensor, frames: torch.Tensor, frame_mask: to
                              f"Nt = {text.shape[0]} texts {tuple(text.shape)}")
         mask = frame_mask.bool().expand(nt, -1, -1).reshape(nt * nv, -1)
         flat = pair_scores(text.repeat_interleave(nv, dim=0), frames.reshape(nt * nv, *frames.shape[2:]),
-                           mask, logit_scale, temperature)
+                           mask, logit_scale, temperature, alignment)
         return flat.view(nt, nv)
-    return index_scores(text, video_index(frames, frame_mask), frame_mask, logit_scale, temperature)
+    return index_scores(text, video_index(frames, frame_mask), frame_mask, logit_scale, temperature,
+                        alignment=alignment)
 
 
 def video_index(frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
@@ -194,7 +215,7 @@ class VideoIndex:
         return self.frame_mask.shape[0]
 
     def scores(self, text: torch.Tensor, logit_scale: torch.Tensor, temperature: float,
-               video_chunk: Optional[int] = None) -> torch.Tensor:
+               video_chunk: Optional[int] = None, alignment: str = "both") -> torch.Tensor:
         """text [Nt, D] -> scores [Nt, Nv] fp32: one product per chunk of ``video_chunk`` videos
         (None: as many as keep the [Nt, chunk, 1+F] cosines within SCORE_TILE_BYTES), then the
         log-sum-exp over F. The product runs in the storage dtype, the log-sum-exp in fp32."""
@@ -209,13 +230,13 @@ class VideoIndex:
         for start in range(0, nv, step):
             stop = min(start + step, nv)
             scaled = (t @ self.vectors[:, start * rows:stop * rows]).float().view(t.shape[0], stop - start, rows)
-            out.append(_combine(scaled, self.frame_mask[start:stop], temperature))
+            out.append(_combine(scaled, self.frame_mask[start:stop], temperature, alignment))
         return torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0, dtype=torch.float32)
 
 
 def index_scores(text: torch.Tensor, index: torch.Tensor, frame_mask: torch.Tensor,
                  logit_scale: torch.Tensor, temperature: float,
-                 video_chunk: Optional[int] = None) -> torch.Tensor:
+                 video_chunk: Optional[int] = None, alignment: str = "both") -> torch.Tensor:
     """Scores [Nt, Nv] of texts [Nt, D] against per-video rows index [Nv, 1+F, D]
     (``video_index``; any float dtype) with frame_mask [Nv, F]; ``VideoIndex`` is built chunk
     by chunk (``video_chunk`` videos, None = all at once)."""
@@ -224,6 +245,7 @@ def index_scores(text: torch.Tensor, index: torch.Tensor, frame_mask: torch.Tens
                          f"{tuple(index.shape)}")
     nv = index.shape[0]
     step = video_chunk or max(nv, 1)
-    out = [VideoIndex.build(index[s:s + step], frame_mask[s:s + step]).scores(text, logit_scale, temperature)
+    out = [VideoIndex.build(index[s:s + step], frame_mask[s:s + step]).scores(text, logit_scale, temperature,
+                                                                           alignment=alignment)
            for s in range(0, nv, step)]
     return torch.cat(out, dim=1) if out else text.new_zeros(text.shape[0], 0, dtype=torch.float32)

@@ -119,10 +119,13 @@ def compute_fbanks(paths: Sequence[str], workers: int) -> torch.Tensor:
 def trunk_tokens(ast: AST, fbank: torch.Tensor) -> torch.Tensor:
     """fbank [B, T, M] -> tokens [B, A, W] with gradients.
 
-    ``AST.tokens`` runs under no_grad because the retrieval model keeps the trunk frozen;
-    pre-training trains it, so the undecorated function is called.
+    ``AST.tokens`` keeps its graph only while the trunk's parameters require gradients (the
+    retrieval model freezes them unless --train_ast); pre-training turns them on
+    (TrunkClassifier).
     """
-    return AST.tokens.__wrapped__(ast, fbank)
+    if not ast.trunk_trainable:
+        raise ValueError("pre-training trains the AST trunk: turn on its requires_grad first")
+    return ast.tokens(fbank)
 
 
 class TrunkClassifier(nn.Module):

@@ -213,3 +213,52 @@ def test_groups_of_the_real_model_follow_design_section_7():
     factor = 0.5 * (1 + math.cos(math.pi * 0.3))
     assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
         {g["name"]: g["initial_lr"] * factor for g in opt.param_groups})
+
+
+def test_freeze_clip_train_ast_and_query_lr_scale_roles():
+    assert parameter_role("clip.transformer.resblocks.3.weight", 0, freeze_clip=True) == "frozen"
+    assert parameter_role("clip.visual.proj", 0, freeze_clip=True) == "frozen"
+    assert parameter_role("clip.logit_scale", 0, freeze_clip=True) == "clip"  # not part of a tower
+    assert parameter_role("ast.blocks.0.weight", 0, train_ast=True) == "ast"
+    assert parameter_role("ast.pos_embed", 0, train_ast=True) == "ast"
+    assert parameter_role("ast.norm.weight", 0, train_ast=True) == "new"
+    cfg = OptimConfig(lr=1e-4, coef_lr=1e-3, query_lr_scale=7.0, train_ast=True)
+    groups = {g["name"]: g for g in parameter_groups(_FakeModel(), cfg)}
+    assert groups["query/decay"]["lr"] == pytest.approx(7e-4)
+    with pytest.raises(ValueError, match="--freeze_agnostic"):
+        OptimConfig(freeze_agnostic=True, freeze_clip=True)
+
+
+def _one_step(model, cfg: OptimConfig) -> dict:
+    """One optimizer step of the training objective; returns the parameters' changes."""
+    from tests.test_modeling import objective, texts, videos
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, cfg)
+    ids, tmask = texts(3)
+    frames, fmask, _ = videos(model, 3)
+    fbank = torch.randn(3, model.cfg.ast.target_frames, model.cfg.ast.num_mel_bins)
+    objective(model)(ids, tmask, frames, fmask, fbank).loss.backward()
+    opt.step()
+    return {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+
+
+def test_train_ast_trains_the_trunk_from_the_fbank():
+    model = AVIGATE(AVIGATEConfig.tiny())
+    change = _one_step(model, OptimConfig(lr=1e-2, coef_lr=1.0, train_ast=True, warmup_proportion=0.0))
+    assert model.ast.trunk_trainable
+    for name in ("ast.blocks.0.attn.qkv.weight", "ast.patch_embed.proj.weight", "ast.pos_embed"):
+        assert change[name] > 0, name
+    # Frozen (the default): the trunk runs without gradient and stays as it is.
+    model = AVIGATE(AVIGATEConfig.tiny())
+    change = _one_step(model, OptimConfig(lr=1e-2, coef_lr=1.0))
+    assert not model.ast.trunk_trainable and change["ast.blocks.0.attn.qkv.weight"] == 0
+    assert change["ast.norm.weight"] > 0
+
+
+def test_freeze_clip_keeps_both_towers():
+    model = AVIGATE(AVIGATEConfig.tiny())
+    change = _one_step(model, OptimConfig(lr=1e-2, coef_lr=1.0, freeze_clip=True))
+    towers = [n for n in change if n.startswith("clip.") and n != "clip.logit_scale"]
+    assert towers and all(change[n] == 0 for n in towers)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in towers)
+    assert change["fusion.blocks.0.gates.att.fc1.weight"] > 0 and change["audio_projection.weight"] > 0

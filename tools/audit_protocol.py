@@ -322,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[audit] {variant.name} -> {out_dir}", flush=True)
         try:
             run_variant(variant, flags, out_dir)
-        except Exception as err:  # noqa: BLE001 - any failure of an evaluation ends the audit with its reason
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - any failure (flag errors exit) ends the audit
             print(f"[audit] evaluation {variant.name} failed: {err}\n(see {os.path.join(out_dir, 'log.txt')})",
                   file=sys.stderr)
             return EXIT_EVAL_FAILED
