@@ -309,10 +309,13 @@ class AVIGATE(nn.Module):
         if self.cfg.fusion.padding_rule == "released":
             blank = torch.where(valid[:, :, None, None, None], frames, torch.zeros_like(frames))
             return self.clip.encode_image(blank.flatten(0, 1)).unflatten(0, tuple(valid.shape))
-        # The boolean gather of real frames costs one host synchronization; running CLIP on
-        # padded slots instead would cost more compute on short clips (VATEX: 2 of 12 frames).
-        emb = self.clip.encode_image(frames[valid])
-        return emb.new_zeros(*valid.shape, emb.shape[-1]).index_put((valid,), emb)
+        # Finding the real frames costs one host synchronization (their count sizes CLIP's
+        # batch); running CLIP on padded slots instead would cost more compute on short clips
+        # (VATEX: 2 of 12 frames). Gathering and scattering by their indices adds none, where a
+        # boolean mask would synchronize again in the scatter and in its backward.
+        real = valid.flatten().nonzero().squeeze(1)  # [R] flat indices of the real frames
+        emb = self.clip.encode_image(frames.flatten(0, 1).index_select(0, real))  # [R, D]
+        return emb.new_zeros(valid.numel(), emb.shape[-1]).index_copy(0, real, emb).view(*valid.shape, -1)
 
     def resampled_audio(self, audio: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """audio: fbank [B, 1024, 128] or cached AST tokens [B, A, W_a] (told apart by shape)
