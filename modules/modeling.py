@@ -36,10 +36,17 @@ from modules.resampler import AudioResampler, ResamplerConfig
 from modules.similarity import (MAX_LOG_LOGIT_SCALE, exact_fp32, index_scores, pair_scores, unit_frames,
                                 video_index)
 
-# Pairs fused at once when scoring without an explicit chunk (--eval_chunk). At D = 512, F = 12
-# a pair's forward working set is a few hundred KB (bench/pair_memory.py), so 2,048 pairs stay
-# within about 1 GB.
+# Working set per fused pair when scoring (no autograd) at F = 12, D = 512, L = 4, measured by
+# bench/pair_memory.py (README "Pair memory"): 467 KiB in fp32, 307 KiB under bf16 autocast.
+EVAL_PAIR_BYTES = {"fp32": 478_000, "bf16": 315_000, "fp16": 315_000}
+# F x D x L of that measurement: the working set per pair scales with it for other sizes.
+MEASURED_PAIR_SIZE = 12 * 512 * 4
+# Pairs fused at once when scoring without an explicit chunk (--eval_chunk): 2,048 pairs take
+# 0.9 GiB (fp32) / 0.6 GiB (bf16) by the measurement above, and 24k frame rows per product
+# already fill a GPU.
 DEFAULT_EVAL_PAIRS_PER_CHUNK = 2048
+# Share of the device memory an out-of-memory message's suggested chunk may take.
+EVAL_CHUNK_MEMORY_SHARE = 0.25
 # Bytes of [Nt, chunk, 1+F] fp32 cosines per text-agnostic scoring product.
 AGNOSTIC_CHUNK_BYTES = 1 << 28
 
@@ -465,6 +472,28 @@ class AVIGATE(nn.Module):
         if chunk is not None:
             return max(1, chunk[0]), max(1, chunk[1])
         return grid_chunk(num_texts, num_videos, DEFAULT_EVAL_PAIRS_PER_CHUNK)
+
+    def eval_memory_hint(self, num_texts: int, num_videos: int, chunk: Optional[tuple[int, int]] = None,
+                         precision: str = "fp32", device_bytes: Optional[int] = None) -> str:
+        """What bounds the memory of scoring and an ``--eval_chunk`` to try, for out-of-memory
+        messages; ``device_bytes``: the device's total memory (None on the CPU)."""
+        if not self.text_guided:
+            return ("text-agnostic scoring is matrix products over the cached index; lower --batch_size_val "
+                    "(encoding) or evaluate on more GPUs")
+        fusion = self.cfg.fusion
+        per_pair = (EVAL_PAIR_BYTES.get(precision, EVAL_PAIR_BYTES["fp32"])
+                    * fusion.max_frames * fusion.width * fusion.layers / MEASURED_PAIR_SIZE)
+        texts, videos = self.pair_chunks(num_texts, num_videos, chunk)
+        limits = [texts * videos // 2]
+        if device_bytes:
+            limits.append(int(EVAL_CHUNK_MEMORY_SHARE * device_bytes / per_pair))
+        pairs = max(1, min(limits))
+        pairs = 1 << (pairs.bit_length() - 1)
+        t, v = grid_chunk(num_texts, num_videos, pairs)
+        return (f"text-guided scoring fuses {texts} texts x {videos} videos = {texts * videos} pairs per chunk now "
+                f"(--eval_chunk; {per_pair / 1024:.0f} KiB per pair at --precision {precision}, measured by "
+                f"bench/pair_memory.py): try --eval_chunk {t} {v} ({t * v} pairs, about "
+                f"{t * v * per_pair / 2 ** 30:.2f} GiB)")
 
     def _score_agnostic(self, text: torch.Tensor, videos: VideoFeatures,
                         chunk: Optional[tuple[int, int]]) -> ScoreOutput:
