@@ -206,10 +206,15 @@ def cuda_tests(device: torch.device) -> dict:
     cmd = [sys.executable, "-m", "pytest", *cuda_test_files(), "-m", "cuda", "-q", "-p", "no:cacheprovider",
            "-o", "addopts=", "-rfE"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+    return pytest_summary(result.returncode, result.stdout, result.stderr, device)
+
+
+def pytest_summary(returncode: int, stdout: str, stderr: str, device: torch.device) -> dict:
+    """pytest's last line -> counts; OK when nothing failed and, on a GPU, something passed
+    and nothing skipped."""
+    tail = stdout.strip().splitlines()[-1] if stdout.strip() else stderr[-300:]
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
-    ok = result.returncode in (0, 5) and not counts.get("failed") and not counts.get("error") \
-        and not counts.get("errors")
+    ok = returncode in (0, 5) and not counts.get("failed") and not counts.get("error") and not counts.get("errors")
     if device.type == "cuda":
         ok = ok and counts.get("passed", 0) > 0 and not counts.get("skipped")
     return {"ok": ok, "counts": counts, "summary": tail}
@@ -274,14 +279,14 @@ def train_step_row(sizes: CheckSizes, text_guided: bool, precision: str, chunk: 
            "pairs_per_chunk": chunk}
     try:
         with simulated_world(sizes.world):
-            training.train_step(trainer, [batch])  # warm-up: optimizer state, kernels, allocator
             if device.type == "cuda":
+                training.train_step(trainer, [batch])  # warm-up: optimizer state, kernels, allocator
                 torch.cuda.reset_peak_memory_stats(device)
                 seconds, _ = timed(lambda: training.train_step(trainer, [batch]), device, sizes.steps)
                 row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-            else:
-                seconds, _ = timed(lambda: training.train_step(trainer, [batch]), device, sizes.steps)
+            else:  # the CPU's allocation count (bench/pair_memory.PeakMeter) doubles as the warm-up
                 row["peak_bytes"], _ = peak_bytes(lambda: training.train_step(trainer, [batch]), device)
+                seconds, _ = timed(lambda: training.train_step(trainer, [batch]), device, sizes.steps)
         row["seconds"] = seconds
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0][:160]}"

@@ -224,7 +224,9 @@ def measure_encoders(model: AVIGATE, batch: int, precision: str, device: torch.d
     """Peak bytes of one forward + backward of the text-agnostic objective on ``batch`` (text,
     video) pairs with cached AST tokens: what every rank spends per local video beyond the pair
     fusion (CLIP on F frames and on the text, audio projection and resampler, fusion of the
-    video). Weights, gradients and optimizer states are not included (see ``static_bytes``)."""
+    video). Weights, gradients and optimizer states are not included (see ``static_bytes``): the
+    gradients are allocated by a warm-up pass before the measured one, which then only
+    accumulates into them."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(batch)
     f, res = cfg.fusion.max_frames, cfg.clip.image_resolution
@@ -235,13 +237,18 @@ def measure_encoders(model: AVIGATE, batch: int, precision: str, device: torch.d
               "audio": torch.randn(batch, cfg.ast.num_output_tokens, cfg.ast.embed_dim, generator=g).half()}
     inputs = {k: v.to(device) for k, v in inputs.items()}
     objective = ContrastiveObjective(model, ObjectiveConfig())
-    start = time.perf_counter()
-    with PeakMeter(device) as meter:
+
+    def step():
         with util.autocast(device, precision):
             loss = objective(**inputs).loss
         loss.backward()
-        del loss
-    model.zero_grad(set_to_none=True)
+
+    if any(p.grad is None for p in model.parameters() if p.requires_grad):
+        step()  # allocates every gradient
+    model.zero_grad(set_to_none=False)
+    start = time.perf_counter()
+    with PeakMeter(device) as meter:
+        step()
     return {"videos": batch, "precision": precision, "peak_bytes": meter.peak, "seconds": time.perf_counter() - start}
 
 
@@ -366,31 +373,33 @@ FIT_SHARE = 0.85
 GLOBAL_BATCH, PLAN_GPUS, PLAN_CHUNKS = 128, (4, 8), (0, 1024, 256)
 
 
-def rank_total(r: dict, local: int, pairs: int, chunk: int, checkpointed: bool) -> float:
-    """Bytes of a text-guided rank: weights, gradients and Adam + the encoders' activations for
-    ``local`` videos and texts + the pair fusion of ``pairs`` pairs in chunks of ``chunk``."""
-    enc = r["encoders_checkpointed" if checkpointed else "encoders"]
-    return r["static"]["total"] + enc["intercept"] + enc["slope"] * local + rank_memory(r, pairs, chunk)
+def smallest_gpu(total_bytes: float) -> str:
+    """The smallest GPU_GIB size the estimate fits (below FIT_SHARE of it), as ">= size"."""
+    fits = [name for name, size in GPU_GIB.items() if total_bytes / (1 << 30) <= FIT_SHARE * size]
+    return f">= {fits[0]}" if fits else "none"
 
 
 def planning_table(results: dict) -> str:
-    """Per-rank memory of the released load (global batch 128 on 4 or 8 GPUs, text-guided, all
-    pairs) and the GPU sizes it fits, from merged train + encoders + eval results."""
+    """Per-rank memory of the released load (global batch 128 on 4 or 8 GPUs) for the
+    text-agnostic model and the text-guided one fusing all pairs, and the smallest GPU it fits,
+    from merged train + encoders + eval results."""
     gib = float(1 << 30)
-    lines = ["| GPUs | pairs / rank | precision | --train_pairs_per_chunk | pair fusion | rank total | "
+    lines = ["| GPUs | model, pairs / rank | precision | --train_pairs_per_chunk | pair fusion | rank total | "
              "fits | rank total, --grad_checkpointing | fits |", "|---|---|---|---|---|---|---|---|---|"]
     for gpus in PLAN_GPUS:
         local = GLOBAL_BATCH // gpus
         pairs = local * GLOBAL_BATCH
         for precision, r in results.items():
-            for chunk in PLAN_CHUNKS:
-                cells = [f"{rank_memory(r, pairs, chunk) / gib:.1f} GiB"]
+            for chunk in (None, *PLAN_CHUNKS):
+                fusion = 0.0 if chunk is None else rank_memory(r, pairs, chunk)
+                cells = [f"{fusion / gib:.1f} GiB" if chunk is not None else "-"]
                 for checkpointed in (False, True):
-                    total = rank_total(r, local, pairs, chunk, checkpointed) / gib
-                    fits = [name for name, size in GPU_GIB.items() if total <= FIT_SHARE * size]
-                    cells += [f"{total:.1f} GiB", ", ".join(fits) or "none"]
-                lines.append(f"| {gpus} | {local} x {GLOBAL_BATCH} = {pairs} | {precision} | {chunk or 'all'} | "
-                             + " | ".join(cells) + " |")
+                    enc = r["encoders_checkpointed" if checkpointed else "encoders"]
+                    total = r["static"]["total"] + enc["intercept"] + enc["slope"] * local + fusion
+                    cells += [f"{total / gib:.1f} GiB", smallest_gpu(total)]
+                model = "agnostic" if chunk is None else f"text-guided, {local} x {GLOBAL_BATCH} = {pairs}"
+                setting = "-" if chunk is None else (chunk or "all")
+                lines.append(f"| {gpus} | {model} | {precision} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", "| evaluation 1k x 1k | precision | chunk | working set | with the weights |", "|---|---|---|---|---|"]
     for precision, r in results.items():
         chunk = 2048

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from bench import gpu_check, pair_memory
+from bench import gpu_check, pair_memory, precision_agreement
 
 
 def test_pair_memory_tiny_measures_what_chunking_removes():
@@ -33,11 +33,23 @@ def test_fit_recovers_a_line_and_its_spread():
     assert 0 < noisy["uncertainty"] < 1.5
 
 
+def test_gpu_check_finds_and_reads_the_cuda_tests():
+    assert any(path.endswith("test_cuda.py") for path in gpu_check.cuda_test_files())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    skipped = "9 skipped in 3.10s"
+    assert gpu_check.pytest_summary(0, f"...\n{skipped}\n", "", cpu) == {
+        "ok": True, "counts": {"skipped": 9}, "summary": skipped}
+    assert not gpu_check.pytest_summary(0, skipped, "", cuda)["ok"]  # on a GPU nothing may skip
+    assert gpu_check.pytest_summary(0, "9 passed in 30.2s", "", cuda)["ok"]
+    assert not gpu_check.pytest_summary(1, "1 failed, 8 passed in 31.0s", "", cuda)["ok"]
+
+
 def test_gpu_check_tiny_on_cpu_runs_every_row(tmp_path, capsys):
+    """Every row at test sizes; the pytest row is left out (--no_tests: collecting the suite in
+    a subprocess costs more than the rest), its parts are tested above."""
     out = tmp_path / "gpu_check.json"
-    results = gpu_check.main(["--device", "cpu", "--tiny", "--json", str(out)])
+    results = gpu_check.main(["--device", "cpu", "--tiny", "--no_tests", "--json", str(out)])
     table = capsys.readouterr().out
-    assert results["cuda_tests"]["ok"], results["cuda_tests"]
     assert {r["model"] for r in results["precision"]} == {"agnostic", "text-guided"}
     for r in results["precision"]:
         assert 0 <= r["max_abs_diff_per_s"] < 0.05 and 0 <= r["top1_agreement"] <= 1
@@ -51,3 +63,14 @@ def test_gpu_check_tiny_on_cpu_runs_every_row(tmp_path, capsys):
     assert all(r["clips_per_s"] > 0 for r in results["ast"])
     assert table.count("\n| ") >= 1 + 2 + 5 + len(results["evaluation"]) + len(results["ast"])
     assert json.loads(out.read_text())["tiny"] is True
+
+
+def test_precision_agreement_runs_and_reports_both_models(capsys):
+    results = precision_agreement.main(["--steps", "2", "--pairs", "2", "--batches", "1"])
+    assert [r["model"] for r in results] == ["agnostic", "text-guided"]
+    for r in results:
+        assert len(r["losses"]["fp32"]) == len(r["losses"]["bf16"]) == 2
+        assert all(math.isfinite(x) for x in r["losses"]["fp32"] + r["losses"]["bf16"])
+        assert r["max_abs_loss_diff"] < 0.1 and 0 < r["weight_drift"] < 1  # same init, same batches
+        assert len(r["evaluation"]) == 4
+    assert "| text-guided |" in capsys.readouterr().out
