@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)
 
 import training  # noqa: E402
 import util  # noqa: E402
+from dataloaders import video as video_io  # noqa: E402
 from bench.pair_memory import PeakMeter  # noqa: E402
 from metrics import retrieval_metrics  # noqa: E402
 from modules import loss as loss_module  # noqa: E402
@@ -136,13 +137,30 @@ def text_batch(cfg: AVIGATEConfig, n: int, length: int, device: torch.device, se
     return ids.to(device), torch.ones_like(ids)
 
 
-def video_batch(cfg: AVIGATEConfig, n: int, device: torch.device, seed: int) -> dict:
-    """Frames [n, F, 3, H, W] (the last video has 2 padded frames), mask, cached AST tokens (fp16)."""
+def loader_frames(pixels: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """uint8 frames [B, F, 3, S, S] in the form the training loader hands to
+    ``training.video_inputs``: uint8 where the inputs are normalized on the device
+    (``dataloaders.video.normalize_frames``), else CLIP-normalized fp32 with padded frames 0."""
+    if hasattr(video_io, "normalize_frames"):
+        return pixels
+    mean = torch.tensor(video_io.CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(video_io.CLIP_STD).view(3, 1, 1)
+    images = (pixels.float() / video_io.PIXEL_MAX - mean) / std
+    return images * frame_mask.bool()[..., None, None, None]
+
+
+def video_batch(cfg: AVIGATEConfig, n: int, device: torch.device, seed: int, loader: bool = False) -> dict:
+    """Frames [n, F, 3, H, W] (CLIP-normalized; ``loader``: as the training loader gives them),
+    mask (the last video has 2 padded frames), cached AST tokens (fp16)."""
     g = torch.Generator().manual_seed(seed)
     res, f = cfg.clip.image_resolution, cfg.fusion.max_frames
     mask = torch.ones(n, f, dtype=torch.long)
     mask[-1, f - 2:] = 0
-    return {"frames": torch.randn(n, f, 3, res, res, generator=g).to(device), "frame_mask": mask.to(device),
+    pixels = torch.randint(0, 256, (n, f, 3, res, res), generator=g, dtype=torch.uint8)
+    frames = loader_frames(pixels, mask)
+    if not loader and frames.dtype == torch.uint8:
+        frames = video_io.normalize_frames(frames, mask, torch.device("cpu"))
+    return {"frames": frames.to(device), "frame_mask": mask.to(device),
             "audio_tokens": torch.randn(n, cfg.ast.num_output_tokens, cfg.ast.embed_dim,
                                         generator=g).half().to(device)}
 
@@ -273,7 +291,7 @@ def train_step_row(sizes: CheckSizes, text_guided: bool, precision: str, chunk: 
                                torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                                util.DistInfo(device=device), precision)
     ids, mask = text_batch(model.cfg, sizes.local_batch, sizes.text_len, device, seed=1)
-    batch = {"text_ids": ids, "text_mask": mask, **video_batch(model.cfg, sizes.local_batch, device, seed=1)}
+    batch = {"text_ids": ids, "text_mask": mask, **video_batch(model.cfg, sizes.local_batch, device, seed=1, loader=True)}
     row = {"model": "text-guided" if text_guided else "agnostic", "precision": precision,
            "pairs": sizes.local_batch * sizes.local_batch * sizes.world if text_guided else 0,
            "pairs_per_chunk": chunk}

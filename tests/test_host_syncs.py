@@ -34,7 +34,7 @@ from modules import loss as loss_module
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
-from tests.test_modeling import texts, videos
+from tests.test_learning import pair_batch
 
 aten = torch.ops.aten
 # aten calls that wait for a device value: scalar reads (item / bool / int / float / index),
@@ -150,15 +150,7 @@ def _trainer(model: AVIGATE, precision: str, **objective_fields) -> training.Tra
 
 
 def _batch(model: AVIGATE, seed: int, fbank: bool = False) -> dict:
-    ids, mask = texts(BATCH, seed=seed)
-    frames, frame_mask, tokens = videos(model, BATCH, seed=seed)  # video 1 has padded frames
-    batch = {"text_ids": ids, "text_mask": mask, "frames": frames, "frame_mask": frame_mask}
-    if fbank:
-        cfg = model.cfg.ast
-        batch["fbank"] = torch.randn(BATCH, cfg.target_frames, cfg.num_mel_bins)
-    else:
-        batch["audio_tokens"] = tokens
-    return batch
+    return pair_batch(model, BATCH, seed, fbank=fbank)  # as the loader gives it; video 1 has padded frames
 
 
 STEP_CASES = {

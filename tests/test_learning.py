@@ -35,6 +35,7 @@ from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
 from tests.datagen import make_msrvtt
+from bench.gpu_check import loader_frames
 from tests.test_modeling import texts, videos
 from tests.test_train_e2e import read_jsonl, tiny_flags, write_tiny_checkpoints
 
@@ -55,12 +56,24 @@ def fast_config(**fusion_flags) -> AVIGATEConfig:
     return replace(cfg, ast=replace(ASTConfig.tiny(), target_frames=FAST_AST_FRAMES))
 
 
-def pair_batch(model: AVIGATE, n: int, seed: int) -> dict:
-    """n (text, video) pairs in the collated training layout (audio as AST tokens)."""
+def pair_batch(model: AVIGATE, n: int, seed: int, fbank: bool = False) -> dict:
+    """n (text, video) pairs in the collated layout of the training loader (frames as
+    bench.gpu_check.loader_frames gives them; video 1 has padded frames), audio as AST tokens
+    or (``fbank``) as fbanks."""
     ids, mask = texts(n, seed=seed)
-    frames, frame_mask, tokens = videos(model, n, seed=seed)
-    return {"text_ids": ids, "text_mask": mask, "frames": frames, "frame_mask": frame_mask,
-            "audio_tokens": tokens}
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    res, f = cfg.clip.image_resolution, cfg.fusion.max_frames
+    frame_mask = torch.ones(n, f, dtype=torch.long)
+    if n > 1:
+        frame_mask[1, f // 2:] = 0
+    pixels = torch.randint(0, 256, (n, f, 3, res, res), generator=g, dtype=torch.uint8)
+    batch = {"text_ids": ids, "text_mask": mask, "frames": loader_frames(pixels, frame_mask), "frame_mask": frame_mask}
+    if fbank:
+        batch["fbank"] = torch.randn(n, cfg.ast.target_frames, cfg.ast.num_mel_bins, generator=g)
+    else:
+        batch["audio_tokens"] = torch.randn(n, cfg.ast.num_output_tokens, cfg.ast.embed_dim, generator=g)
+    return batch
 
 
 @torch.no_grad()
@@ -109,13 +122,22 @@ ACCUMULATION = 2
 
 
 def _accumulation_setup(**fusion_flags):
-    """(float64 model, [micro-batch 1, micro-batch 2]) with a fixed seed."""
+    """(float64 model, [micro-batch 1, micro-batch 2]) with a fixed seed; the micro-batches are
+    the objective's keyword arguments in float64 (see ``_objective_inputs``)."""
     torch.manual_seed(0)
     model = AVIGATE(fast_config(**fusion_flags)).double()
-    batch = pair_batch(model, MICRO_BATCH * ACCUMULATION, seed=5)
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    ids, mask = texts(MICRO_BATCH * ACCUMULATION, seed=5)
+    frames, frame_mask, tokens = videos(model, MICRO_BATCH * ACCUMULATION, seed=5)
+    batch = {"text_ids": ids, "text_mask": mask, "frames": frames.double(), "frame_mask": frame_mask,
+             "audio": tokens.double()}
     micro = [{k: v[i * MICRO_BATCH:(i + 1) * MICRO_BATCH] for k, v in batch.items()} for i in range(ACCUMULATION)]
     return model, micro
+
+
+def _objective_inputs(batch: dict, device: torch.device) -> dict:
+    """Stands in for training.model_inputs: these tests feed float64 objective inputs directly
+    (what is tested is the accumulation, not the input pipeline)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _trainer(model: torch.nn.Module, objective: torch.nn.Module, info: util.DistInfo) -> training.Trainer:
@@ -137,7 +159,12 @@ def _step_with(model: AVIGATE, micro_batches: list[dict]) -> dict:
     objective = ContrastiveObjective(model, ObjectiveConfig())
     trainer = _trainer(model, objective, util.DistInfo())
     trainer.accumulation = len(micro_batches)
-    training.train_step(trainer, micro_batches)
+    real = training.model_inputs
+    training.model_inputs = _objective_inputs
+    try:
+        training.train_step(trainer, micro_batches)
+    finally:
+        training.model_inputs = real
     return _weights(model)
 
 
@@ -152,7 +179,7 @@ def test_accumulation_is_the_mean_of_micro_batch_losses(flags):
     objective = ContrastiveObjective(reference, ObjectiveConfig())
     trainer = _trainer(reference, objective, util.DistInfo())
     reference.train()
-    losses = [objective(**training.model_inputs(b, torch.device("cpu"))).loss for b in micro]
+    losses = [objective(**b).loss for b in micro]
     (sum(losses) / len(losses)).backward()
     trainer.optimizer.step()
     reference.clamp_logit_scale_()
@@ -187,6 +214,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         # DDP after build_optimizer froze the frozen parameters, as main_task_retrieval does
         # (DDP's buckets are fixed at construction).
         trainer.objective = DistributedDataParallel(trainer.objective)
+        training.model_inputs = _objective_inputs  # this spawned process only
         training.train_step(trainer, shares)
         torch.save(_weights(model), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
