@@ -17,7 +17,7 @@ from metrics import retrieval_metrics, retrieval_metrics_with_dsl
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.rerank import ranking_matrices, score_pair_list, shortlists
 from training import video_inputs
-from util import DistInfo, autocast, device_memory_bytes, gather_objects, logger, shard_range, unwrap, write_json
+from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
@@ -140,8 +140,7 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
                 try:
                     out = model.score_with_gates(texts.select(index), videos, chunk=chunk)
                 except torch.OutOfMemoryError as err:
-                    hint = model.eval_memory_hint(len(index), len(videos), chunk, precision,
-                                                  device_memory_bytes(info.device))
+                    hint = model.eval_memory_hint(len(index), len(videos), chunk, precision)
                     raise torch.OutOfMemoryError(f"out of memory scoring the split: {hint}; ({err})") from err
         sims.append(out.scores.float().cpu().numpy())
         own_video = torch.as_tensor(caption_video[index.numpy()])

@@ -12,8 +12,7 @@ from typing import Any, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from util import (DistInfo, RunRecorder, autocast, device_memory_bytes, gather_objects, logger, rng_state,
-                  set_rng_state, unwrap)
+from util import DistInfo, RunRecorder, autocast, gather_objects, logger, rng_state, set_rng_state, unwrap
 
 
 def video_inputs(batch: dict, device: torch.device) -> dict:
@@ -104,7 +103,7 @@ def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
             for name, value in out.gate_stats.items():
                 gates.setdefault(name, []).append(value.detach().float())
     except torch.OutOfMemoryError as err:
-        hint = unwrap(objective).memory_hint(trainer.precision, device_memory_bytes(info.device))
+        hint = unwrap(objective).memory_hint(trainer.precision)
         raise torch.OutOfMemoryError(f"out of memory in a training step: {hint}; ({err})") from err
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()

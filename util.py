@@ -373,11 +373,6 @@ def setup_precision(device: torch.device, precision: str, tf32: bool) -> None:
             matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
 
-def device_memory_bytes(device: torch.device) -> Optional[int]:
-    """Total memory of a CUDA device (for out-of-memory advice); None for the CPU."""
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-
-
 def autocast(device: torch.device, precision: str):
     """Autocast context for ``--precision`` (a no-op for fp32)."""
     if precision not in PRECISIONS:

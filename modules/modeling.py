@@ -47,6 +47,11 @@ MEASURED_PAIR_SIZE = 12 * 512 * 4
 DEFAULT_EVAL_PAIRS_PER_CHUNK = 2048
 # Share of the device memory an out-of-memory message's suggested chunk may take.
 EVAL_CHUNK_MEMORY_SHARE = 0.25
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of a CUDA device (for out-of-memory advice); None for the CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 # Bytes of [Nt, chunk, 1+F] fp32 cosines per text-agnostic scoring product.
 AGNOSTIC_CHUNK_BYTES = 1 << 28
 
@@ -474,9 +479,10 @@ class AVIGATE(nn.Module):
         return grid_chunk(num_texts, num_videos, DEFAULT_EVAL_PAIRS_PER_CHUNK)
 
     def eval_memory_hint(self, num_texts: int, num_videos: int, chunk: Optional[tuple[int, int]] = None,
-                         precision: str = "fp32", device_bytes: Optional[int] = None) -> str:
-        """What bounds the memory of scoring and an ``--eval_chunk`` to try, for out-of-memory
-        messages; ``device_bytes``: the device's total memory (None on the CPU)."""
+                         precision: str = "fp32") -> str:
+        """What bounds the memory of scoring and an ``--eval_chunk`` to try (a quarter of the
+        model's GPU at most), for out-of-memory messages."""
+        device_bytes = device_memory_bytes(self.logit_scale.device)
         if not self.text_guided:
             return ("text-agnostic scoring is matrix products over the cached index; lower --batch_size_val "
                     "(encoding) or evaluate on more GPUs")

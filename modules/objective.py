@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.loss import LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad, \
     margin_contrastive_loss
-from modules.modeling import MEASURED_PAIR_SIZE, AVIGATE, PairContext, PairScores, grid_chunk
+from modules.modeling import (MEASURED_PAIR_SIZE, AVIGATE, PairContext, PairScores, device_memory_bytes,
+                              grid_chunk)
 from modules.similarity import exact_fp32, video_index
 
 TRAINING_PAIRS = ("all", "hardest_k", "own_caption")
@@ -125,15 +126,15 @@ class ContrastiveObjective(nn.Module):
         chunk = max(1, min(limits) if limits else FALLBACK_CHUNK)
         return 1 << (chunk.bit_length() - 1)
 
-    def memory_hint(self, precision: str = "fp32", device_bytes: Optional[int] = None) -> str:
-        """What bounds the training memory of pair fusion and a value to try, for out-of-memory
-        messages; ``device_bytes``: the device's total memory (None on the CPU)."""
+    def memory_hint(self, precision: str = "fp32") -> str:
+        """What bounds the training memory of pair fusion and a value to try (a chunk within a
+        quarter of the model's GPU), for out-of-memory messages."""
         if not self.model.text_guided or self.cfg.training_pairs == "own_caption":
             return "lower --batch_size or add --grad_checkpointing (CLIP towers)"
         gib = 1 << 30
         per_pair = self.pair_bytes(precision)
         now = self.cfg.pairs_per_chunk
-        chunk = self.suggested_chunk(precision, device_bytes)
+        chunk = self.suggested_chunk(precision, device_memory_bytes(self.model.logit_scale.device))
         fused = (f"{self.last_pairs} pairs on this rank, {self.last_pairs * per_pair / gib:.1f} GiB of activations "
                  f"when fused at once" if self.last_pairs else "every (local text, gathered video) pair")
         return (f"text-guided training fuses {fused} ({per_pair / 2 ** 20:.1f} MiB per pair at --precision "
