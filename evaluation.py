@@ -171,7 +171,11 @@ def score_split(model: torch.nn.Module, texts, videos, caption_video: np.ndarray
             if protocol == "paired_block":
                 out = paired_block_scores(model, texts.select(index), videos, block_size)
             else:
-                out = model.score_with_gates(texts.select(index), videos, chunk=chunk)
+                try:
+                    out = model.score_with_gates(texts.select(index), videos, chunk=chunk)
+                except torch.OutOfMemoryError as err:
+                    hint = model.eval_memory_hint(len(index), len(videos), chunk, precision)
+                    raise torch.OutOfMemoryError(f"out of memory scoring the split: {hint}; ({err})") from err
         sims.append(out.scores.float().cpu().numpy())
         own_video = torch.as_tensor(caption_video[index.numpy()])
         cols = top_k_with_keys(out.scores.float().cpu(), k, keys) if k else None  # [rows, K]

@@ -4,6 +4,7 @@
 # DATATYPE picks the dataset (msrvtt | vatex | charades; run_vatex.sh / run_charades.sh set it).
 # Every variable below can be overridden from the environment, e.g.
 #   NUM_GPUS=8 TEXT_GUIDED="--text_gate --text_query --query_gate" OUTPUT_DIR=ckpts/tg bash run.sh
+#   PRECISION=fp32 bash run.sh      # the released fp32 recipe (bf16 autocast is the default)
 # Extra arguments are passed on to main_task_retrieval.py (they win over the ones here):
 #   bash run.sh --resume_model ckpts/msrvtt_avigate/training_state.pt
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
@@ -146,7 +147,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_WORKERS=${NUM_WORKERS:-8}        # DataLoader workers per process
-PRECISION=${PRECISION:-fp32}         # fp32 (released) | bf16 | fp16
+PRECISION=${PRECISION:-bf16}         # bf16 (README "Precision"; Ampere or newer) | fp32 (released) | fp16
 
 # ---- data (DESIGN §9); videos may be compressed first (preprocess/compress_video.py)
 DATA_PATH=${DATA_PATH:-data/$DATATYPE}                # annotation files

@@ -20,7 +20,7 @@ cd "$(dirname "$0")"
 CHECKPOINT=${CHECKPOINT:?set CHECKPOINT to a pytorch_model.bin.N file}
 NUM_GPUS=${NUM_GPUS:-1}
 NUM_WORKERS=${NUM_WORKERS:-8}
-PRECISION=${PRECISION:-fp32}
+PRECISION=${PRECISION:-bf16}         # as run.sh (README "Precision"); scores are fp32 either way
 
 DATATYPE=${DATATYPE:-msrvtt}                         # msrvtt | vatex | charades
 DATA_PATH=${DATA_PATH:-data/$DATATYPE}

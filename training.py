@@ -108,8 +108,8 @@ def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
             for name, value in out.gate_stats.items():
                 gates.setdefault(name, []).append(value.detach().float())
     except torch.OutOfMemoryError as err:
-        raise torch.OutOfMemoryError(f"out of memory in a training step: {unwrap(objective).memory_hint()}; "
-                                     f"({err})") from err
+        hint = unwrap(objective).memory_hint(trainer.precision)
+        raise torch.OutOfMemoryError(f"out of memory in a training step: {hint}; ({err})") from err
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.scheduler.step()

@@ -36,10 +36,22 @@ from modules.resampler import AudioResampler, ResamplerConfig
 from modules.similarity import (MAX_LOG_LOGIT_SCALE, check_alignment, exact_fp32, index_scores, pair_scores,
                                 unit_frames, video_index)
 
-# Pairs fused at once when scoring without an explicit chunk (--eval_chunk). At D = 512, F = 12
-# a pair's forward working set is a few hundred KB (bench/pair_memory.py), so 2,048 pairs stay
-# within about 1 GB.
+# Working set per fused pair when scoring (no autograd) at F = 12, D = 512, L = 4, measured by
+# bench/pair_memory.py (README "Pair memory"): 467 KiB in fp32, 307 KiB under bf16 autocast.
+EVAL_PAIR_BYTES = {"fp32": 478_000, "bf16": 315_000, "fp16": 315_000}
+# F x D x L of that measurement: the working set per pair scales with it for other sizes.
+MEASURED_PAIR_SIZE = 12 * 512 * 4
+# Pairs fused at once when scoring without an explicit chunk (--eval_chunk): 2,048 pairs take
+# 0.9 GiB (fp32) / 0.6 GiB (bf16) by the measurement above, and 24k frame rows per product
+# already fill a GPU.
 DEFAULT_EVAL_PAIRS_PER_CHUNK = 2048
+# Share of the device memory an out-of-memory message's suggested chunk may take.
+EVAL_CHUNK_MEMORY_SHARE = 0.25
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of a CUDA device (for out-of-memory advice); None for the CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 # Bytes of [Nt, chunk, 1+F] fp32 cosines per text-agnostic scoring product.
 AGNOSTIC_CHUNK_BYTES = 1 << 28
 
@@ -315,10 +327,13 @@ class AVIGATE(nn.Module):
         if self.cfg.fusion.padding_rule == "released":
             blank = torch.where(valid[:, :, None, None, None], frames, torch.zeros_like(frames))
             return self.clip.encode_image(blank.flatten(0, 1)).unflatten(0, tuple(valid.shape))
-        # The boolean gather of real frames costs one host synchronization; running CLIP on
-        # padded slots instead would cost more compute on short clips (VATEX: 2 of 12 frames).
-        emb = self.clip.encode_image(frames[valid])
-        return emb.new_zeros(*valid.shape, emb.shape[-1]).index_put((valid,), emb)
+        # Finding the real frames costs one host synchronization (their count sizes CLIP's
+        # batch); running CLIP on padded slots instead would cost more compute on short clips
+        # (VATEX: 2 of 12 frames). Gathering and scattering by their indices adds none, where a
+        # boolean mask would synchronize again in the scatter and in its backward.
+        real = valid.flatten().nonzero().squeeze(1)  # [R] flat indices of the real frames
+        emb = self.clip.encode_image(frames.flatten(0, 1).index_select(0, real))  # [R, D]
+        return emb.new_zeros(valid.numel(), emb.shape[-1]).index_copy(0, real, emb).view(*valid.shape, -1)
 
     def resampled_audio(self, audio: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """audio: fbank [B, 1024, 128] or cached AST tokens [B, A, W_a] (told apart by shape)
@@ -468,6 +483,29 @@ class AVIGATE(nn.Module):
         if chunk is not None:
             return max(1, chunk[0]), max(1, chunk[1])
         return grid_chunk(num_texts, num_videos, DEFAULT_EVAL_PAIRS_PER_CHUNK)
+
+    def eval_memory_hint(self, num_texts: int, num_videos: int, chunk: Optional[tuple[int, int]] = None,
+                         precision: str = "fp32") -> str:
+        """What bounds the memory of scoring and an ``--eval_chunk`` to try (a quarter of the
+        model's GPU at most), for out-of-memory messages."""
+        device_bytes = device_memory_bytes(self.logit_scale.device)
+        if not self.text_guided:
+            return ("text-agnostic scoring is matrix products over the cached index; lower --batch_size_val "
+                    "(encoding) or evaluate on more GPUs")
+        fusion = self.cfg.fusion
+        per_pair = (EVAL_PAIR_BYTES.get(precision, EVAL_PAIR_BYTES["fp32"])
+                    * fusion.max_frames * fusion.width * fusion.layers / MEASURED_PAIR_SIZE)
+        texts, videos = self.pair_chunks(num_texts, num_videos, chunk)
+        limits = [texts * videos // 2]
+        if device_bytes:
+            limits.append(int(EVAL_CHUNK_MEMORY_SHARE * device_bytes / per_pair))
+        pairs = max(1, min(limits))
+        pairs = 1 << (pairs.bit_length() - 1)
+        t, v = grid_chunk(num_texts, num_videos, pairs)
+        return (f"text-guided scoring fuses {texts} texts x {videos} videos = {texts * videos} pairs per chunk now "
+                f"(--eval_chunk; {per_pair / 1024:.0f} KiB per pair at --precision {precision}, measured by "
+                f"bench/pair_memory.py): try --eval_chunk {t} {v} ({t * v} pairs, about "
+                f"{t * v * per_pair / 2 ** 30:.2f} GiB)")
 
     def _score_agnostic(self, text: torch.Tensor, videos: VideoFeatures,
                         chunk: Optional[tuple[int, int]]) -> ScoreOutput:

@@ -22,10 +22,23 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.loss import LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad, \
     margin_contrastive_loss
-from modules.modeling import AVIGATE, PairContext, PairScores, grid_chunk
+from modules.modeling import (MEASURED_PAIR_SIZE, AVIGATE, PairContext, PairScores, device_memory_bytes,
+                              grid_chunk)
 from modules.similarity import exact_fp32, video_index
 
 TRAINING_PAIRS = ("all", "hardest_k", "own_caption")
+# Bytes per fused text-guided pair in training (forward + backward) at F = 12, D = 512, L = 4,
+# measured by bench/pair_memory.py (README "Pair memory"; CPU allocation counts, within 1%):
+# fused all at once, a pair keeps this much alive for the backward pass; in a checkpointed
+# chunk (--train_pairs_per_chunk C) the C pairs of the chunk need about as much each, while
+# every other pair keeps only its score (~1 KiB). fp16 stores activations as bf16 does. Other
+# F x D x L scale with modeling.MEASURED_PAIR_SIZE.
+TRAIN_PAIR_BYTES = {"fp32": 4_209_000, "bf16": 2_334_000, "fp16": 2_334_000}
+# Share of the device memory an out-of-memory message's suggested chunk may take (the rest:
+# weights, gradients, optimizer states and the encoders' activations, README "Pair memory").
+CHUNK_MEMORY_SHARE = 0.25
+# Suggested chunk when the device memory is unknown (CPU) and no chunk is set yet.
+FALLBACK_CHUNK = 512
 
 
 @dataclass
@@ -94,16 +107,40 @@ class ContrastiveObjective(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.last_pairs = 0  # pairs fused by the last forward (for out-of-memory messages)
 
-    def memory_hint(self) -> str:
-        """What bounds the training memory of pair fusion, for out-of-memory messages."""
+    def pair_bytes(self, precision: str) -> float:
+        """Training bytes per fused pair at this model's F, D, L (TRAIN_PAIR_BYTES, scaled)."""
+        fusion = self.model.cfg.fusion
+        measured = TRAIN_PAIR_BYTES.get(precision, TRAIN_PAIR_BYTES["fp32"])
+        return measured * fusion.max_frames * fusion.width * fusion.layers / MEASURED_PAIR_SIZE
+
+    def suggested_chunk(self, precision: str, device_bytes: Optional[int] = None) -> int:
+        """A --train_pairs_per_chunk to try: a power of two whose chunk takes at most
+        CHUNK_MEMORY_SHARE of the device, and at most half the current chunk."""
+        limits = []
+        if device_bytes:
+            limits.append(int(CHUNK_MEMORY_SHARE * device_bytes / self.pair_bytes(precision)))
+        if self.cfg.pairs_per_chunk:
+            limits.append(self.cfg.pairs_per_chunk // 2)
+        chunk = max(1, min(limits) if limits else FALLBACK_CHUNK)
+        return 1 << (chunk.bit_length() - 1)
+
+    def memory_hint(self, precision: str = "fp32") -> str:
+        """What bounds the training memory of pair fusion and a value to try (a chunk within a
+        quarter of the model's GPU), for out-of-memory messages."""
         if not self.model.text_guided or self.cfg.training_pairs == "own_caption":
             return "lower --batch_size or add --grad_checkpointing (CLIP towers)"
+        gib = 1 << 30
+        per_pair = self.pair_bytes(precision)
         now = self.cfg.pairs_per_chunk
-        suggestion = max(1, now // 4) if now else 256
-        return (f"text-guided training fuses every (local text, global video) pair; --train_pairs_per_chunk "
-                f"bounds the pairs whose activations are alive at once (now {now or 'all at once'}): "
-                f"try --train_pairs_per_chunk {suggestion}, and --grad_checkpointing for the CLIP towers")
+        chunk = self.suggested_chunk(precision, device_memory_bytes(self.model.logit_scale.device))
+        fused = (f"{self.last_pairs} pairs on this rank, {self.last_pairs * per_pair / gib:.1f} GiB of activations "
+                 f"when fused at once" if self.last_pairs else "every (local text, gathered video) pair")
+        return (f"text-guided training fuses {fused} ({per_pair / 2 ** 20:.1f} MiB per pair at --precision "
+                f"{precision}, measured by bench/pair_memory.py); --train_pairs_per_chunk bounds the pairs alive "
+                f"at once (now {now or 'all at once'}): try --train_pairs_per_chunk {chunk} "
+                f"(about {chunk * per_pair / gib:.1f} GiB per chunk), and --grad_checkpointing for the CLIP towers")
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, frames: torch.Tensor,
                 frame_mask: torch.Tensor, audio: Optional[torch.Tensor] = None) -> TrainOutput:
@@ -153,6 +190,7 @@ class ContrastiveObjective(nn.Module):
         if self.cfg.training_pairs == "hardest_k":
             return self._hardest_k_rows(ctx, text, frames_g.detach(), mask_g)
         bl, bg = text.shape[0], mask_g.shape[0]
+        self.last_pairs = bl * bg
         tc, vc = grid_chunk(bl, bg, self.cfg.pairs_per_chunk or bl * bg)
         texts = torch.arange(bl, device=text.device)
         videos = torch.arange(bg, device=text.device)
@@ -170,6 +208,7 @@ class ContrastiveObjective(nn.Module):
                         mask_g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rows [Bl, Bg] with the positive and the hardest_k negatives of each local text."""
         ti, vi = self._hardest_pairs(text, frames_g, mask_g)
+        self.last_pairs = ti.shape[0]
         step = self.cfg.pairs_per_chunk or ti.shape[0]
         scores, gates = [], []
         for start in range(0, ti.shape[0], step):

