@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dataloaders.base import collate_items
 from metrics import metrics_report, text_to_video_ranks
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
+from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
 from training import video_inputs
 from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
@@ -216,12 +217,15 @@ def identity_keys(labels: list) -> torch.Tensor:
 
 @torch.no_grad()
 def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, topk: int,
-                 precision: str = "fp32", dump_topk: int = 0) -> Optional[ScoredSplit]:
+                 precision: str = "fp32", dump_topk: int = 0,
+                 chunk: Optional[tuple[int, int]] = None) -> Optional[ScoredSplit]:
     """Stage 1 (agnostic view, every pair) then text-guided scores of the shortlisted pairs,
     which are split over ranks. Returns the result on rank 0, None elsewhere.
 
     Args:
         topk: K of the shortlists; dump_topk: also list each text's best videos (final ranking).
+        chunk: --eval_chunk (texts, videos): their product is the pairs fused at once (None:
+            the model's default).
     """
     model = unwrap(model).eval()
     if not model.text_guided:
@@ -236,8 +240,9 @@ def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, t
     lists = shortlists(stage1.scores.cpu(), topk, text_keys, video_keys)
     mine = shard_range(lists.pair_text.shape[0], info)
     with autocast(info.device, precision):  # the fusion; scores are computed in fp32 inside
+        per_chunk = chunk[0] * chunk[1] if chunk is not None else DEFAULT_EVAL_PAIRS_PER_CHUNK
         scores, gates = score_pair_list(model, texts, videos, lists.pair_text[mine.start:mine.stop],
-                                        lists.pair_video[mine.start:mine.stop])
+                                        lists.pair_video[mine.start:mine.stop], per_chunk)
     parts = gather_objects((scores.cpu(), {k: v.cpu() for k, v in gates.items()}), info)
     if not info.is_main:
         return None
@@ -452,7 +457,7 @@ def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo,
     videos = encode_dataset(model, data.videos, "video", desc=f"{desc} videos", **common)
     if options.rerank_topk:
         scored = rerank_split(model, texts, videos, data.split, info, options.rerank_topk, options.precision,
-                              options.dump_topk)
+                              options.dump_topk, options.chunk)
     else:
         scored = score_split(model, texts, videos, data.split.caption_video, info, options.protocol,
                              options.block_size, options.chunk, options.precision, options.dump_topk,
