@@ -122,7 +122,7 @@ ROW_BY_NAME = {row.name: row for row in ROWS}
 # What `make demo` runs (the other rows on request, --rows): every acceptance check, the
 # residual text-guided variant the study found best (bench/text_guidance.py) and the
 # robustness rows. The study runs the text-guided comparison in full, over three seeds.
-DEFAULT_ROWS = ("visual_only", "ungated", "avigate", "tg_residual_frozen", "seed_style")
+DEFAULT_ROWS = ("visual_only", "ungated", "avigate", "tg_residual_all", "seed_style")
 
 
 @dataclass
