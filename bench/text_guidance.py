@@ -425,20 +425,24 @@ def markdown(results: dict) -> str:
 
 
 def figures(results: dict, out_prefix: str) -> list:
+    """The recall bars and the per-layer gates by caption kind; rows are named by run name
+    (the tables give the long labels). Returns the written paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results["summary"]
     written = []
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(len(rows), 1)
+    subsets = ("all", *KINDS)
     for i, (name, e) in enumerate(rows.items()):
-        means = [e["full"][k]["t2v_R@1"]["mean"] for k in ("all", *KINDS)]
-        stds = [e["full"][k]["t2v_R@1"]["std"] for k in ("all", *KINDS)]
-        ax.bar(np.arange(4) + i * width, means, width, yerr=stds, label=e["label"], capsize=2)
-    ax.set_xticks(np.arange(4) + 0.4 - width / 2, ["all", "sound", "visual (informative audio)", "visual (noise)"])
-    ax.set_ylabel("t2v R@1 (%)")
-    ax.legend(fontsize=7)
+        means = [e["full"][k]["t2v_R@1"]["mean"] for k in subsets]
+        stds = [e["full"][k]["t2v_R@1"]["std"] for k in subsets]
+        ax.bar(np.arange(len(subsets)) + i * width, means, width, yerr=stds, label=name, capsize=2)
+    ax.set_xticks(np.arange(len(subsets)) + 0.4 - width / 2,
+                  ["all captions", "sound", "visual (informative audio)", "visual (noise clip)"])
+    ax.set_ylabel("t2v R@1 (%), mean ± std over seeds")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     path = f"{out_prefix}_recall.png"
     fig.savefig(path, dpi=110)
@@ -446,22 +450,38 @@ def figures(results: dict, out_prefix: str) -> list:
     plt.close(fig)
     guided = {n: e for n, e in rows.items() if e["text_guided"]}
     if guided:
-        fig, axes = plt.subplots(1, len(guided), figsize=(3.2 * len(guided), 3), squeeze=False)
-        for ax, (name, e) in zip(axes[0], guided.items()):
+        cols = min(3, len(guided))
+        grid_rows = -(-len(guided) // cols)
+        fig, axes = plt.subplots(grid_rows, cols, figsize=(3.6 * cols, 2.8 * grid_rows), squeeze=False)
+        for ax, (name, e) in zip(axes.flat, guided.items()):
             g = e["gates"][min(e["gates"])]["by_caption_kind"].get("att", {})
             for kind in KINDS:
                 if kind in g:
                     ax.plot(range(1, len(g[kind]) + 1), g[kind], marker="o", label=kind)
-            ax.set_title(e["label"], fontsize=7)
-            ax.set_xlabel("layer")
-            ax.set_ylabel("mean |g_att| (own caption)")
+            ax.set_title(name, fontsize=8)
+            ax.set_xlabel("fusion layer")
+            ax.set_xticks(range(1, 1 + max((len(v) for v in g.values()), default=1)))
+            ax.set_ylabel("mean |g_att|, own caption", fontsize=8)
+        for ax in list(axes.flat)[len(guided):]:
+            ax.axis("off")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         path = f"{out_prefix}_gates.png"
         fig.savefig(path, dpi=110)
         written.append(path)
         plt.close(fig)
-    return written
+    return [os.path.relpath(p, ROOT) for p in written]
+
+
+def replot(prefix: str) -> None:
+    """Redraw the figures and rewrite the Markdown page from ``<prefix>.json`` (no training)."""
+    with open(f"{prefix}.json") as handle:
+        results = json.load(handle)
+    results["figures"] = figures(results, prefix)
+    with open(f"{prefix}.json", "w") as handle:
+        json.dump(results, handle, indent=1, default=float)
+    with open(f"{prefix}.md", "w") as handle:
+        handle.write(markdown(results))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -477,6 +497,8 @@ def parse_args(argv):
     parser.add_argument("--no_ablations", action="store_true", help="skip the ablations of the best variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process evaluation")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (NOT a result)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figures and the .md page from the --results .json")
     return parser.parse_args(argv)
 
 
@@ -489,6 +511,9 @@ def study_config(args) -> demo.DemoConfig:
 
 def run_study(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        replot(args.results)
+        return {}
     start, start_cpu = time.time(), demo.cpu_seconds()
     cfg = study_config(args)
     paths = demo.Paths(os.path.abspath(cfg.out_dir))
