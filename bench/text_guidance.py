@@ -391,6 +391,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {e['label']} | {fmt(f['all'].get('t2v_R@1'))} | {fmt(f['all'].get('t2v_R@5'))} | "
                      f"{fmt(f['all'].get('t2v_R@10'))} | {fmt(f['all'].get('v2t_R@1'))} | "
                      + " | ".join(fmt(f[k].get("t2v_R@1")) for k in KINDS) + " |")
+    lines += ["", "## Per seed: t2v R@1 with its 95% bootstrap interval over queries (full scoring)", "",
+              "| row | seed | all | sound | visual, informative audio | visual, noise |", "|---|---|---|---|---|---|"]
+    for name, e in rows.items():
+        for seed, ev in sorted(results["per_seed"].get(name, {}).items(), key=lambda kv: int(kv[0])):
+            sub = ev["full"]["subsets"]
+            lines.append(f"| {e['label']} | {seed} | " + " | ".join(
+                f"{sub[k]['t2v_R@1']:.1f} [{sub[k]['t2v_R@1_ci95'][0]:.1f}, {sub[k]['t2v_R@1_ci95'][1]:.1f}]"
+                for k in ("all", *KINDS)) + " |")
     lines += ["", "## Goal test vs AVIGATE (t2v R@1 difference, paired-bootstrap SE; met = ≥ 3 points and > 2 SE)", "",
               *goal_lines(rows, "goal_vs_avigate"), "",
               "Warm-started rows against the continued-training control (same warm start and epoch, no text):", "",
