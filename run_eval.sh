@@ -11,6 +11,7 @@
 #   CHECKPOINT=old/pytorch_model.bin.4 GATE=soft FUSION_RESIDUAL=0.05 MAX_FRAMES=12 \
 #       TEXT_GUIDED="--text_gate --text_query --query_gate" bash run_eval.sh
 #   CHECKPOINT=... AUDIO_PERTURB=noise bash run_eval.sh --audio_noise_rms 0.1 --dump_topk 10
+#   CHECKPOINT=ckpts/msrvtt_tg-two-stage/pytorch_model.bin.0 RERANK_TOPK=50 bash run_eval.sh
 # Extra arguments go to main_task_retrieval.py last (they override the settings above).
 # The same flags audit a checkpoint: python -m tools.audit_protocol --audit_dir DIR -- <flags>.
 # With NUM_GPUS > 1 texts and videos are encoded (and text rows scored) in shards.
@@ -30,6 +31,7 @@ TEST_CSV=${TEST_CSV:-}                               # empty: the datatype's tes
 MAX_WORDS=${MAX_WORDS:-32}
 EVAL_PROTOCOL=${EVAL_PROTOCOL:-honest}               # paired_block = the LEAKING public protocol
 AUDIO_PERTURB=${AUDIO_PERTURB:-none}                 # none | silence | noise | swap (robustness)
+RERANK_TOPK=${RERANK_TOPK:-0}                        # text-guided: fuse only each text's/video's top K (0: every pair)
 
 # Architecture and weight flags: empty = from the checkpoint's record.
 CLIP_NAME=${CLIP_NAME:-}
@@ -49,6 +51,7 @@ args=(
     --eval_protocol "$EVAL_PROTOCOL" --audio_perturb "$AUDIO_PERTURB" --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS"
 )
 if [[ -n "$TEST_CSV" ]]; then args+=(--test_csv "$TEST_CSV"); fi
+if [[ "$RERANK_TOPK" != 0 ]]; then args+=(--rerank_topk "$RERANK_TOPK"); fi
 if [[ -n "$CLIP_NAME" ]]; then args+=(--pretrained_clip_name "$CLIP_NAME"); fi
 if [[ -n "$AST_CHECKPOINT" ]]; then args+=(--ast_checkpoint "$AST_CHECKPOINT"); fi
 if [[ -n "$GATE" ]]; then args+=(--gate "$GATE"); fi

@@ -74,6 +74,14 @@ def test_run_vatex_preset_then_run_eval_without_flags_reproduce_scores(tmp_path)
         assert json.load(f)["audio_perturbation"]["kind"] == "swap"
     assert (swap_dir / "topk.jsonl").is_file() and (swap_dir / "audio_perturbation.json").is_file()
 
+    rerank_dir = tmp_path / "eval_rerank"  # RERANK_TOPK reaches the evaluation
+    _run("run_eval.sh", {**common, "DATATYPE": "vatex", "OUTPUT_DIR": str(rerank_dir), "RERANK_TOPK": "2",
+                         "CHECKPOINT": str(train_dir / "pytorch_model.bin.0")},
+         "--max_words", "16", "--batch_size_val", "2", "--device", "cpu")
+    with open(rerank_dir / "metrics.json") as f:
+        rerank = json.load(f)["rerank"]
+    assert rerank["topk"] == 2 and 0 < rerank["pairs_fused"] <= rerank["pairs_total"]
+
 
 def test_run_sh_rejects_unknown_datatype():
     result = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env={**os.environ, "DATATYPE": "kinetics"},
