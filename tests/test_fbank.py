@@ -1,7 +1,6 @@
 """Kaldi fbank and AST input (DESIGN §1): parity with torchaudio and transformers, edge cases."""
 import importlib
 import math
-import os
 import sys
 
 import numpy as np
@@ -34,30 +33,19 @@ def _signal(kind: str, seconds: float, seed: int = 0) -> torch.Tensor:
     return x.float()
 
 
-# `make test` sets this to 1: a missing reference implementation (torchaudio, transformers)
-# then FAILS the parity tests instead of skipping them, so CI cannot pass without them.
-REQUIRE_REFERENCES_ENV = "AVIGATE_REQUIRE_REFERENCES"
-
-
 def reference(module: str):
-    """Import a reference implementation; skip when it is missing, unless REQUIRE_REFERENCES_ENV=1."""
-    if os.environ.get(REQUIRE_REFERENCES_ENV) == "1":
-        try:
-            return importlib.import_module(module)
-        except ImportError as err:
-            pytest.fail(f"{module} is required by the Kaldi parity tests ({REQUIRE_REFERENCES_ENV}=1, "
-                        f"as `make test` sets): install requirements-dev.txt and the Makefile's "
-                        f"TORCHAUDIO_REF ({err})")
-    return pytest.importorskip(module)
+    """Import a reference implementation; a missing one FAILS the parity tests (never skips them),
+    so no run, in CI or by hand, can pass without the references requirements-dev.txt installs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        pytest.fail(f"{module} is required by the Kaldi parity tests: install requirements-dev.txt and "
+                    f"the Makefile's TORCHAUDIO_REF ({err})")
 
 
-def test_missing_reference_fails_when_required(monkeypatch):
+def test_missing_reference_fails(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchaudio.compliance.kaldi", None)  # import now raises
-    monkeypatch.setenv(REQUIRE_REFERENCES_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="required by the Kaldi parity tests"):
-        reference("torchaudio.compliance.kaldi")
-    monkeypatch.setenv(REQUIRE_REFERENCES_ENV, "0")
-    with pytest.raises(pytest.skip.Exception):
         reference("torchaudio.compliance.kaldi")
 
 
