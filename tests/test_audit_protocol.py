@@ -12,6 +12,7 @@ import torch
 import main_task_retrieval
 import util
 from tests.datagen import make_msrvtt
+from tests.fusion_weights import spread_fusion_weights
 from tests.test_robustness import write_distinct_audio
 from tests.test_train_e2e import tiny_flags, write_tiny_checkpoints
 from tools import audit_protocol
@@ -33,14 +34,7 @@ def setup(tmp_path_factory):
     args = main_task_retrieval.build_parser().parse_args(["--do_eval", *flags, "--output_dir", str(root)])
     torch.manual_seed(0)
     model = main_task_retrieval.build_model(args, torch.device("cpu"))
-    with torch.no_grad():
-        for block in model.fusion.blocks:
-            block.cross_attn.out_proj.weight.normal_(std=0.3)
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
-                if gate.fc1_text is not None:
-                    gate.fc1_text.weight.normal_(std=0.3)
+    spread_fusion_weights(model.fusion, cross_attn=True)
     checkpoint = str(root / "pytorch_model.bin.0")
     util.save_model_file(model, checkpoint)
     return flags, checkpoint, root

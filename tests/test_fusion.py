@@ -7,6 +7,7 @@ import torch
 
 from modules.fusion import GATE_ATT, GATE_FF, GATE_Q, FusionConfig, FusionTransformer
 from modules.layers import ResidualAttentionBlock
+from tests.fusion_weights import spread_fusion_weights
 
 D, F, Q, L = 64, 5, 4, 2
 TEXT_FLAGS = list(itertools.product([False, True], repeat=3))
@@ -17,15 +18,7 @@ def make(**kw) -> FusionTransformer:
     leaves gates near 0 and text terms at 0)."""
     kw.setdefault("fusion_residual", 0.5)
     model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, **kw))
-    with torch.no_grad():
-        for layer, block in enumerate(model.blocks):
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
-                if gate.fc1_text is not None:
-                    gate.fc1_text.weight.normal_(std=0.3)
-            if block.text_scale is not None:
-                block.text_scale.fill_(0.8 - 0.5 * layer)  # a scale of its own per layer
+    spread_fusion_weights(model, text_scales=True)
     return model
 
 

@@ -10,6 +10,7 @@ from modules.fusion import GATE_ATT
 from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.similarity import global_local_scores
+from tests.fusion_weights import spread_fusion_weights
 
 SOT, EOT = 49406, 49407
 VARIANTS = {"agnostic": {}, "text_gate": dict(text_gate=True),
@@ -18,15 +19,7 @@ VARIANTS = {"agnostic": {}, "text_gate": dict(text_gate=True),
 
 def make_model(**flags) -> AVIGATE:
     model = AVIGATE(AVIGATEConfig.tiny(**flags))
-    with torch.no_grad():  # gates far from the near-zero init and text terms on, so the fusion matters
-        for layer, block in enumerate(model.fusion.blocks):
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
-                if gate.fc1_text is not None:
-                    gate.fc1_text.weight.normal_(std=0.3)
-            if block.text_scale is not None:
-                block.text_scale.fill_(0.8 - 0.5 * layer)  # a scale of its own per layer
+    spread_fusion_weights(model.fusion, text_scales=True)  # gates and text terms on: the fusion matters
     return model
 
 

@@ -11,6 +11,7 @@ from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer
 from modules.similarity import MAX_LOG_LOGIT_SCALE
+from tests.fusion_weights import spread_fusion_weights
 
 D, F, Q = 64, 3, 4
 
@@ -19,13 +20,7 @@ def fusion(rule: str, **flags) -> FusionTransformer:
     torch.manual_seed(0)
     model = FusionTransformer(FusionConfig(width=D, layers=2, max_frames=F, fusion_residual=0.5,
                                            padding_rule=rule, **flags))
-    with torch.no_grad():
-        for block in model.blocks:
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
-                if gate.fc1_text is not None:
-                    gate.fc1_text.weight.normal_(std=0.3)
+    spread_fusion_weights(model)
     return model
 
 

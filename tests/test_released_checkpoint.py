@@ -11,6 +11,7 @@ import util
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.released_checkpoint import (ReleasedCheckpointError, is_released_layout,
                                          layout_problems, released_to_native)
+from tests.fusion_weights import spread_fusion_weights
 
 SOT, EOT = 49406, 49407
 # CLIP's text context: the released frame position table has one row per text position.
@@ -59,11 +60,8 @@ def to_released_layout(native: dict, generator: torch.Generator) -> dict:
 def make_model(seed: int) -> AVIGATE:
     torch.manual_seed(seed)
     model = AVIGATE(AVIGATEConfig.tiny()).eval()
-    with torch.no_grad():  # gates and queries far from their near-zero init, so both matter
-        for block in model.fusion.blocks:
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
+    spread_fusion_weights(model.fusion)  # gates and positions far from their init, so both matter
+    with torch.no_grad():
         model.fusion.frame_position.normal_()
     return model
 

@@ -11,6 +11,7 @@ from modules.diagnostics import paired_block_scores
 from modules.fusion import FusionConfig, FusionTransformer
 from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
 from modules.similarity import pair_scores
+from tests.fusion_weights import spread_fusion_weights
 
 TOL = 1e-5
 NT, NV = 7, 6
@@ -29,16 +30,7 @@ def encoded(flags):
     """A tiny model whose gates and cross-attention are far from their near-zero init and whose
     text terms are on (so the text matters), and the features of NT texts and NV videos."""
     model = AVIGATE(AVIGATEConfig.tiny(fusion_residual=0.5, **flags)).eval()
-    with torch.no_grad():
-        for layer, block in enumerate(model.fusion.blocks):
-            block.cross_attn.out_proj.weight.normal_(std=0.3)
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
-                if gate.fc1_text is not None:
-                    gate.fc1_text.weight.normal_(std=0.3)
-            if block.text_scale is not None:
-                block.text_scale.fill_(0.8 - 0.5 * layer)  # a scale of its own per layer
+    spread_fusion_weights(model.fusion, cross_attn=True, text_scales=True)
     cfg = model.cfg
     ids = torch.randint(1, 40000, (NT, 8))
     ids[:, 0], ids[:, 7] = 49406, 49407

@@ -16,6 +16,7 @@ from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
+from tests.fusion_weights import spread_fusion_weights
 
 NT, NV = 9, 7
 TEXT_VARIANTS = [dict(text_gate=True), dict(text_query=True), dict(query_gate=True),
@@ -30,12 +31,7 @@ def agnostic_checkpoint(path) -> AVIGATE:
     """A text-agnostic tiny AVIGATE with gates far from their near-zero init, saved to ``path``."""
     torch.manual_seed(0)
     model = AVIGATE(AVIGATEConfig.tiny(fusion_residual=0.5))
-    with torch.no_grad():
-        for block in model.fusion.blocks:
-            block.cross_attn.out_proj.weight.normal_(std=0.3)
-            for gate in block.gates.values():
-                gate.fc1.weight.normal_(std=0.3)
-                gate.fc2.weight.normal_(std=0.5)
+    spread_fusion_weights(model.fusion, cross_attn=True)
     util.save_model_file(model, str(path))
     return model.eval()
 
