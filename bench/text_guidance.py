@@ -481,15 +481,20 @@ def figures(results: dict, out_prefix: str) -> list:
     return [os.path.relpath(p, ROOT) for p in written]
 
 
-def replot(prefix: str) -> None:
-    """Redraw the figures and rewrite the Markdown page from ``<prefix>.json`` (no training)."""
-    with open(f"{prefix}.json") as handle:
-        results = json.load(handle)
+def write_results(results: dict, prefix: str) -> None:
+    """Draw the figures, then write ``<prefix>.json`` (naming them) and the ``<prefix>.md`` page."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     results["figures"] = figures(results, prefix)
     with open(f"{prefix}.json", "w") as handle:
         json.dump(results, handle, indent=1, default=float)
     with open(f"{prefix}.md", "w") as handle:
         handle.write(markdown(results))
+
+
+def replot(prefix: str) -> None:
+    """Redraw the figures and rewrite the Markdown page from ``<prefix>.json`` (no training)."""
+    with open(f"{prefix}.json") as handle:
+        write_results(json.load(handle), prefix)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -562,12 +567,7 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
                "best_variant": best, "summary": summary, "per_seed": evals,
                "seconds": seconds, "wall_seconds": time.time() - start,
                "cpu_seconds": demo.cpu_seconds() - start_cpu, "quick": args.quick}
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    results["figures"] = figures(results, args.results)
-    with open(f"{args.results}.json", "w") as handle:
-        json.dump(results, handle, indent=1, default=float)
-    with open(f"{args.results}.md", "w") as handle:
-        handle.write(markdown(results))
+    write_results(results, args.results)
     print(markdown(results))
     return results
 
