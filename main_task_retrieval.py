@@ -22,6 +22,7 @@ import sys
 from typing import Optional
 
 import checkpoint_record
+import resume_contract
 from modules import weights
 
 # The flags' choices, spelled out here so that --help and flag errors answer before the
@@ -87,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model-only weights to start from / evaluate (pytorch_model.bin.N; its record "
                         "pytorch_model.bin.N.json supplies the architecture flags left out)")
     a.add_argument("--resume_model", default=None,
-                   help="training state (training_state.pt) to continue, mid-epoch included")
+                   help="training state (training_state.pt) to continue, mid-epoch included; every flag that "
+                        "shapes the run must equal the saved one (docs/training.md)")
+    a.add_argument("--resume_override", action="extend", nargs="+", default=[], metavar="FLAG",
+                   help="with --resume_model: let these documented-safe flags differ from the saved run's "
+                        f"({', '.join(sorted(resume_contract.OVERRIDABLE))})")
     a.add_argument("--save_every_steps", type=int, default=0,
                    help="write the full training state every n steps (0: at epoch ends only)")
     a.add_argument("--max_steps", type=int, default=0,
@@ -235,6 +240,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
         parser.error("--skip_test skips the test after training: it needs --do_train")
     if args.resume_model and not args.do_train:
         parser.error("--resume_model continues training: add --do_train")
+    if args.resume_override and not args.resume_model:
+        parser.error("--resume_override lets a resumed run differ from its saved flags: it needs --resume_model")
+    problems = resume_contract.check_overrides(args.resume_override, vars(args))
+    if problems:
+        parser.error("; ".join(problems))
     if not args.no_audio and not (args.audio_path or args.audio_feature_cache):
         parser.error("the model fuses audio: pass --audio_path or --audio_feature_cache (or --no_audio)")
     if args.eval_chunk is not None and len(args.eval_chunk) > 2:
@@ -573,12 +583,23 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
             util.save_training_state(state_path, state)
         util.barrier(info)
 
-    hooks = training.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps)
     if args.training_pairs == "own_caption":
         util.logger.warning("--training_pairs own_caption is a LEAKING diagnostic: each video is fused only "
                             "with its own caption in training (the public implementation's pairing)")
     util.logger.info("training: %d samples, %d steps per epoch, %d epochs, global batch %d on %d rank(s)",
                      len(train_set), steps_per_epoch, args.epochs, args.batch_size, info.world_size)
+    with training.PreemptionGuard(info) as guard:
+        hooks = training.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps,
+                                    guard)
+        return train_epochs(args, info, model, trainer, train_set, sampler, val_data, progress, hooks, recorder)
+
+
+def train_epochs(args, info: util.DistInfo, model: AVIGATE, trainer: training.Trainer, train_set, sampler,
+                 val_data, progress: training.Progress, hooks: training.EpochHooks,
+                 recorder: util.RunRecorder) -> Optional[int]:
+    """The epoch loop of ``train`` (from ``progress``); returns what ``train`` returns."""
+    steps_per_epoch = sampler.micro_batches_per_epoch // args.gradient_accumulation_steps
+    state_path = os.path.join(args.output_dir, util.TRAINING_STATE_FILE)
     for epoch in range(progress.epoch, args.epochs):
         progress.epoch = epoch
         sampler.set_epoch(epoch, progress.epoch_step * args.gradient_accumulation_steps)
@@ -597,7 +618,8 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
         if val_data is not None:
             select_on_validation(args, info, model, val_data, progress, recorder)
         progress.epoch, progress.epoch_step = epoch + 1, 0
-        save_state()
+        hooks.save_state()
+        hooks.stop_if_preempted(progress, saved=True)
     util.report_data_issues("training data", train_set.counter, train_set.media.audio.counter, info, recorder)
     return progress.best_epoch if progress.best_epoch is not None else args.epochs - 1
 
@@ -670,6 +692,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         util.setup_precision(info.device, args.precision, args.tf32)
         run(args, info, context)
+    except training.Preempted as stop:
+        util.logger.warning("%s; exit status %d", stop, training.PREEMPTED_EXIT)
+        raise SystemExit(training.PREEMPTED_EXIT) from stop
     finally:
         util.cleanup_distributed()
 
@@ -679,14 +704,14 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
     util.setup_logging(args.output_dir, info)
     leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
     recorder = util.RunRecorder(args.output_dir, info, args.tensorboard, leaking=leaking)
-    recorder.write_run_files(vars(args), info)
+    resume_state, resume_entry = load_resume_state(args, info)
+    recorder.write_run_files(vars(args), info, resume_entry)
     util.logger.info("command: %s", " ".join(sys.argv))
     if leaking:
         util.logger.warning("%s (every output of this run is labelled; see the LEAKING file)", leaking)
     context = context or CheckpointContext()
     log_record_use(context)
     check_perturbation_trunk(args)
-    resume_state = util.load_training_state(args.resume_model) if args.resume_model else None
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
     model = build_model(args, info.device, context)
     util.seed_everything(args.seed, info.rank)
@@ -711,6 +736,23 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
         util.logger.info("testing %s (%s)", checkpoint, selected)
     test(args, info, model, recorder, tokenizer, image_size, checkpoint)
     recorder.close()
+
+
+def load_resume_state(args: argparse.Namespace, info: util.DistInfo) -> tuple[Optional[dict], Optional[dict]]:
+    """The --resume_model training state, after checking the resume contract (resume_contract.py),
+    and the entry that run_info.json's "resumes" list gets; (None, None) for a fresh run."""
+    if not args.resume_model:
+        return None, None
+    state = util.load_training_state(args.resume_model)
+    defaults = {a.dest: a.default for a in build_parser()._actions}
+    overridden = resume_contract.check_resume(state["args"], args, defaults, args.resume_model)
+    for name, (saved, given) in overridden.items():
+        util.logger.warning("--resume_override %s: saved %r, this run %r", name, saved, given)
+    if info.is_main and checkpoint_record.resumes_in_place(args.output_dir, args.resume_model):
+        util.remove_stale_temporaries(args.output_dir)
+    progress = state["progress"]
+    return state, {"resume_model": os.path.abspath(args.resume_model), "epoch": progress["epoch"],
+                   "step": progress["step"], "overrides": {k: list(v) for k, v in overridden.items()}}
 
 
 def log_record_use(context: CheckpointContext) -> None:

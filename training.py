@@ -5,15 +5,72 @@ the training state it saves.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dataloaders.video import normalize_frames
 from util import DistInfo, RunRecorder, autocast, gather_objects, logger, rng_state, set_rng_state, unwrap
+
+
+# Signals schedulers send before killing a job (SLURM: SIGTERM, or SIGUSR1 with --signal).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Exit status of a run stopped by one of them after writing its training state (EX_TEMPFAIL:
+# "try again", i.e. resume); a requeue script tells it from a crash by this value.
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption signal after writing a resumable training state."""
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGUSR1 into a request to stop after the current optimizer step.
+
+    ``requested()`` is asked once per step; under torch.distributed the ranks agree (any rank
+    signalled stops all, at the same step) through a CPU (gloo) group, so the check never waits
+    for the GPU. Use as a context manager: the previous handlers come back on exit. Signals
+    are only caught in the main thread (elsewhere the guard stays inactive).
+
+    Args:
+        info: process placement.
+    """
+
+    def __init__(self, info):
+        self.info = info
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+        self._group = dist.new_group(backend="gloo") if info.distributed else None
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionGuard":
+        with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
+            for sig in PREEMPTION_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+    def requested(self) -> bool:
+        """Whether this rank (or, distributed, any rank) was signalled to stop."""
+        if self._group is None:
+            return self.signal_name is not None
+        flag = torch.tensor([int(self.signal_name is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
 
 
 def video_inputs(batch: dict, device: torch.device) -> dict:
@@ -176,6 +233,8 @@ class EpochHooks:
         n_display: log every n steps.
         save_every_steps: write the training state every n steps (0 = only at epoch end).
         max_steps: stop the run after this many optimizer steps (0 = no limit).
+        preemption: asked after every step; when it reports a signal the state is written and
+            ``Preempted`` raised (None: no signal handling).
     """
 
     recorder: RunRecorder
@@ -183,11 +242,24 @@ class EpochHooks:
     n_display: int = 100
     save_every_steps: int = 0
     max_steps: int = 0
+    preemption: Optional[PreemptionGuard] = None
+
+    def stop_if_preempted(self, progress: Progress, saved: bool) -> None:
+        """After a step (or an epoch end, ``saved``: its state is written): write the state and
+        raise ``Preempted`` when a preemption signal arrived."""
+        if self.preemption is None or not self.preemption.requested():
+            return
+        if not saved:
+            self.save_state()
+        raise Preempted(f"stopped by {self.preemption.signal_name or 'another rank'} after step {progress.step} "
+                        f"(epoch {progress.epoch + 1}); the training state is written: continue with "
+                        f"--resume_model")
 
 
 def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: int,
                 hooks: EpochHooks) -> bool:
-    """Run the rest of the current epoch; returns False when ``max_steps`` stopped the run."""
+    """Run the rest of the current epoch; returns False when ``max_steps`` stopped the run.
+    Raises ``Preempted`` (after writing the state) when ``hooks.preemption`` was signalled."""
     bar = tqdm(total=steps_in_epoch, initial=progress.epoch_step, disable=not trainer.info.is_main,
                desc=f"epoch {progress.epoch + 1}", leave=False)
     window_start, window_steps = time.time(), 0
@@ -212,7 +284,9 @@ def train_epoch(trainer: Trainer, loader, progress: Progress, steps_in_epoch: in
             hooks.save_state()
             bar.close()
             return False
-        if hooks.save_every_steps and progress.step % hooks.save_every_steps == 0:
+        saved = bool(hooks.save_every_steps) and progress.step % hooks.save_every_steps == 0
+        if saved:
             hooks.save_state()
+        hooks.stop_if_preempted(progress, saved)
     bar.close()
     return True

@@ -16,6 +16,8 @@ import logging
 import os
 import pickle
 import random
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -193,6 +195,10 @@ class WorkerSeeder:
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __call__(self, worker_id: int) -> None:
+        # A scheduler's SIGTERM / SIGUSR1 reaches the whole process group: the main process
+        # finishes its step and stops the workers itself (training.PreemptionGuard).
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         s = worker_seed(self.seed, self.epoch, self.rank, worker_id)
         random.seed(s)
         np.random.seed(s)
@@ -329,17 +335,27 @@ class RunRecorder:
         if self.active:
             write_json(os.path.join(self.output_dir, name), self.labelled(obj))
 
-    def write_run_files(self, args: dict, info: DistInfo) -> None:
+    def write_run_files(self, args: dict, info: DistInfo, resume: Optional[dict] = None) -> None:
+        """args.json and run_info.json. A resumed run (``resume``: what it continues) keeps the
+        files of the run it continues and appends its own invocation to run_info.json's
+        ``"resumes"`` list (its flags equal the saved ones but for the overrides it lists)."""
         if not self.active:
             return
         if self.leaking:
             with open(os.path.join(self.output_dir, LEAKING_FILE), "w") as f:
                 f.write(self.leaking + "\n")
+        invocation = {"git": git_revision(), "argv": sys.argv, "world_size": info.world_size,
+                      "device": str(info.device), "torch": torch.__version__,
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info_path = os.path.join(self.output_dir, RUN_INFO_FILE)
+        if resume is not None and os.path.isfile(info_path):  # continuing the run of this folder
+            with open(info_path) as f:
+                run_info = json.load(f)
+            run_info.setdefault("resumes", []).append({**invocation, **resume})
+            self.write_json(RUN_INFO_FILE, run_info)
+            return
         self.write_json(ARGS_FILE, args)
-        self.write_json(RUN_INFO_FILE, {
-            "git": git_revision(), "argv": sys.argv, "world_size": info.world_size,
-            "device": str(info.device), "torch": torch.__version__,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.write_json(RUN_INFO_FILE, invocation if resume is None else {**invocation, "resumes": [resume]})
 
     def log(self, record: dict, step: Optional[int] = None) -> None:
         """Append ``record`` (labelled) to the JSON-lines file; numeric leaves also go to TensorBoard."""
@@ -412,6 +428,18 @@ def atomic_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+TEMPORARY_PATTERN = re.compile(r"\.tmp\d+(\.\w+)?$")  # what atomic writers leave when killed mid-write
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Delete the temporary files of atomic writes a killed run left in ``output_dir`` (the
+    files they were to replace are intact)."""
+    for name in sorted(os.listdir(output_dir)):
+        if TEMPORARY_PATTERN.search(name):
+            os.remove(os.path.join(output_dir, name))
+            logger.info("removed %s, left by an interrupted write", name)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
