@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--resume_model", default=None,
                    help="training state (training_state.pt) to continue, mid-epoch included; every flag that "
                         "shapes the run must equal the saved one (docs/training.md)")
-    a.add_argument("--resume_override", action="extend", nargs="+", default=[], metavar="FLAG",
+    a.add_argument("--resume_override", nargs="+", default=[], metavar="FLAG",
                    help="with --resume_model: let these documented-safe flags differ from the saved run's "
                         f"({', '.join(sorted(resume_contract.OVERRIDABLE))})")
     a.add_argument("--save_every_steps", type=int, default=0,
