@@ -351,7 +351,7 @@ import torch  # noqa: E402
 import evaluation  # noqa: E402
 import training  # noqa: E402
 import util  # noqa: E402
-from dataloaders.audio_cache import checkpoint_fingerprint, read_index  # noqa: E402
+from dataloaders import audio_cache  # noqa: E402
 from dataloaders.base import collate_items  # noqa: E402
 from dataloaders.perturb import AudioPerturbation  # noqa: E402
 from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset  # noqa: E402
@@ -399,20 +399,29 @@ def audio_perturbation(args: argparse.Namespace) -> AudioPerturbation:
     return AudioPerturbation(kind=args.audio_perturb, noise_rms=args.audio_noise_rms, seed=args.seed)
 
 
-def check_perturbation_trunk(args: argparse.Namespace) -> None:
-    """silence / noise with an AST feature cache: the perturbed fbank goes through the model's AST
-    (--ast_checkpoint), which must be the trunk the cache was built with."""
-    if args.audio_perturb not in ("silence", "noise") or not args.audio_feature_cache or args.no_audio:
-        return
-    stored = (read_index(args.audio_feature_cache).get("fingerprint") or {}).get("checkpoint")
-    if stored is None:
-        util.logger.warning("--audio_perturb %s: the AST feature cache %s does not record its checkpoint; the "
-                            "perturbed clips use --ast_checkpoint %s", args.audio_perturb,
-                            args.audio_feature_cache, args.ast_checkpoint)
-    elif stored != checkpoint_fingerprint(args.ast_checkpoint):
-        raise ValueError(f"--audio_perturb {args.audio_perturb} computes the perturbed clips' tokens with "
-                         f"--ast_checkpoint {args.ast_checkpoint!r}, but --audio_feature_cache "
-                         f"{args.audio_feature_cache!r} was built with {stored}: pass that checkpoint")
+def model_trunk_file(model: AVIGATE, context: CheckpointContext) -> str:
+    """The AST checkpoint file the model's trunk weights come from: the one recorded by the
+    checkpoint it reads (its trunk weights override any --ast_checkpoint), else --ast_checkpoint's."""
+    recorded = ((context.record or {}).get("weight_sources") or {}).get("ast")
+    if recorded is None:
+        return model.weight_sources["ast"]["path"]
+    if os.path.isfile(recorded["path"]):
+        return recorded["path"]
+    given = model.weight_sources.get("ast")  # --ast_checkpoint given beside the record
+    if given is not None and given.get("sha256") == recorded.get("sha256"):
+        return given["path"]
+    raise FileNotFoundError(f"{context.checkpoint}'s AST trunk came from {recorded['path']} (sha256 "
+                            f"{recorded.get('sha256')}), which is not on this machine: pass --ast_checkpoint with "
+                            f"a copy of it, so that --audio_feature_cache can be checked against it")
+
+
+def check_cache_trunk(args: argparse.Namespace, model: AVIGATE, context: CheckpointContext) -> None:
+    """--audio_feature_cache must hold the tokens of the trunk this model uses (also the trunk that
+    computes the perturbed clips of --audio_perturb silence / noise)."""
+    if args.audio_feature_cache and not args.no_audio:
+        trunk = model_trunk_file(model, context)
+        audio_cache.check_cache_trunk(args.audio_feature_cache, trunk)
+        util.logger.info("AST feature cache %s: built with this model's trunk %s", args.audio_feature_cache, trunk)
 
 
 def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTConfig) -> AVIGATEConfig:
@@ -711,9 +720,9 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
         util.logger.warning("%s (every output of this run is labelled; see the LEAKING file)", leaking)
     context = context or CheckpointContext()
     log_record_use(context)
-    check_perturbation_trunk(args)
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
     model = build_model(args, info.device, context)
+    check_cache_trunk(args, model, context)
     util.seed_everything(args.seed, info.rank)
     tokenizer = ClipTokenizer()
     image_size = model.cfg.clip.image_resolution

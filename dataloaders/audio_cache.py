@@ -70,6 +70,26 @@ def check_fingerprint(directory: str, index: dict, fingerprint: dict) -> None:
             f"{fingerprint}; delete the directory or choose another one, then {BUILD_HINT}")
 
 
+# The fingerprint fields that identify a trunk's weights (the file name may differ between copies).
+TRUNK_IDENTITY = ("size", "head_sha1")
+
+
+def check_cache_trunk(directory: str, trunk_path: str) -> None:
+    """Refuse a cache whose tokens were computed by another AST trunk than ``trunk_path`` (the
+    checkpoint file the model's trunk comes from), naming both."""
+    stored = (read_index(directory).get("fingerprint") or {}).get("checkpoint")
+    if not isinstance(stored, dict):
+        raise ValueError(f"the AST feature cache '{directory}' does not record which AST checkpoint built it, so "
+                         f"its tokens cannot be checked against the trunk in use ({trunk_path}); rebuild it: "
+                         f"{BUILD_HINT}")
+    actual = checkpoint_fingerprint(trunk_path)
+    if any(stored.get(key) != actual[key] for key in TRUNK_IDENTITY):
+        raise ValueError(f"the AST feature cache '{directory}' was built with the AST checkpoint {stored}, but this "
+                         f"model's trunk is {trunk_path} ({actual}): its tokens are another trunk's. Pass the "
+                         f"cache of this trunk, or --audio_path (the wavs), or {BUILD_HINT} --checkpoint "
+                         f"{trunk_path}")
+
+
 def write_json_atomic(path: str, payload: dict) -> None:
     """Write a JSON file so that readers see the old or the new file, never half of one."""
     tmp_path = f"{path}.tmp"
