@@ -356,6 +356,7 @@ from dataloaders.base import collate_items  # noqa: E402
 from dataloaders.perturb import AudioPerturbation  # noqa: E402
 from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset  # noqa: E402
 from dataloaders.video import FrameSamplingConfig  # noqa: E402
+from modules import released_checkpoint  # noqa: E402
 from modules.ast import ASTConfig, checkpoint_to_trunk, config_from_weights, load_audioset_checkpoint  # noqa: E402
 from modules.clip import CLIPConfig, config_from_state_dict, load_clip_state_dict  # noqa: E402
 from modules.diagnostics import LEAK_LABEL  # noqa: E402
@@ -713,12 +714,13 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
     util.setup_logging(args.output_dir, info)
     leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
     recorder = util.RunRecorder(args.output_dir, info, args.tensorboard, leaking=leaking)
+    context = context or CheckpointContext()
+    apply_released_padding_rule(args, context)
     resume_state, resume_entry = load_resume_state(args, info)
     recorder.write_run_files(vars(args), info, resume_entry)
     util.logger.info("command: %s", " ".join(sys.argv))
     if leaking:
         util.logger.warning("%s (every output of this run is labelled; see the LEAKING file)", leaking)
-    context = context or CheckpointContext()
     log_record_use(context)
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
     model = build_model(args, info.device, context)
@@ -745,6 +747,21 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
         util.logger.info("testing %s (%s)", checkpoint, selected)
     test(args, info, model, recorder, tokenizer, image_size, checkpoint)
     recorder.close()
+
+
+def apply_released_padding_rule(args: argparse.Namespace, context: CheckpointContext) -> None:
+    """An --init_model in the released AVIGATE layout implies --padding_rule released: taken when the
+    flag is left out, an error when it is given otherwise (a checkpoint with a record is native)."""
+    if not args.init_model or context.record is not None:
+        return
+    if not released_checkpoint.file_is_released_layout(args.init_model):
+        return
+    if "padding_rule" in context.explicit:
+        released_checkpoint.check_padding_rule(args.padding_rule, args.init_model)
+    elif args.padding_rule != released_checkpoint.PADDING_RULE:
+        args.padding_rule = released_checkpoint.PADDING_RULE
+        util.logger.info("--padding_rule %s: implied by the released AVIGATE layout of %s",
+                         args.padding_rule, args.init_model)
 
 
 def load_resume_state(args: argparse.Namespace, info: util.DistInfo) -> tuple[Optional[dict], Optional[dict]]:

@@ -486,6 +486,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
     module = unwrap(model)
     text_terms = set(module.text_term_names()) if hasattr(module, "text_term_names") else set()
     if released_checkpoint.is_released_layout(state):  # trained with the released AVIGATE code
+        released_checkpoint.check_padding_rule(module.cfg.fusion.padding_rule, path)
         if not text_terms:
             released_checkpoint.load_released_checkpoint(module, state, source=path)
             logger.info("loaded model weights from %s (released AVIGATE layout, converted)", path)

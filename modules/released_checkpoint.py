@@ -122,6 +122,8 @@ expected layout (the released AVIGATE code's model.state_dict(), W_a AST width, 
   transformerClip.resblocks.N.{cross_ff.cross_fc,cross_ff.cross_proj,attn_gate.ag_fc,
                                attn_gate.ag_proj,ff_gate.fg_fc,ff_gate.fg_proj}.weight
   (optional, dropped: clip.audio.v.head.*, clip.audio.v.head_dist.*, clip.audio.mlp_head.*)"""
+# How the released code treats padded frames (modules.fusion.PADDING_RULES): implied by the layout.
+PADDING_RULE = "released"
 # Keys listed per category in an error message.
 ERROR_KEYS_SHOWN = 20
 
@@ -140,6 +142,29 @@ def strip_wrapper_prefix(state_dict: dict) -> dict:
 def is_released_layout(state_dict: dict) -> bool:
     """True when the keys are those of the released AVIGATE code (not this codebase's)."""
     return any(key.startswith(RELEASED_MARKERS) for key in strip_wrapper_prefix(state_dict))
+
+
+def file_is_released_layout(path: str) -> bool:
+    """Whether the state dict in ``path`` has the released layout (read memory-mapped where the
+    file format allows, so only its keys are touched)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(state, dict) and is_released_layout(state)
+
+
+def check_padding_rule(padding_rule: str, source: str) -> None:
+    """A released-layout checkpoint was trained under the released padding rule (blank-frame
+    embeddings in padded slots, means over all F frames, no key mask; DESIGN §3): refuse a
+    model that treats padded frames otherwise, whose scores on short clips would not be the
+    release's."""
+    if padding_rule != PADDING_RULE:
+        raise ReleasedCheckpointError(
+            f"{source} is a checkpoint of the released AVIGATE code, trained with --padding_rule {PADDING_RULE}, "
+            f"but the model uses --padding_rule {padding_rule}: on clips shorter than --max_frames its scores would "
+            f"not be the release's. Leave --padding_rule out (the checkpoint implies {PADDING_RULE}) or pass "
+            f"--padding_rule {PADDING_RULE}")
 
 
 def _block_leaf(key: str, prefix: str) -> Optional[tuple[str, str]]:

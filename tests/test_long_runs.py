@@ -1,12 +1,16 @@
 """Caches and checkpoints prove what they are (docs/training.md): an AST token cache built with
 another trunk than the model's is refused at start-up, naming both; a released-layout
 checkpoint implies --padding_rule released and refuses a contradicting one."""
+import json
+
 import pytest
 import torch
 
 import main_task_retrieval
+from modules.released_checkpoint import ReleasedCheckpointError
 from preprocess.cache_audio_features import main as cache_main
 from tests.datagen import make_msrvtt
+from tests.test_released_checkpoint import to_released_layout
 from tests.test_train_e2e import tiny_flags, write_tiny_checkpoints
 
 
@@ -50,3 +54,17 @@ def test_cache_is_checked_against_the_checkpoints_recorded_trunk(setup, tmp_path
     main_task_retrieval.main(["--do_eval", "--init_model", str(trained), *without_weight_flags,
                               "--audio_feature_cache", caches["own"]])
     assert (tmp_path / "accepted" / "metrics.json").is_file()
+
+
+def test_released_layout_implies_its_padding_rule(setup, tmp_path):
+    data, ckpts, _, trained, _ = setup
+    released = tmp_path / "released.bin"
+    native = torch.load(trained, map_location="cpu", weights_only=True)
+    torch.save(to_released_layout(native, torch.Generator().manual_seed(0)), released)
+    with pytest.raises(ReleasedCheckpointError, match="trained with --padding_rule released, but the model uses "
+                                                      "--padding_rule masked"):
+        main_task_retrieval.main(["--do_eval", "--init_model", str(released), "--padding_rule", "masked",
+                                  *tiny_flags(data, ckpts, tmp_path / "refused")])
+    main_task_retrieval.main(["--do_eval", "--init_model", str(released), *tiny_flags(data, ckpts, tmp_path / "implied")])
+    with open(tmp_path / "implied" / "args.json") as f:
+        assert json.load(f)["padding_rule"] == "released"

@@ -59,7 +59,7 @@ def to_released_layout(native: dict, generator: torch.Generator) -> dict:
 
 def make_model(seed: int) -> AVIGATE:
     torch.manual_seed(seed)
-    model = AVIGATE(AVIGATEConfig.tiny()).eval()
+    model = AVIGATE(AVIGATEConfig.tiny(padding_rule="released")).eval()  # the rule the layout implies
     spread_fusion_weights(model.fusion)  # gates and positions far from their init, so both matter
     with torch.no_grad():
         model.fusion.frame_position.normal_()
@@ -173,3 +173,11 @@ def test_short_frame_position_table_is_rejected(trained):
     short["frame_position_embeddings.weight"] = released["frame_position_embeddings.weight"][:3]
     with pytest.raises(ReleasedCheckpointError, match="max_frames 4"):
         released_to_native(short, num_frames=4)
+
+
+def test_released_layout_under_another_padding_rule_is_refused(trained, tmp_path):
+    _, _, released = trained
+    path = tmp_path / "pytorch_model.bin.4"
+    torch.save(released, path)
+    with pytest.raises(ReleasedCheckpointError, match="--padding_rule released, but the model uses --padding_rule masked"):
+        util.load_model_weights(AVIGATE(AVIGATEConfig.tiny()), str(path))
