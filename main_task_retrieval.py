@@ -276,7 +276,40 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
         parser.error(f"--audio_noise_rms must be > 0, got {args.audio_noise_rms}")
     if args.dump_topk < 0:
         parser.error(f"--dump_topk must be >= 0 (0: no dump), got {args.dump_topk}")
+    for problem in ineffective_flags(parser, args):
+        parser.error(problem)
     check_output_dir(parser, args)
+
+
+def ineffective_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Flag combinations in which a flag would silently do nothing (each one an error)."""
+    def changed(name: str) -> bool:
+        return getattr(args, name) != parser.get_default(name)
+
+    text_guided = args.text_gate or args.text_query or args.query_gate
+    problems = []
+    if args.dsl and args.rerank_topk:
+        problems.append("--dsl post-processes the plain score matrix, which --rerank_topk replaces by two rankings "
+                        "(no DSL is computed on them): drop one of them")
+    if not text_guided:
+        for name in ("training_pairs", "hardest_k", "train_pairs_per_chunk", "text_init"):
+            if changed(name):
+                problems.append(f"--{name} {getattr(args, name)} applies to text-guided models (pair fusion, text "
+                                f"terms); this one is text-agnostic: add --text_gate/--text_query/--query_gate or "
+                                f"drop --{name}")
+    elif changed("hardest_k") and args.training_pairs != "hardest_k":
+        problems.append(f"--hardest_k {args.hardest_k} is read only with --training_pairs hardest_k (given: "
+                        f"{args.training_pairs})")
+    if changed("audio_noise_rms") and args.audio_perturb != "noise":
+        problems.append(f"--audio_noise_rms {args.audio_noise_rms} is read only with --audio_perturb noise (given: "
+                        f"{args.audio_perturb})")
+    if args.no_audio and args.audio_feature_cache:
+        problems.append("--no_audio builds no audio branch, so --audio_feature_cache would not be read: drop one")
+    if not args.do_train:
+        for name in ("max_steps", "save_every_steps", "val_csv"):
+            if changed(name):
+                problems.append(f"--{name} applies to training: add --do_train or drop it")
+    return problems
 
 
 def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

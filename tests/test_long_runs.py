@@ -68,3 +68,33 @@ def test_released_layout_implies_its_padding_rule(setup, tmp_path):
     main_task_retrieval.main(["--do_eval", "--init_model", str(released), *tiny_flags(data, ckpts, tmp_path / "implied")])
     with open(tmp_path / "implied" / "args.json") as f:
         assert json.load(f)["padding_rule"] == "released"
+
+
+# flags -> a word of the error; each combination would silently do nothing.
+INEFFECTIVE = {
+    "dsl_with_rerank": (["--dsl", "--rerank_topk", "2", "--text_gate"], "--dsl"),
+    "training_pairs_agnostic": (["--training_pairs", "hardest_k"], "--training_pairs hardest_k applies"),
+    "hardest_k_agnostic": (["--hardest_k", "2"], "--hardest_k 2 applies"),
+    "chunk_agnostic": (["--train_pairs_per_chunk", "4"], "--train_pairs_per_chunk 4 applies"),
+    "text_init_agnostic": (["--text_init", "normal"], "--text_init normal applies"),
+    "hardest_k_without_its_pairs": (["--text_gate", "--hardest_k", "2"], "only with --training_pairs hardest_k"),
+    "noise_rms_without_noise": (["--audio_noise_rms", "0.2"], "only with --audio_perturb noise"),
+    "cache_without_audio": (["--no_audio", "--audio_feature_cache", "c"], "--audio_feature_cache would not"),
+    "max_steps_without_training": (["--max_steps", "3"], "--max_steps applies to training"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INEFFECTIVE))
+def test_flags_that_would_do_nothing_are_errors(case, tmp_path, capsys):
+    flags, message = INEFFECTIVE[case]
+    do = ["--do_eval"] if case == "max_steps_without_training" else ["--do_train"]
+    with pytest.raises(SystemExit):
+        main_task_retrieval.parse_and_check([*do, "--output_dir", str(tmp_path), "--data_path", "d",
+                                             "--features_path", "v", "--audio_path", "a", *flags])
+    assert message in capsys.readouterr().err
+    # The same flags where they take effect (or alone) are accepted.
+    main_task_retrieval.parse_and_check(["--do_train", "--output_dir", str(tmp_path), "--data_path", "d",
+                                         "--features_path", "v", "--audio_path", "a", "--text_gate",
+                                         "--training_pairs", "hardest_k", "--hardest_k", "2",
+                                         "--train_pairs_per_chunk", "4", "--text_init", "normal",
+                                         "--audio_perturb", "noise", "--audio_noise_rms", "0.2", "--max_steps", "3"])
