@@ -5,6 +5,7 @@ under --audio_perturb; topk.jsonl under --dump_topk).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
 from training import video_inputs
-from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
+from util import DistInfo, autocast, broadcast_object, gather_objects, logger, shard_range, unwrap, write_json
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
 SELECTION_METRIC = "t2v_R@1"
+# Tests only: called as hook(stage1 [Nt, Nv], rank) -> stage1 on the rank that computes the
+# re-ranking shortlists, to show that other ranks' rounding cannot change them.
+STAGE1_TEST_HOOK = None
 TOPK_FILE = "topk.jsonl"
 PERTURBATION_FILE = "audio_perturbation.json"
 
@@ -220,7 +224,11 @@ def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, t
                  precision: str = "fp32", dump_topk: int = 0,
                  chunk: Optional[tuple[int, int]] = None) -> Optional[ScoredSplit]:
     """Stage 1 (agnostic view, every pair) then text-guided scores of the shortlisted pairs,
-    which are split over ranks. Returns the result on rank 0, None elsewhere.
+    which are split over ranks. Stage 1 and the shortlists are computed on rank 0 alone and
+    the pair list broadcast, so ranks whose rounding differs (mixed GPUs, TF32, thread
+    counts) cannot disagree at a shortlist boundary; rank 0 checks the length and SHA-256 of
+    every rank's fused shard before assigning the scores. Returns the result on rank 0, None
+    elsewhere.
 
     Args:
         topk: K of the shortlists; dump_topk: also list each text's best videos (final ranking).
@@ -234,18 +242,26 @@ def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, t
     if topk >= max(len(texts), len(videos)) and info.is_main:
         logger.warning("--rerank_topk %d covers the whole gallery (%d texts, %d videos): clamped, this is "
                        "full text-guided scoring", topk, len(texts), len(videos))
-    stage1 = model.agnostic_scores(texts, videos)
-    text_keys = identity_keys([(split.video_ids[v], c) for c, v in zip(split.captions, split.caption_video)])
     video_keys = identity_keys(list(split.video_ids))
-    lists = shortlists(stage1.scores.cpu(), topk, text_keys, video_keys)
-    mine = shard_range(lists.pair_text.shape[0], info)
+    stage1, lists = None, None
+    if info.is_main:  # stage 1 once: ranks whose rounding differs cannot disagree on the shortlists
+        stage1 = model.agnostic_scores(texts, videos)
+        stage1_scores = stage1.scores.cpu()
+        if STAGE1_TEST_HOOK is not None:
+            stage1_scores = STAGE1_TEST_HOOK(stage1_scores, info.rank)
+        text_keys = identity_keys([(split.video_ids[v], c) for c, v in zip(split.captions, split.caption_video)])
+        lists = shortlists(stage1_scores, topk, text_keys, video_keys)
+    pair_text, pair_video = broadcast_object(None if lists is None else (lists.pair_text, lists.pair_video), info)
+    mine = shard_range(pair_text.shape[0], info)
     with autocast(info.device, precision):  # the fusion; scores are computed in fp32 inside
         per_chunk = chunk[0] * chunk[1] if chunk is not None else DEFAULT_EVAL_PAIRS_PER_CHUNK
-        scores, gates = score_pair_list(model, texts, videos, lists.pair_text[mine.start:mine.stop],
-                                        lists.pair_video[mine.start:mine.stop], per_chunk)
-    parts = gather_objects((scores.cpu(), {k: v.cpu() for k, v in gates.items()}), info)
+        scores, gates = score_pair_list(model, texts, videos, pair_text[mine.start:mine.stop],
+                                        pair_video[mine.start:mine.stop], per_chunk)
+    shard = pair_list_digest(pair_text[mine.start:mine.stop], pair_video[mine.start:mine.stop])
+    parts = gather_objects((scores.cpu(), {k: v.cpu() for k, v in gates.items()}, shard), info)
     if not info.is_main:
         return None
+    check_pair_shards([p[2] for p in parts], lists.pair_text, lists.pair_video, info.world_size)
     pair_scores = torch.cat([p[0] for p in parts])
     pair_gates = {name: torch.cat([p[1][name] for p in parts]).numpy() for name in parts[0][1]}
     t2v, v2t = ranking_matrices(lists, pair_scores)
@@ -254,6 +270,25 @@ def rerank_split(model: torch.nn.Module, texts, videos, split, info: DistInfo, t
     video_gates = {k: v.float().cpu().numpy() for k, v in stage1.gates.items()}
     top = reranked_topk(reranked, dump_topk, video_keys) if dump_topk else None
     return ScoredSplit(stage1.scores.cpu().numpy(), video_gates, {}, {}, reranked, top)
+
+
+def pair_list_digest(pair_text: torch.Tensor, pair_video: torch.Tensor) -> tuple[int, str]:
+    """(length, SHA-256) of a list of (text, video) pairs."""
+    codes = torch.stack([pair_text.long(), pair_video.long()]).numpy()
+    return int(codes.shape[1]), hashlib.sha256(np.ascontiguousarray(codes).tobytes()).hexdigest()
+
+
+def check_pair_shards(digests: list, pair_text: torch.Tensor, pair_video: torch.Tensor, world_size: int) -> None:
+    """Rank 0: every rank fused exactly its shard of rank 0's pair list (``pair_list_digest`` of
+    each rank, in rank order), else a RuntimeError naming the rank (its scores would be
+    assigned to other pairs)."""
+    bounds = [shard_range(pair_text.shape[0], DistInfo(rank=r, world_size=world_size)) for r in range(world_size)]
+    for rank, (digest, part) in enumerate(zip(digests, bounds)):
+        expected = pair_list_digest(pair_text[part.start:part.stop], pair_video[part.start:part.stop])
+        if tuple(digest) != expected:
+            raise RuntimeError(f"re-ranking: rank {rank} fused {digest[0]} pairs (sha256 {digest[1][:12]}) but its "
+                               f"shard of rank 0's shortlist has {expected[0]} (sha256 {expected[1][:12]}): its "
+                               f"scores would be assigned to other pairs")
 
 
 def fused_pair_lookup(reranked: Reranked, text: np.ndarray, video: np.ndarray) -> np.ndarray:

@@ -33,8 +33,8 @@ from modules.clip import CLIP, CLIPConfig, state_dict_problems
 from modules.fusion import FusionConfig, FusionTransformer, TextContext, VideoContext
 from modules.layers import NEW_WEIGHT_STD, SELF_ATTENTION_PARAM_PREFIXES, copy_clip_layer
 from modules.resampler import AudioResampler, ResamplerConfig
-from modules.similarity import (MAX_LOG_LOGIT_SCALE, check_alignment, exact_fp32, index_scores, pair_scores,
-                                unit_frames, video_index)
+from modules.similarity import (MAX_LOG_LOGIT_SCALE, check_alignment, exact_fp32, exact_fp32_call, index_scores,
+                                pair_scores, unit_frames, video_index)
 
 # Working set per fused pair when scoring (no autograd) at F = 12, D = 512, L = 4, measured by
 # bench/pair_memory.py (README "Pair memory"): 467 KiB in fp32, 307 KiB under bf16 autocast.
@@ -385,9 +385,11 @@ class AVIGATE(nn.Module):
     def similarity(self, text: torch.Tensor, index: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Text-agnostic scores [Nt, Nv] of texts [Nt, D] against video index rows [Nv, 1+F, D]
         (VideoFeatures.index) with frame_mask [Nv, F], in fp32."""
-        with exact_fp32(text.device):
-            return index_scores(text.float(), index.float(), frame_mask, self.logit_scale.float(),
-                                self.cfg.temperature, alignment=self.cfg.alignment)
+        def scores(text_, index_, logit_scale):
+            return index_scores(text_, index_, frame_mask, logit_scale, self.cfg.temperature,
+                                alignment=self.cfg.alignment)
+
+        return exact_fp32_call(scores, text.float(), index.float(), self.logit_scale.float())
 
     def unfused_scores(self, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Scores [Nt, Nv] of texts [Nt, D] against the unfused frames v0 [Nv, F, D] (a cheap
@@ -410,9 +412,12 @@ class AVIGATE(nn.Module):
     def _pair_similarity(self, ctx: PairContext, ti: torch.Tensor, vi: torch.Tensor,
                          fused: torch.Tensor) -> torch.Tensor:
         """fp32 scores [P] of pairs (text ti[p], video vi[p]) with fused frames [P, F, D]."""
-        with exact_fp32(fused.device):
-            return pair_scores(ctx.text[ti], fused.float(), ctx.frame_mask[vi], self.logit_scale.float(),
-                               self.cfg.temperature, self.cfg.alignment)
+        mask = ctx.frame_mask[vi]
+
+        def scores(text, frames, logit_scale):
+            return pair_scores(text, frames, mask, logit_scale, self.cfg.temperature, self.cfg.alignment)
+
+        return exact_fp32_call(scores, ctx.text[ti], fused.float(), self.logit_scale.float())
 
     def score_pairs(self, ctx: PairContext, ti: torch.Tensor, vi: torch.Tensor) -> PairScores:
         """Differentiable scores of pairs p = (text ti[p], video vi[p]), ti/vi LongTensor [P],

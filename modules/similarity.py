@@ -57,20 +57,51 @@ def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def exact_fp32(device: torch.device) -> Iterator[None]:
-    """Run the enclosed similarity in full fp32: autocast off and, on CUDA, IEEE fp32 matmuls
-    instead of TF32 (restored afterwards). Callers cast their inputs to fp32."""
+    """Run the enclosed forward computation in full fp32: autocast off and IEEE fp32 CUDA
+    matmuls instead of TF32 (the flag is process-wide and restored afterwards; on the CPU it
+    has no effect). Callers cast their inputs to fp32. The backward of what it encloses runs
+    after it exits: ``exact_fp32_call`` covers both directions."""
     matmul = torch.backends.cuda.matmul
     # torch >= 2.9 has fp32_precision ("ieee" / "tf32"); older releases allow_tf32.
     name, ieee = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    previous = getattr(matmul, name) if device.type == "cuda" else None
-    if previous is not None:
-        setattr(matmul, name, ieee)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, ieee)
     try:
         with torch.autocast(device_type=device.type, enabled=False):
             yield
     finally:
-        if previous is not None:
-            setattr(matmul, name, previous)
+        setattr(matmul, name, previous)
+
+
+class _ExactFP32Call(torch.autograd.Function):
+    """fn(*inputs) whose forward and backward both run under ``exact_fp32``: the backward
+    recomputes fn inside the context and differentiates that (as activation checkpointing
+    does), so the global TF32 / autocast state at backward time cannot reach it."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        with exact_fp32(inputs[0].device):
+            return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inputs = [x.detach().requires_grad_(needed) for x, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        wanted = [x for x in inputs if x.requires_grad]
+        with torch.enable_grad(), exact_fp32(grad.device):
+            grads = iter(torch.autograd.grad(ctx.fn(*inputs), wanted, grad, allow_unused=True))
+        return (None, *(next(grads) if x.requires_grad else None for x in inputs))
+
+
+def exact_fp32_call(fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(*inputs) in exact fp32 in both directions (``exact_fp32`` in the forward and in the
+    backward). ``fn`` must be a function of ``inputs`` alone (fp32 tensors; anything it
+    closes over gets no gradient) returning one tensor."""
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+        with exact_fp32(inputs[0].device):
+            return fn(*inputs)
+    return _ExactFP32Call.apply(fn, *inputs)
 
 
 def _check_shapes(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> None:
