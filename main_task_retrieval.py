@@ -745,6 +745,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[CheckpointContext] = None) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     util.setup_logging(args.output_dir, info)
+    if args.do_train:
+        util.check_shared_output_dir(args.output_dir, info)
     leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
     recorder = util.RunRecorder(args.output_dir, info, args.tensorboard, leaking=leaking)
     context = context or CheckpointContext()

@@ -18,6 +18,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,6 +145,40 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+SHARED_DIR_MARKER = ".avigate_shared_dir_check"
+
+
+def check_shared_output_dir(output_dir: str, info: DistInfo) -> None:
+    """Multi-node runs need ``output_dir`` on a filesystem every rank sees: rank 0 alone writes
+    the model files and every rank reads the selected one back for the test. Rank 0 writes a
+    marker with a fresh token, every rank looks for it; a rank that does not see it stops the
+    run on every rank, before training, with a RuntimeError naming the ranks and hosts."""
+    if not info.distributed:
+        return
+    marker = os.path.join(output_dir, SHARED_DIR_MARKER)
+    token = None
+    if info.is_main:
+        token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        with open(marker, "w") as f:
+            f.write(token)
+    token = broadcast_object(token, info)
+    try:
+        with open(marker) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    views = gather_objects((seen, socket.gethostname()), info)
+    barrier(info)
+    if info.is_main:
+        os.remove(marker)
+    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise RuntimeError(f"--output_dir {output_dir} is not shared by every rank: {', '.join(blind)} do not see "
+                           f"the marker rank 0 ({views[0][1]}) wrote there. Rank 0 alone writes the model files and "
+                           f"every rank reads them back, so multi-node training needs --output_dir on a filesystem "
+                           f"all nodes mount (docs/training.md, 'Multi-node')")
 
 
 def shard_range(n: int, info: DistInfo) -> range:

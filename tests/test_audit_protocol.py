@@ -70,6 +70,7 @@ def test_paired_block_protocol_is_flagged(setup, capsys):
     assert status == audit_protocol.EXIT_FAIL and not summary["passed"]
     assert summary["protocol"] == "paired_block" and summary["LEAKING"].startswith("LEAKING")
     assert summary["largest_score_change"] > 1e-2
+    assert summary["largest_score_change"] > 100 * summary["tolerance"]  # fails by orders of magnitude
     assert "FAIL" in out and "LEAKING" in out
 
 
@@ -123,3 +124,17 @@ def test_alignment_handles_repeated_captions_and_order():
     assert result.max_abs_diff == 0.5 and result.where["caption"] == "other" and result.where["video"] == "a"
     fewer = audit_protocol.compare(reference, outputs(rows[:3], ["a", "b"], sim[:3]))
     assert fewer.problem and fewer.max_abs_diff is None
+
+
+def test_tolerance_scales_with_precision_and_score_magnitude():
+    parse = main_task_retrieval.build_parser().parse_args
+    base = ["--do_eval", "--output_dir", "o", "--data_path", "d", "--features_path", "v"]
+    assert audit_protocol.compute_precision(parse(base), cuda_available=False) == "fp32"
+    assert audit_protocol.compute_precision(parse(base), cuda_available=True) == "tf32"
+    assert audit_protocol.compute_precision(parse([*base, "--no-tf32"]), cuda_available=True) == "fp32"
+    assert audit_protocol.compute_precision(parse([*base, "--precision", "bf16"]), cuda_available=True) == "bf16"
+    assert audit_protocol.scaled_tolerance("fp32", 50.0)["tolerance"] == audit_protocol.TOLERANCE_FLOOR
+    bf16 = audit_protocol.scaled_tolerance("bf16", 50.0)["tolerance"]
+    assert bf16 == pytest.approx(4 * 2 ** -8 * 50)  # 0.78: a few bf16 roundings of a score of 50
+    assert audit_protocol.scaled_tolerance("bf16", 25.0)["tolerance"] == pytest.approx(bf16 / 2)
+    assert audit_protocol.scaled_tolerance("tf32", 50.0)["tolerance"] == pytest.approx(4 * 2 ** -11 * 50)

@@ -1,7 +1,9 @@
 """Distributed re-ranking cannot disagree with itself: shortlists come from rank 0 alone and are
 broadcast, so two gloo ranks whose stage-1 scores differ (a test hook perturbs one rank's) still
 fuse exactly the single-process pair list and assign every score to its pair; a rank whose fused
-shard is not its share of rank 0's list fails loudly."""
+shard is not its share of rank 0's list fails loudly. The same spawn checks the multi-node
+output-folder marker (util.check_shared_output_dir): a shared folder passes, a folder each rank
+sees differently stops every rank with an error naming the blind rank."""
 import os
 import socket
 from datetime import timedelta
@@ -14,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import evaluation
+import util
 from modules.modeling import AVIGATE, AVIGATEConfig
 from util import DistInfo
 
@@ -51,16 +54,30 @@ def _result(scored) -> dict:
     return {"pair_text": r.pair_text, "pair_video": r.pair_video, "pair_scores": r.pair_scores, "t2v": r.t2v}
 
 
-def _worker(rank: int, port: int, out_dir: str, perturbed_rank: int) -> None:
+def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
     try:
+        info = DistInfo(rank, WORLD_SIZE)
+        shared = os.path.join(out_dir, "shared")
+        os.makedirs(shared, exist_ok=True)
+        util.check_shared_output_dir(shared, info)  # one folder for all: passes
+        own = os.path.join(out_dir, f"rank{rank}")  # what a node without the shared disk sees
+        os.makedirs(own, exist_ok=True)
+        try:
+            util.check_shared_output_dir(own, info)
+            outcome = "passed"
+        except RuntimeError as err:
+            outcome = str(err)
+        with open(os.path.join(out_dir, f"marker_rank{rank}.txt"), "w") as f:
+            f.write(outcome)
         model, texts, videos, split = _inputs()
-        evaluation.STAGE1_TEST_HOOK = lambda s, r: -s if r == perturbed_rank else s
-        scored = evaluation.rerank_split(model, texts, videos, split, DistInfo(rank, WORLD_SIZE), TOPK)
-        if rank == 0:
-            np.savez(os.path.join(out_dir, f"perturbed{perturbed_rank}.npz"), **_result(scored))
+        for perturbed_rank in range(WORLD_SIZE):
+            evaluation.STAGE1_TEST_HOOK = lambda s, r: -s if r == perturbed_rank else s
+            scored = evaluation.rerank_split(model, texts, videos, split, DistInfo(rank, WORLD_SIZE), TOPK)
+            if rank == 0:
+                np.savez(os.path.join(out_dir, f"perturbed{perturbed_rank}.npz"), **_result(scored))
     finally:
         dist.destroy_process_group()
 
@@ -80,10 +97,17 @@ def _single_process(perturb: bool) -> dict:
         evaluation.STAGE1_TEST_HOOK = None
 
 
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """One spawn of two gloo ranks re-ranking twice: with rank 1's, then rank 0's stage 1 perturbed."""
+    out = tmp_path_factory.mktemp("rerank_ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE)
+    return out
+
+
 @pytest.mark.parametrize("perturbed_rank", [1, 0])
-def test_ranks_with_perturbed_stage1_fuse_rank0s_pairs(perturbed_rank, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), perturbed_rank), nprocs=WORLD_SIZE)
-    got = dict(np.load(tmp_path / f"perturbed{perturbed_rank}.npz"))
+def test_ranks_with_perturbed_stage1_fuse_rank0s_pairs(perturbed_rank, rank_results):
+    got = dict(np.load(rank_results / f"perturbed{perturbed_rank}.npz"))
     # Rank 0's stage 1 decides: perturbing rank 1 changes nothing, perturbing rank 0 changes the
     # shortlists for every rank alike.
     want = _single_process(perturb=perturbed_rank == 0)
@@ -107,3 +131,10 @@ def test_a_rank_that_fused_other_pairs_fails_loudly():
     short = [shards[0], evaluation.pair_list_digest(pair_text[2:4], pair_video[2:4])]
     with pytest.raises(RuntimeError, match="rank 1 fused 2 pairs .* has 3"):
         evaluation.check_pair_shards(short, pair_text, pair_video, WORLD_SIZE)
+
+
+def test_output_dir_not_shared_by_every_rank_stops_all_ranks(rank_results):
+    for rank in range(WORLD_SIZE):
+        outcome = (rank_results / f"marker_rank{rank}.txt").read_text()
+        assert "is not shared by every rank: rank 1 on" in outcome, outcome
+    assert not (rank_results / "shared" / util.SHARED_DIR_MARKER).exists()  # removed after the check

@@ -126,3 +126,11 @@ def test_allowed_overrides_resume_and_append_to_the_run_records(stopped_run, tmp
     final = torch.load(resumed / "training_state.pt", map_location="cpu", weights_only=False)
     assert final["progress"]["step"] == 2 * EPOCHS and final["args"]["n_display"] == 5
     assert os.path.isfile(resumed / "metrics.json")
+
+
+def test_docs_list_every_overridable_flag():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")) as f:
+        text = f.read()
+    missing = [name for name in [*resume_contract.OVERRIDABLE, *resume_contract.PER_INVOCATION]
+               if f"`--{name}`" not in text]
+    assert not missing, f"docs/training.md does not list {missing}"

@@ -18,7 +18,9 @@ caption, a repeated (video, caption) matched by occurrence; sim_cols.json: video
 re-ranked pairs (rerank_pairs.npz). The audit reports the largest score change, where it
 happened, and the spread of t2v / v2t R@1 over the runs, and writes audit.json.
 
-Exit status: 0 every score within ``--tolerance`` (default 1e-4); 1 a score changed by more,
+Exit status: 0 every score within the tolerance (``--tolerance``, default scaled with the
+evaluation's precision and the score magnitude: max(1e-4, 4 u max|score|), u the unit roundoff
+of fp32 / TF32 / fp16 / bf16; docs/training.md); 1 a score changed by more,
 or the runs scored different pairs; 2 bad arguments; 3 an evaluation failed.
 
     python -m tools.audit_protocol --audit_dir audits/tg -- --init_model ckpts/tg/pytorch_model.bin.4 \\
@@ -44,10 +46,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
 import main_task_retrieval  # noqa: E402
 from util import write_json  # noqa: E402
 
-DEFAULT_TOLERANCE = 1e-4
+# Tolerance (docs/training.md, "Audit tolerance"): a score may move by
+#     tolerance = max(TOLERANCE_FLOOR, TOLERANCE_FACTOR * u * S)
+# where S is the largest |score| of the reference run and u the unit roundoff of the lowest
+# precision the features behind a score were computed in (the similarity itself is exact fp32):
+# other chunk shapes pick other kernels, whose results differ by a few roundings of that
+# precision, scaled by the score's magnitude. --tolerance fixes it instead.
+TOLERANCE_FLOOR = 1e-4
+TOLERANCE_FACTOR = 4.0
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 DEFAULT_ALT_BATCH_SIZES = (7, 3)
 DEFAULT_ALT_CHUNKS = ("7x5", "33x64")
 AUDIT_FILE = "audit.json"
@@ -99,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--audit_dir", required=True, help="where the evaluations and audit.json go")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="largest |score change| that passes")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest |score change| that passes (default: scaled with the precision and the score "
+                        f"magnitude, max({TOLERANCE_FLOOR:g}, {TOLERANCE_FACTOR:g} x unit roundoff x max |score|))")
     p.add_argument("--order_seed", type=int, default=1, help="seed of the permuted evaluation order")
     p.add_argument("--alt_batch_sizes", type=int, nargs=2, default=list(DEFAULT_ALT_BATCH_SIZES), metavar="B",
                    help="--batch_size_val of the two re-batched evaluations")
@@ -125,7 +138,7 @@ def split_arguments(argv: Sequence[str]) -> tuple[argparse.Namespace, list, argp
     eval_args = main_task_retrieval.build_parser().parse_args([*rest, "--output_dir", audit.audit_dir])
     if not eval_args.init_model:
         parser.error("pass the checkpoint to audit as --init_model (with the flags of its run)")
-    if audit.tolerance < 0 or audit.torchrun < 0 or audit.torchrun == 1:
+    if (audit.tolerance is not None and audit.tolerance < 0) or audit.torchrun < 0 or audit.torchrun == 1:
         parser.error("--tolerance must be >= 0 and --torchrun 0 (off) or >= 2")
     if eval_args.batch_size_val in audit.alt_batch_sizes or len(set(audit.alt_batch_sizes)) < 2:
         parser.error(f"--alt_batch_sizes {audit.alt_batch_sizes} must be two values other than the "
@@ -251,7 +264,31 @@ def recall(metrics: dict, name: str) -> Optional[float]:
     return metrics.get("plain", {}).get(name)
 
 
-def summarize(audit: argparse.Namespace, checkpoint: str, done: list) -> dict:
+def compute_precision(eval_args: argparse.Namespace, cuda_available: bool) -> str:
+    """The lowest precision behind the evaluation's scores: --precision, or TF32 for fp32 work on a
+    GPU with --tf32 (the default), else IEEE fp32."""
+    if eval_args.precision != "fp32":
+        return eval_args.precision
+    on_gpu = eval_args.device == "cuda" or (eval_args.device == "auto" and cuda_available)
+    return "tf32" if on_gpu and eval_args.tf32 else "fp32"
+
+
+def scaled_tolerance(precision: str, score_magnitude: float) -> dict:
+    """The tolerance rule (module constants) for a run's precision and largest |score|."""
+    value = max(TOLERANCE_FLOOR, TOLERANCE_FACTOR * UNIT_ROUNDOFF[precision] * score_magnitude)
+    return {"tolerance": value, "precision": precision, "unit_roundoff": UNIT_ROUNDOFF[precision],
+            "score_magnitude": score_magnitude, "factor": TOLERANCE_FACTOR, "floor": TOLERANCE_FLOOR}
+
+
+def reference_magnitude(outputs) -> float:
+    """Largest |score| of a run (the plain matrix and any re-ranked pair scores)."""
+    values = [float(np.abs(outputs.sim).max())] if outputs.sim.size else [0.0]
+    if outputs.rerank is not None and len(outputs.rerank["pair_scores"]):
+        values.append(float(np.abs(outputs.rerank["pair_scores"]).max()))
+    return max(values)
+
+
+def summarize(audit: argparse.Namespace, checkpoint: str, done: list, precision: str = "fp32") -> dict:
     """The audit's verdict from [(Variant, EvalOutputs, Comparison or None)] (reference first)."""
     reference = done[0][1]
     largest, worst_run = 0.0, None
@@ -267,9 +304,11 @@ def summarize(audit: argparse.Namespace, checkpoint: str, done: list) -> dict:
         values = [recall(outputs.metrics, name) for _, outputs, _ in done]
         values = [v for v in values if v is not None]
         spreads[name] = max(values) - min(values) if values else None
-    passed = not problems and largest <= audit.tolerance
+    rule = ({"tolerance": audit.tolerance, "given": True} if audit.tolerance is not None
+            else scaled_tolerance(precision, reference_magnitude(reference)))
+    passed = not problems and largest <= rule["tolerance"]
     return {"checkpoint": checkpoint, "protocol": reference.metrics.get("protocol"),
-            "LEAKING": reference.metrics.get("LEAKING"), "tolerance": audit.tolerance,
+            "LEAKING": reference.metrics.get("LEAKING"), "tolerance": rule["tolerance"], "tolerance_rule": rule,
             "largest_score_change": largest, "largest_in": worst_run, "R@1_spread": spreads,
             "problems": problems, "passed": passed,
             "runs": [{**asdict(variant), "t2v_R@1": recall(outputs.metrics, "t2v_R@1"),
@@ -296,8 +335,12 @@ def report_lines(summary: dict) -> list:
     lines.append("")
     worst = next((r["comparison"]["where"] for r in summary["runs"]
                   if r["name"] == summary["largest_in"] and r.get("comparison")), None)
-    lines.append(f"Largest score change: {summary['largest_score_change']:.3e} (tolerance {summary['tolerance']:g})"
-                 + (f" in {summary['largest_in']}" if summary["largest_in"] else ""))
+    rule = summary["tolerance_rule"]
+    basis = ("given" if rule.get("given") else
+             f"max({rule['floor']:g}, {rule['factor']:g} x {rule['precision']} unit roundoff {rule['unit_roundoff']:.2e} "
+             f"x max |score| {rule['score_magnitude']:.3g})")
+    lines.append(f"Largest score change: {summary['largest_score_change']:.3e} (tolerance {summary['tolerance']:.3g}: "
+                 f"{basis})" + (f" in {summary['largest_in']}" if summary["largest_in"] else ""))
     if worst:
         lines.append(f"  at text \"{worst['caption']}\" (video {worst['text_video']}) x video {worst['video']}: "
                      f"{worst['reference_score']:.6f} -> {worst['score']:.6f}")
@@ -328,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_EVAL_FAILED
         outputs = read_outputs(out_dir)
         done.append((variant, outputs, compare(done[0][1], outputs) if done else None))
-    summary = summarize(audit, eval_args.init_model, done)
+    summary = summarize(audit, eval_args.init_model, done, compute_precision(eval_args, torch.cuda.is_available()))
     write_json(os.path.join(audit.audit_dir, AUDIT_FILE), summary)
     print("\n".join(report_lines(summary)), flush=True)
     return EXIT_PASS if summary["passed"] else EXIT_FAIL
