@@ -743,17 +743,23 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[CheckpointContext] = None) -> None:
+    context = context or CheckpointContext()
+    # Checks that read the checkpoints come before anything is written to --output_dir.
+    implied_padding = apply_released_padding_rule(args, context)
+    resume_state, resume_entry = load_resume_state(args)
     os.makedirs(args.output_dir, exist_ok=True)
     util.setup_logging(args.output_dir, info)
     if args.do_train:
         util.check_shared_output_dir(args.output_dir, info)
     leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
     recorder = util.RunRecorder(args.output_dir, info, args.tensorboard, leaking=leaking)
-    context = context or CheckpointContext()
-    apply_released_padding_rule(args, context)
-    resume_state, resume_entry = load_resume_state(args, info)
+    if resume_entry is not None:
+        log_resume(args, info, resume_entry)
     recorder.write_run_files(vars(args), info, resume_entry)
     util.logger.info("command: %s", " ".join(sys.argv))
+    if implied_padding:
+        util.logger.info("--padding_rule %s: implied by the released AVIGATE layout of %s", args.padding_rule,
+                         args.init_model)
     if leaking:
         util.logger.warning("%s (every output of this run is labelled; see the LEAKING file)", leaking)
     log_record_use(context)
@@ -784,22 +790,23 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
     recorder.close()
 
 
-def apply_released_padding_rule(args: argparse.Namespace, context: CheckpointContext) -> None:
+def apply_released_padding_rule(args: argparse.Namespace, context: CheckpointContext) -> bool:
     """An --init_model in the released AVIGATE layout implies --padding_rule released: taken when the
-    flag is left out, an error when it is given otherwise (a checkpoint with a record is native)."""
+    flag is left out (returns True), an error when it is given otherwise (a checkpoint with a
+    record is native)."""
     if not args.init_model or context.record is not None:
-        return
+        return False
     if not released_checkpoint.file_is_released_layout(args.init_model):
-        return
+        return False
     if "padding_rule" in context.explicit:
         released_checkpoint.check_padding_rule(args.padding_rule, args.init_model)
-    elif args.padding_rule != released_checkpoint.PADDING_RULE:
-        args.padding_rule = released_checkpoint.PADDING_RULE
-        util.logger.info("--padding_rule %s: implied by the released AVIGATE layout of %s",
-                         args.padding_rule, args.init_model)
+        return False
+    implied = args.padding_rule != released_checkpoint.PADDING_RULE
+    args.padding_rule = released_checkpoint.PADDING_RULE
+    return implied
 
 
-def load_resume_state(args: argparse.Namespace, info: util.DistInfo) -> tuple[Optional[dict], Optional[dict]]:
+def load_resume_state(args: argparse.Namespace) -> tuple[Optional[dict], Optional[dict]]:
     """The --resume_model training state, after checking the resume contract (resume_contract.py),
     and the entry that run_info.json's "resumes" list gets; (None, None) for a fresh run."""
     if not args.resume_model:
@@ -807,13 +814,17 @@ def load_resume_state(args: argparse.Namespace, info: util.DistInfo) -> tuple[Op
     state = util.load_training_state(args.resume_model)
     defaults = {a.dest: a.default for a in build_parser()._actions}
     overridden = resume_contract.check_resume(state["args"], args, defaults, args.resume_model)
-    for name, (saved, given) in overridden.items():
-        util.logger.warning("--resume_override %s: saved %r, this run %r", name, saved, given)
-    if info.is_main and checkpoint_record.resumes_in_place(args.output_dir, args.resume_model):
-        util.remove_stale_temporaries(args.output_dir)
     progress = state["progress"]
     return state, {"resume_model": os.path.abspath(args.resume_model), "epoch": progress["epoch"],
                    "step": progress["step"], "overrides": {k: list(v) for k, v in overridden.items()}}
+
+
+def log_resume(args: argparse.Namespace, info: util.DistInfo, entry: dict) -> None:
+    """Say what a resume overrides; in the run's own folder, remove the temporaries of killed writes."""
+    for name, (saved, given) in entry["overrides"].items():
+        util.logger.warning("--resume_override %s: saved %r, this run %r", name, saved, given)
+    if info.is_main and checkpoint_record.resumes_in_place(args.output_dir, args.resume_model):
+        util.remove_stale_temporaries(args.output_dir)
 
 
 def log_record_use(context: CheckpointContext) -> None:

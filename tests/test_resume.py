@@ -90,6 +90,10 @@ def test_resume_refuses_a_changed_flag(stopped_run, flag, tmp_path):
     if flag in resume_contract.OVERRIDABLE:
         assert f"--resume_override {flag}" in str(err.value)
     assert (out / "args.json").read_text() == args_before  # the run's records are untouched
+    elsewhere = tmp_path / "new_folder"
+    with pytest.raises(resume_contract.ResumeMismatch):
+        main_task_retrieval.main([*common, "--resume_model", str(state), *tiny_flags(data, ckpts, elsewhere), *changed])
+    assert not elsewhere.exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("flag", ["lr", "seed", "batch_size", "max_frames"])
