@@ -21,7 +21,8 @@ from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
 from training import video_inputs
-from util import DistInfo, autocast, broadcast_object, gather_objects, logger, shard_range, unwrap, write_json
+from util import (DistInfo, autocast, broadcast_object, gather_objects, ignore_preemption_signals, logger, shard_range,
+                  unwrap, write_json)
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
@@ -43,7 +44,8 @@ def eval_loader(dataset, batch_size: int, workers: int, collate_fn,
     """
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                        num_workers=workers, collate_fn=collate_fn,
-                                       generator=torch.Generator(), pin_memory=device.type == "cuda")
+                                       generator=torch.Generator(), pin_memory=device.type == "cuda",
+                                       worker_init_fn=ignore_preemption_signals)
 
 
 def _cat(parts: list):

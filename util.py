@@ -220,6 +220,14 @@ def worker_seed(seed: int, epoch: int, rank: int, worker_id: int) -> int:
             + WORKER_SEED_STRIDE * (worker_id + 1)) % SEED_MODULUS
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a scheduler's SIGTERM / SIGUSR1 reaches the whole process
+    group; the main process finishes its step and stops the workers itself
+    (training.PreemptionGuard), so a worker must not die of it first."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class WorkerSeeder:
     """DataLoader ``worker_init_fn`` seeding python/numpy/torch from (seed, epoch, rank, worker).
 
@@ -230,10 +238,7 @@ class WorkerSeeder:
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __call__(self, worker_id: int) -> None:
-        # A scheduler's SIGTERM / SIGUSR1 reaches the whole process group: the main process
-        # finishes its step and stops the workers itself (training.PreemptionGuard).
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_preemption_signals(worker_id)
         s = worker_seed(self.seed, self.epoch, self.rank, worker_id)
         random.seed(s)
         np.random.seed(s)
