@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modules import similarity
 from modules.modeling import AVIGATE, AVIGATEConfig
-from modules.similarity import exact_fp32, exact_fp32_call, index_scores, pair_scores, video_index
+from modules.similarity import exact_fp32, exact_fp32_call, index_scores, video_index
 
 MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "dot"}
 NT, NV, F, D = 3, 4, 5, 8
