@@ -211,6 +211,18 @@ def existing_run_files(output_dir: str) -> list[str]:
                   if name in RUN_FILES or name.startswith(MODEL_FILE_PREFIX))
 
 
+# What a run writes before its first result: a folder holding only these is reusable.
+STARTUP_FILES = ("args.json", "run_info.json", "log.txt", "LEAKING")
+TRAINING_STATE_NAME = "training_state.pt"
+
+
+def holds_no_results(output_dir: str) -> bool:
+    """Whether the run in ``output_dir`` stopped before writing any result (model file, training
+    state, metrics): only STARTUP_FILES are there, so a new run may replace them."""
+    existing = existing_run_files(output_dir)
+    return bool(existing) and set(existing) <= set(STARTUP_FILES)
+
+
 def resumes_in_place(output_dir: str, resume_model: Optional[str]) -> bool:
     """Whether ``resume_model`` is the training state of the run in ``output_dir`` itself."""
     return bool(resume_model) and \

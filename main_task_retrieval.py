@@ -43,6 +43,7 @@ CLIP_SCOPES = ("group", "global")                               # modules.optimi
 DECAY_RULES = ("ndim", "released")                              # modules.optimization.DECAY_RULES
 AUDIO_PERTURBATIONS = ("none", "silence", "noise", "swap")      # dataloaders.perturb.AUDIO_PERTURBATIONS
 DEFAULT_NOISE_RMS = 0.1                                         # dataloaders.perturb.DEFAULT_NOISE_RMS
+DEFAULT_MAX_MISSING_AUDIO = 0.05                                # dataloaders.audio_presence.DEFAULT_MAX_MISSING
 DEFAULT_AST_CHECKPOINT = os.path.join(weights.MODULES_DIR, weights.AST_RELEASE.file_name)
 # FusionConfig fields set by the text flags: they may differ from an AVIGATE checkpoint's record
 # in the warm start of a text-guided model (checkpoint_record.TEXT_FLAGS).
@@ -63,8 +64,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{help_text} (default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """Flag errors are one line (plus where the flags are listed), not the 60-line usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(python main_task_retrieval.py --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("run")
     a.add_argument("--do_train", action="store_true", help="train, then evaluate the selected checkpoint")
     a.add_argument("--do_eval", action="store_true", help="evaluate --init_model on the test split")
@@ -77,10 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=42, help="seed of the model init, data order and workers")
     a.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU")
     a.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16/fp16 autocast of the encoders and the fusion (fp16 adds a GradScaler); "
-                        "similarities and the loss always run in fp32")
+                   help="training: bf16/fp16 autocast of the encoders and the fusion (fp16 adds a GradScaler); "
+                        "similarities and the loss always run in fp32. Evaluation uses --eval_precision")
     a.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 tensor-core matmuls/convolutions for fp32 work on CUDA (scores stay IEEE fp32)")
+    a.add_argument("--check_only", action="store_true",
+                   help="check the flags, the data files (annotations, videos, wavs) and the weights (fetched into "
+                        "the weights cache when missing), print a summary and exit without work; run.sh runs "
+                        "this once before starting its ranks")
     a.add_argument("--n_display", type=int, default=100, help="log the loss every n optimizer steps")
     a.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     a.add_argument("--init_model", default=None,
@@ -121,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop missing/unreadable videos (counted) instead of failing")
     d.add_argument("--on_bad_audio", choices=BAD_AUDIO, default="error",
                    help="unreadable wav: fail or use the zero fbank (counted)")
+    d.add_argument("--max_missing_audio", type=float, default=DEFAULT_MAX_MISSING_AUDIO,
+                   help="stop before any work when more than this fraction of a split's videos have no wav in "
+                        "--audio_path (videos listed as without soundtrack by preprocess/extract_audio.py "
+                        "do not count); 1 = never stop")
     d.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers")
     d.add_argument("--batch_size", type=int, default=128, help="GLOBAL training batch (all ranks)")
     d.add_argument("--batch_size_val", type=int, default=16,
@@ -139,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offline", action="store_true",
                    help=f"never download weights (also ${weights.OFFLINE_ENV}=1); a missing file is an error "
                         "naming its URL and where to put it")
+    m.add_argument("--allow_unlisted_weights", action="store_true",
+                   help="use a local file named like a release (modules/ViT-B-32.pt) although its SHA-256 is "
+                        "not the published one (e.g. a re-saved copy); recorded with its own SHA-256")
     m.add_argument("--cross_num_hidden_layers", type=int, default=4, help="fusion transformer blocks")
     m.add_argument("--audio_query_layers", type=int, default=4, help="audio resampler blocks")
     m.add_argument("--temperature", type=float, default=1.0, help="tau of the local log-sum-exp score")
@@ -200,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired_block reproduces a LEAKING public protocol (labelled in outputs)")
     e.add_argument("--eval_chunk", type=int, nargs="+", default=None, metavar="N",
                    help="texts [videos] per fusion chunk (default: from a memory budget)")
+    e.add_argument("--eval_precision", choices=PRECISIONS, default="fp32",
+                   help="autocast of the encoders and the fusion in validation and test; fp32 reproduces the "
+                        "published numbers (bf16 moves some ranks, docs/first_hour.md); scores are fp32 always")
     e.add_argument("--dsl", action="store_true", help="also report dual-softmax metrics")
     e.add_argument("--rerank_topk", type=int, default=0, metavar="K",
                    help="text-guided models: rank every pair with the agnostic view, then fuse only each "
@@ -270,14 +292,30 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
 
 
 def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a --output_dir that holds an earlier run: its logs, metrics and model files would mix
-    with this run's. Continuing the run in it (--resume_model of its training state) is allowed."""
+    """Refuse a --output_dir that holds an earlier run's results: its logs, metrics and model files
+    would mix with this run's. Continuing the run in it (--resume_model of its training state) is
+    allowed, and a folder left by a run that stopped before any result (only its start-up files,
+    checkpoint_record.holds_no_results) is reused: run() replaces those files."""
     existing = checkpoint_record.existing_run_files(args.output_dir)
-    if existing and not checkpoint_record.resumes_in_place(args.output_dir, args.resume_model):
-        shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
-        parser.error(f"--output_dir {args.output_dir} already holds a run ({shown}); its files would mix with "
-                     f"this run's. Pass a new --output_dir, delete the old run, or continue it with "
-                     f"--resume_model {os.path.join(args.output_dir, 'training_state.pt')}")
+    if not existing or checkpoint_record.resumes_in_place(args.output_dir, args.resume_model) \
+            or checkpoint_record.holds_no_results(args.output_dir):
+        return
+    shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
+    state = os.path.join(args.output_dir, checkpoint_record.TRAINING_STATE_NAME)
+    resume = f", or continue its training with --resume_model {state}" if os.path.isfile(state) else ""
+    parser.error(f"--output_dir {args.output_dir} already holds a run's results ({shown}); its files would mix "
+                 f"with this run's. Pass a new --output_dir or delete the old run{resume}")
+
+
+def clear_startup_files(output_dir: str) -> list[str]:
+    """Delete the start-up files of an earlier run that stopped before any result (see
+    check_output_dir); returns their names."""
+    if not checkpoint_record.holds_no_results(output_dir):
+        return []
+    stale = checkpoint_record.existing_run_files(output_dir)
+    for name in stale:
+        os.remove(os.path.join(output_dir, name))
+    return stale
 
 
 @dataclasses.dataclass
@@ -322,12 +360,63 @@ def apply_checkpoint_record(parser: argparse.ArgumentParser, args: argparse.Name
     return context
 
 
+# Numeric flags and the values they accept: (flag, lowest, highest, lowest allowed itself).
+# None = unbounded on that side. Checked at parse time, before any download or decoding.
+VALUE_RANGES = (
+    ("seed", 0, None, True), ("n_display", 1, None, True), ("save_every_steps", 0, None, True),
+    ("max_steps", 0, None, True), ("max_words", 3, None, True), ("max_frames", 1, None, True),
+    ("feature_framerate", 0, None, False), ("num_thread_reader", 0, None, True),
+    ("batch_size", 1, None, True), ("batch_size_val", 1, None, True),
+    ("max_missing_audio", 0, 1, True), ("cross_num_hidden_layers", 1, None, True),
+    ("audio_query_layers", 1, None, True), ("temperature", 0, None, False), ("fusion_residual", 0, 1, True),
+    ("lr", 0, None, False), ("coef_lr", 0, None, True), ("query_lr_scale", 0, None, True),
+    ("epochs", 1, None, True), ("warmup_proportion", 0, 1, True), ("gradient_accumulation_steps", 1, None, True),
+    ("freeze_layer_num", 0, None, True), ("beta", 0, None, True), ("margin_BD", 0, None, True),
+    ("hardest_k", 1, None, True), ("train_pairs_per_chunk", 0, None, True), ("rerank_topk", 0, None, True),
+    ("dump_topk", 0, None, True), ("audio_noise_rms", 0, None, False),
+)
+
+
+def range_text(low, high, low_inclusive: bool) -> str:
+    """'>= 1', '> 0', 'in [0, 1]'."""
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}]"
+
+
+def check_value_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric flag inside its range (VALUE_RANGES), so that e.g. --max_frames 0 stops here
+    instead of in a tensor shape after a download."""
+    for name, low, high, low_inclusive in VALUE_RANGES:
+        value = getattr(args, name)
+        below = value < low if low_inclusive else value <= low
+        if below or (high is not None and value > high):
+            parser.error(f"--{name} must be {range_text(low, high, low_inclusive)}, got {value}")
+    for value in args.eval_chunk or ():
+        if value < 1:
+            parser.error(f"--eval_chunk takes counts >= 1, got {value}")
+
+
+def check_eval_precision(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: set[str]) -> None:
+    """--precision sets the training autocast; an evaluation-only run given a lower one would
+    silently evaluate in fp32 (--eval_precision), so it is an error saying which flag to use."""
+    if args.do_train or args.precision == "fp32" or "precision" not in explicit or "eval_precision" in explicit:
+        return
+    parser.error(f"--precision {args.precision} sets the TRAINING autocast and --do_eval alone does not train: "
+                 f"evaluation runs at --eval_precision (fp32 by default, which reproduces the published "
+                 f"numbers). Pass --eval_precision {args.precision} to evaluate in {args.precision}, or drop "
+                 f"--precision")
+
+
 def parse_and_check(argv: Optional[list[str]]) -> tuple[argparse.Namespace, CheckpointContext]:
     """Parse the flags, take the architecture from the checkpoint's record and check the result.
     Needs no torch: run as a script, this answers --help and flag errors before the heavy imports."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    context = apply_checkpoint_record(parser, args, checkpoint_record.explicit_flags(parser, argv))
+    explicit = checkpoint_record.explicit_flags(parser, argv)
+    context = apply_checkpoint_record(parser, args, explicit)
+    check_value_ranges(parser, args)
+    check_eval_precision(parser, args, explicit)
     check_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
     return args, context
 
@@ -342,10 +431,12 @@ import evaluation  # noqa: E402
 import training  # noqa: E402
 import util  # noqa: E402
 from dataloaders.audio_cache import checkpoint_fingerprint, read_index  # noqa: E402
-from dataloaders.base import collate_items  # noqa: E402
+from dataloaders.audio_presence import MissingAudioError  # noqa: E402
+from dataloaders.base import AnnotationError, VideoIssueCounter, collate_items, prepare_videos  # noqa: E402
 from dataloaders.perturb import AudioPerturbation  # noqa: E402
-from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset  # noqa: E402
-from dataloaders.video import FrameSamplingConfig  # noqa: E402
+from dataloaders.registry import (DataConfig, build_eval_datasets, build_eval_split, build_train_dataset,  # noqa: E402
+                                  build_train_split, check_split_audio)
+from dataloaders.video import FrameSamplingConfig, VideoReadError  # noqa: E402
 from modules.ast import ASTConfig, checkpoint_to_trunk, config_from_weights, load_audioset_checkpoint  # noqa: E402
 from modules.clip import CLIPConfig, config_from_state_dict, load_clip_state_dict  # noqa: E402
 from modules.diagnostics import LEAK_LABEL  # noqa: E402
@@ -379,7 +470,8 @@ def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[s
         frames=FrameSamplingConfig(max_frames=args.max_frames, framerate=args.feature_framerate,
                                    slice_framepos=args.slice_framepos, image_size=image_size,
                                    decoder=args.decoder),
-        on_bad_audio=args.on_bad_audio, skip_bad_videos=args.skip_bad_videos,
+        on_bad_audio=args.on_bad_audio, max_missing_audio=args.max_missing_audio,
+        skip_bad_videos=args.skip_bad_videos,
         expand_sentences=args.expand_msrvtt_sentences, seed=args.seed,
         audio_perturbation=audio_perturbation(args) if test_split else AudioPerturbation(),
         eval_order_seed=args.eval_order_seed if test_split else None)
@@ -442,7 +534,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
     """
     context = context or CheckpointContext()
     record = context.record
-    if record is not None and not context.explicit & {"pretrained_clip_name", "ast_checkpoint"}:
+    if not uses_released_weights(context):
         model, sources = model_from_record(args, context)
     else:
         model, sources = model_from_released_weights(args)
@@ -459,12 +551,24 @@ def build_model(args: argparse.Namespace, device: torch.device,
     return model.to(device)
 
 
-def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
-    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+def resolve_released_weights(args: argparse.Namespace) -> dict[str, weights.ResolvedWeights]:
+    """The CLIP (and AST) files of the flags, through the one resolver and its cache (modules/weights.py)."""
     cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
-    resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
+    resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline,
+                                                        args.allow_unlisted_weights)}
     if not args.no_audio:
         resolved["ast"] = weights.resolve_ast_checkpoint(args.ast_checkpoint, cache, offline)
+    return resolved
+
+
+def uses_released_weights(context: CheckpointContext) -> bool:
+    """Whether build_model reads the released CLIP/AST files (not only a checkpoint's record)."""
+    return context.record is None or bool(context.explicit & {"pretrained_clip_name", "ast_checkpoint"})
+
+
+def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
+    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+    resolved = resolve_released_weights(args)
     clip_state = load_clip_state_dict(resolved["clip"].path)
     ast_weights = checkpoint_to_trunk(load_audioset_checkpoint(resolved["ast"].path)) if "ast" in resolved else None
     ast_cfg = config_from_weights(ast_weights) if ast_weights is not None else ASTConfig()
@@ -527,7 +631,7 @@ def optim_config(args: argparse.Namespace) -> OptimConfig:
 def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
     chunk = None if args.eval_chunk is None else (args.eval_chunk[0], args.eval_chunk[-1])
     return evaluation.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
-                                  precision=args.precision, protocol=args.eval_protocol,
+                                  precision=args.eval_precision, protocol=args.eval_protocol,
                                   block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl,
                                   rerank_topk=args.rerank_topk, dump_topk=args.dump_topk)
 
@@ -664,11 +768,61 @@ def test(args, info, model: AVIGATE, recorder, tokenizer, image_size: int, check
         util.logger.warning(LEAK_LABEL)
 
 
+# Errors of the data and weight checks: each message names the file or flag at fault.
+PREFLIGHT_ERRORS = (AnnotationError, VideoReadError, MissingAudioError, weights.WeightsError, FileNotFoundError)
+PREFLIGHT_IMAGE_SIZE = 224  # frame size of the data checks' configs (no frame is decoded)
+
+
+def splits_read(args: argparse.Namespace) -> list[tuple[str, Optional[str], bool]]:
+    """(what, annotation file flag value, evaluation split?) of every split this run reads."""
+    splits = [("training split (--train_csv)", args.train_csv, False)] if args.do_train else []
+    if args.do_train and args.val_csv:
+        splits.append(("validation split (--val_csv)", args.val_csv, True))
+    if args.do_eval or (args.do_train and not args.skip_test):
+        splits.append(("test split (--test_csv)", args.test_csv, True))
+    return splits
+
+
+def check_data(args: argparse.Namespace) -> list[str]:
+    """Parse every split's annotations and find its video files and wavs (no decoding) before any
+    weight is read; returns one summary line per split. Raises one of PREFLIGHT_ERRORS."""
+    lines = []
+    for what, file, is_eval in splits_read(args):
+        cfg = data_config(args, PREFLIGHT_IMAGE_SIZE, file if is_eval else None)
+        split = build_eval_split(cfg) if is_eval else build_train_split(cfg)
+        split, _ = prepare_videos(split, cfg.features_path, cfg.skip_bad_videos, VideoIssueCounter())
+        presence = check_split_audio(cfg, split)
+        lines.append(f"{what}: {split.name}, {split.num_texts} captions, {split.num_videos} videos"
+                     + (f"; {presence.summary()}" if presence else ""))
+    return lines
+
+
+def preflight(args: argparse.Namespace, context: CheckpointContext) -> None:
+    """--check_only: the data, then the weights (fetched into the cache once, before any rank
+    starts); one error message, exit status 2."""
+    try:
+        lines = check_data(args)
+        if uses_released_weights(context):
+            lines += [f"{name} weights: {found.path} ({found.source})"
+                      for name, found in resolve_released_weights(args).items()]
+        else:
+            lines.append(f"weights: from {context.checkpoint} (its record)")
+    except PREFLIGHT_ERRORS as err:
+        print(f"main_task_retrieval.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print("preflight passed:\n  " + "\n  ".join(lines))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args, context = parse_and_check(argv)
+    if args.check_only:
+        preflight(args, context)
+        return
     info = util.setup_distributed(args.device)
     try:
         util.setup_precision(info.device, args.precision, args.tf32)
+        if args.eval_precision != args.precision:  # the device must run both (bf16/fp16 support)
+            util.setup_precision(info.device, args.eval_precision, args.tf32)
         run(args, info, context)
     finally:
         util.cleanup_distributed()
@@ -676,7 +830,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[CheckpointContext] = None) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
+    stale = clear_startup_files(args.output_dir) if info.is_main and not args.resume_model else []
     util.setup_logging(args.output_dir, info)
+    if stale:
+        util.logger.info("--output_dir %s held only the start-up files of a run that stopped before any result "
+                         "(%s): replaced", args.output_dir, ", ".join(stale))
     leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
     recorder = util.RunRecorder(args.output_dir, info, args.tensorboard, leaking=leaking)
     recorder.write_run_files(vars(args), info)
@@ -686,6 +844,8 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
     context = context or CheckpointContext()
     log_record_use(context)
     check_perturbation_trunk(args)
+    for line in check_data(args):  # annotations, videos and wavs are found before any weight is read
+        util.logger.info("data: %s", line)
     resume_state = util.load_training_state(args.resume_model) if args.resume_model else None
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
     model = build_model(args, info.device, context)

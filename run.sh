@@ -17,8 +17,34 @@
 # The table4/5/11 presets reproduce paper rows and use the released code's padding rule
 # (--padding_rule released, README "Fidelity to the released code"); the text-guided ones keep
 # the default masked rule, as plain `bash run.sh` (AVIGATE) does, so the two compare directly.
+#
+# Before any rank starts, run.sh looks for GPUs (nvidia-smi, CUDA_VISIBLE_DEVICES): with none and
+# NUM_GPUS unset it trains as ONE CPU process (said so); NUM_GPUS above the GPUs found is refused.
+# Then `main_task_retrieval.py --check_only` checks the flags, the data files and the weights
+# (fetched into the weights cache once) and prints one error if any is wrong.
+#
+# Variables (default in brackets; docs/first_hour.md walks through a first run):
+#   DATATYPE [msrvtt]      msrvtt | vatex | charades
+#   DATA_PATH [data/$DATATYPE]  annotation files;  TRAIN_CSV, TEST_CSV [the datatype's]; VAL_CSV [none]
+#   VIDEO_PATH [data/$DATATYPE/videos]  <video_id>.mp4;  AUDIO_PATH [data/$DATATYPE/audio]  <video_id>.wav
+#   NUM_GPUS [4, or the GPUs found when fewer]  processes per node;  NUM_WORKERS [8] loader workers
+#   NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1], MASTER_PORT [29500]   multi-node
+#   PRECISION [bf16]       training autocast: bf16 | fp32 (released) | fp16
+#   EVAL_PRECISION [fp32]  precision of the validation/test evaluation (fp32 reproduces published numbers)
+#   CLIP_NAME [ViT-B/32], AST_CHECKPOINT [modules/audioset_10_10_0.4593.pth]   weights (resolved through
+#                          the weights cache, modules/weights.py)
+#   TEXT_GUIDED [""], GATE [soft], FUSION_RESIDUAL [0.05], MARGIN_BD [0.1; VATEX 0.05], BETA [0.2]
+#   PRESET [""], STAGE1_CHECKPOINT    see --list-presets
+#   OUTPUT_DIR [ckpts/<datatype>_<preset or avigate>]
+# Options: --help, --list-presets, --dry-run (print the command), then main_task_retrieval.py flags.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+if [[ ${1:-} == --help || ${1:-} == -h ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    echo "Flags of main_task_retrieval.py: python main_task_retrieval.py --help"
+    exit 0
+fi
 
 PAPER_ROW=(--padding_rule released)
 TEXT_ALL=(--text_gate --text_query --query_gate)
@@ -141,13 +167,49 @@ preset_from_checkpoint=0
 if [[ -n $PRESET ]]; then preset "$PRESET"; fi
 
 # ---- machines
-NUM_GPUS=${NUM_GPUS:-4}              # processes (GPUs) per node
+# GPUs this node can use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES when set.
+gpus_found() {
+    local count=0
+    if command -v nvidia-smi > /dev/null 2>&1; then
+        count=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
+    fi
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} && $count -gt 0 ]]; then
+        local visible
+        visible=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c '[^[:space:]]' || true)
+        if ((visible < count)); then count=$visible; fi
+    fi
+    echo "$count"
+}
+GPUS_FOUND=$(gpus_found)
+device_args=()
+if [[ -z ${NUM_GPUS:-} ]]; then
+    if ((GPUS_FOUND == 0)); then
+        NUM_GPUS=1
+        device_args=(--device cpu)
+        echo "run.sh: no GPU found (nvidia-smi): training as ONE CPU process (--device cpu); this is slow." \
+             "On a GPU machine set NUM_GPUS to the GPUs to use." >&2
+    elif ((GPUS_FOUND < 4)); then
+        NUM_GPUS=$GPUS_FOUND
+        echo "run.sh: $GPUS_FOUND GPU(s) found, the recipe assumes 4: NUM_GPUS=$GPUS_FOUND (the global batch" \
+             "stays 128)" >&2
+    else
+        NUM_GPUS=4
+    fi
+elif ((GPUS_FOUND == 0)); then
+    device_args=(--device cpu)
+    echo "run.sh: no GPU found (nvidia-smi): NUM_GPUS=$NUM_GPUS CPU processes (gloo), as asked" >&2
+elif ((NUM_GPUS > GPUS_FOUND)); then
+    echo "run.sh: NUM_GPUS=$NUM_GPUS but this node has $GPUS_FOUND GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES):" \
+         "set NUM_GPUS=$GPUS_FOUND or less" >&2
+    exit 2
+fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_WORKERS=${NUM_WORKERS:-8}        # DataLoader workers per process
 PRECISION=${PRECISION:-bf16}         # bf16 (README "Precision"; Ampere or newer) | fp32 (released) | fp16
+EVAL_PRECISION=${EVAL_PRECISION:-fp32}  # validation/test evaluation (fp32 reproduces published numbers)
 
 # ---- data (DESIGN §9); videos may be compressed first (preprocess/compress_video.py)
 DATA_PATH=${DATA_PATH:-data/$DATATYPE}                # annotation files
@@ -182,7 +244,7 @@ args=(
     --epochs 5 --batch_size 128 --batch_size_val 16 --lr 1e-4 --coef_lr 1e-3
     --max_words 32 --feature_framerate 1 --slice_framepos 2 --freeze_layer_num 0
     --margin_BD "$MARGIN_BD" --beta "$BETA"
-    --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS" --save_every_steps 500
+    --precision "$PRECISION" --eval_precision "$EVAL_PRECISION" --num_thread_reader "$NUM_WORKERS" --save_every_steps 500
 )
 # The architecture and its weights; a preset that starts from a checkpoint takes them from the
 # checkpoint's record instead (an explicit flag there must agree with it).
@@ -195,13 +257,16 @@ if [[ -n "$every_caption" ]]; then args+=("$every_caption"); fi
 if [[ -n "$VAL_CSV" ]]; then args+=(--val_csv "$VAL_CSV"); fi
 read -r -a text_guided <<< "$TEXT_GUIDED"
 
+flags=("${args[@]}" ${device_args[@]+"${device_args[@]}"} ${preset_args[@]+"${preset_args[@]}"}
+       ${text_guided[@]+"${text_guided[@]}"} "$@")
 command=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
          --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-         main_task_retrieval.py "${args[@]}" ${preset_args[@]+"${preset_args[@]}"}
-         ${text_guided[@]+"${text_guided[@]}"} "$@")
+         main_task_retrieval.py "${flags[@]}")
 if [[ $DRY_RUN == 1 ]]; then
     printf '%q ' "${command[@]}"
     echo
     exit 0
 fi
+# One process checks flags, data and weights before the ranks start: one error, printed once.
+WORLD_SIZE=$((NNODES * NUM_GPUS)) python main_task_retrieval.py "${flags[@]}" --check_only
 "${command[@]}"

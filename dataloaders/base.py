@@ -59,7 +59,10 @@ def read_csv_columns(path: str, columns: Sequence[str]) -> pd.DataFrame:
     """A CSV as strings (empty cells stay "", ids like "NA" stay text), checking ``columns``."""
     if not os.path.isfile(path):
         raise AnnotationError(f"annotation file {path!r} not found")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path!r} is not a readable CSV ({type(err).__name__}: {err})") from err
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise AnnotationError(f"{path!r} lacks column(s) {missing}; it has {list(table.columns)}")
@@ -186,7 +189,7 @@ class VideoIssueCounter:
 
     def summary(self) -> str:
         return ("videos: " + ", ".join(f"{self.count(k)} {k}" for k in self.KINDS)
-                + " (skip_bad_videos)")
+                + " (--skip_bad_videos)")
 
 
 def _names(paths: Sequence[str]) -> str:
@@ -225,13 +228,13 @@ def prepare_videos(split: RetrievalSplit, features_path: str, skip_bad_videos: b
     if missing and not skip_bad_videos:
         paths = [os.path.join(features_path, v + VIDEO_EXTENSIONS[0]) for v in missing]
         raise VideoReadError(paths[0], f"file not found ({len(missing)} videos of {split.name} are "
-                                       f"missing: {_names(paths)}); pass skip_bad_videos to drop them")
+                                       f"missing: {_names(paths)}); pass --skip_bad_videos to drop them")
     unreadable = []
     if probe_decoder is not None:
         for video_id in split.video_ids:
             reason = _probe(files[video_id], probe_decoder) if video_id in files else None
             if reason is not None and not skip_bad_videos:
-                raise VideoReadError(files[video_id], reason + "; pass skip_bad_videos to drop it")
+                raise VideoReadError(files[video_id], reason + "; pass --skip_bad_videos to drop it")
             if reason is not None:
                 unreadable.append(video_id)
     if missing or unreadable:
@@ -378,7 +381,7 @@ class PairDataset(Dataset):
             try:
                 item = self._load(candidate)
             except VideoReadError as err:
-                logger.warning("%s; replacing its training samples (skip_bad_videos)", err)
+                logger.warning("%s; replacing its training samples (--skip_bad_videos)", err)
                 self._bad_videos.add(video_index)
                 continue
             if step:

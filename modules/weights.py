@@ -326,22 +326,37 @@ def fetch_release(release: Release, cache_dir: Optional[PathLike] = None, offlin
         return ResolvedWeights(dest, sha256, "cache", release.url)
 
 
+def check_published_sha256(found: ResolvedWeights, release: Release, allow_unlisted: bool) -> ResolvedWeights:
+    """A local file presented as ``release`` (its name) must have the published SHA-256, unless
+    ``allow_unlisted`` (--allow_unlisted_weights) accepts another file under that name."""
+    if release.sha256 is None or found.sha256 == release.sha256 or allow_unlisted:
+        return found
+    raise WeightsError(f"{found.path} has SHA-256 {found.sha256}, but {release.url} publishes {release.sha256}: "
+                       f"it is not the released {release.file_name}. Delete or rename it to use the release "
+                       f"(fetched into the weights cache), or pass --allow_unlisted_weights to use this file anyway.")
+
+
 def resolve_clip_checkpoint(name_or_path: PathLike, cache_dir: Optional[PathLike] = None,
-                            offline: bool = False) -> ResolvedWeights:
+                            offline: bool = False, allow_unlisted: bool = False) -> ResolvedWeights:
     """``--pretrained_clip_name``: "ViT-B/32" / "ViT-B/16" or a file path.
 
     A released name is ``modules/<file>`` when that exists, else the cached (or freshly
-    downloaded, SHA-256-checked) release. A path is used as given.
+    downloaded, SHA-256-checked) release. A path is used as given. A local file carrying a
+    release's file name (``modules/ViT-B-32.pt``, ``/any/ViT-B-16.pt``) must have its published
+    SHA-256 unless ``allow_unlisted``.
     """
     name = os.fspath(name_or_path)
     release = CLIP_RELEASES.get(name)
     if release is None:
-        return _given(name, "CLIP checkpoint", f"Pass one of {sorted(CLIP_RELEASES)} to use OpenAI's release "
-                      "(found in modules/ or the weights cache, else downloaded), or the path of a CLIP "
-                      "archive or state dict.")
+        found = _given(name, "CLIP checkpoint", f"Pass one of {sorted(CLIP_RELEASES)} to use OpenAI's release "
+                       "(found in modules/ or the weights cache, else downloaded), or the path of a CLIP "
+                       "archive or state dict.")
+        named = [r for r in CLIP_RELEASES.values() if r.file_name == os.path.basename(name)]
+        return check_published_sha256(found, named[0], allow_unlisted) if named else found
     local = os.path.join(MODULES_DIR, release.file_name)
     if os.path.isfile(local):
-        return ResolvedWeights(local, file_sha256(local), "path", release.url)
+        return check_published_sha256(ResolvedWeights(local, file_sha256(local), "path", release.url), release,
+                                      allow_unlisted)
     return fetch_release(release, cache_dir, offline)
 
 

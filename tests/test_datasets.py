@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataloaders.audio_cache import AudioCacheWriter
+from dataloaders.audio_presence import NO_AUDIO_LIST
 from dataloaders.base import AnnotationError, collate_items
 from dataloaders.registry import (DataConfig, build_eval_datasets, build_eval_split, build_train_dataset,
                                   build_train_split)
@@ -133,6 +134,8 @@ def test_worker_processes_give_the_same_batches(msrvtt, tokenizer):
 
 def test_audio_sources(tmp_path, tokenizer):
     paths = make_charades(str(tmp_path), n_videos=3, n_test=1, with_audio=False)
+    with open(os.path.join(paths["audio_path"], NO_AUDIO_LIST), "w") as f:  # as prepare_data lists them
+        f.writelines(f"{v}\n" for v in paths["video_ids"])
     silent = build_train_dataset(_config(paths, "charades"), tokenizer)
     item = silent[0]
     assert not item["has_audio"] and item["fbank"].abs().sum() == 0  # no wav: the zero input
