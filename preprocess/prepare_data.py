@@ -166,7 +166,9 @@ def ast_cache(run: Run) -> dict:
     try:
         cache_audio_features.main(["--checkpoint", checkpoint.path, "--video_list", *lists,
                                    "--audio_dir", run.layout.audio, "--cache_dir", run.layout.ast_cache,
-                                   "--num_workers", str(workers), "--device", run.args.device])
+                                   "--num_workers", str(workers), "--device", run.args.device,
+                                   # the check stage reports videos without audio; cache them all
+                                   "--max_missing_audio", "1"])
     except ValueError as err:  # e.g. a cache started for other videos or from another checkpoint
         raise PrepareError(f"AST token cache {run.layout.ast_cache}: {err}") from err
     return {"cache_dir": run.layout.ast_cache, "checkpoint": checkpoint.record()}
