@@ -218,3 +218,23 @@ def test_run_sh_checks_data_once_before_starting_ranks(tmp_path, ckpts):
     assert result.returncode == 2 and "TORCHRUN STARTED" not in result.stdout
     assert result.stderr.count("error:") == 1
     assert "MSRVTT_train.9k.csv" in result.stderr and "not found" in result.stderr
+
+
+def test_run_eval_twice_with_different_settings_on_one_checkpoint(ckpts, data, tmp_path):
+    """README's two run_eval.sh examples one after the other: each default output folder names
+    its settings, and the same settings again get a numbered folder instead of a refusal."""
+    main_task_retrieval.main(["--do_train", "--epochs", "1", *tiny_flags(data, ckpts, tmp_path / "train")])
+    env = {"CHECKPOINT": str(tmp_path / "train" / "pytorch_model.bin.0"), "DATA_PATH": data["data_path"],
+           "VIDEO_PATH": data["features_path"], "AUDIO_PATH": data["audio_path"], "NUM_GPUS": "1",
+           "NUM_WORKERS": "0"}
+    extra = ("--max_words", "16", "--batch_size_val", "2", "--device", "cpu")
+    folders = []
+    for settings in ({}, {"AUDIO_PERTURB": "noise"}, {}):
+        result = _script("run_eval.sh", {**env, **settings}, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        folders.append(result.stderr.split("run_eval.sh: writing to ")[1].split("\n")[0])
+    default, noise, again = folders
+    assert os.path.basename(default).startswith("eval_pytorch_model.bin.0_fp32_honest_args-")
+    assert "_audio-noise_" in noise and again == default + "_2"
+    for folder in folders:
+        assert os.path.isfile(os.path.join(folder, "metrics.json"))
