@@ -361,19 +361,19 @@ def apply_checkpoint_record(parser: argparse.ArgumentParser, args: argparse.Name
 
 
 # Numeric flags and the values they accept: (flag, lowest, highest, lowest allowed itself).
-# None = unbounded on that side. Checked at parse time, before any download or decoding.
+# None = unbounded on that side. Checked at parse time, before any download or decoding
+# (--n_display, --query_lr_scale, --rerank_topk, --dump_topk, --audio_noise_rms: in check_args).
 VALUE_RANGES = (
-    ("seed", 0, None, True), ("n_display", 1, None, True), ("save_every_steps", 0, None, True),
+    ("seed", 0, None, True), ("save_every_steps", 0, None, True),
     ("max_steps", 0, None, True), ("max_words", 3, None, True), ("max_frames", 1, None, True),
     ("feature_framerate", 0, None, False), ("num_thread_reader", 0, None, True),
     ("batch_size", 1, None, True), ("batch_size_val", 1, None, True),
     ("max_missing_audio", 0, 1, True), ("cross_num_hidden_layers", 1, None, True),
     ("audio_query_layers", 1, None, True), ("temperature", 0, None, False), ("fusion_residual", 0, 1, True),
-    ("lr", 0, None, False), ("coef_lr", 0, None, True), ("query_lr_scale", 0, None, True),
+    ("lr", 0, None, False), ("coef_lr", 0, None, True),
     ("epochs", 1, None, True), ("warmup_proportion", 0, 1, True), ("gradient_accumulation_steps", 1, None, True),
     ("freeze_layer_num", 0, None, True), ("beta", 0, None, True), ("margin_BD", 0, None, True),
-    ("hardest_k", 1, None, True), ("train_pairs_per_chunk", 0, None, True), ("rerank_topk", 0, None, True),
-    ("dump_topk", 0, None, True), ("audio_noise_rms", 0, None, False),
+    ("hardest_k", 1, None, True), ("train_pairs_per_chunk", 0, None, True),
 )
 
 

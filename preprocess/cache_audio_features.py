@@ -24,7 +24,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from dataloaders.audio import BAD_AUDIO_POLICIES, AudioIssueCounter, FbankConfig, load_ast_input
 from dataloaders.audio_cache import AudioCacheWriter, cache_fingerprint
 from dataloaders.audio_presence import DEFAULT_MAX_MISSING, MissingAudioError, check_audio_presence
+from dataloaders.base import read_csv_columns
 from modules import weights
 from modules.ast import AST
 
@@ -48,11 +48,7 @@ def read_video_ids(paths: Sequence[str]) -> list[str]:
     ids: dict[str, None] = {}
     for path in paths:
         if path.endswith(".csv"):
-            frame = pd.read_csv(path, dtype=str)
-            if VIDEO_ID_COLUMN not in frame.columns:
-                raise ValueError(f"{path}: no '{VIDEO_ID_COLUMN}' column "
-                                 f"(found {list(frame.columns)})")
-            listed = frame[VIDEO_ID_COLUMN].tolist()
+            listed = read_csv_columns(path, [VIDEO_ID_COLUMN])[VIDEO_ID_COLUMN].tolist()
         else:
             with open(path) as handle:
                 listed = [line.strip() for line in handle if line.strip()]

@@ -10,7 +10,6 @@ import pytest
 
 import main_task_retrieval
 from dataloaders.audio_presence import EXTRACT_REPORT, MissingAudioError, check_audio_presence
-from dataloaders.base import AnnotationError
 from modules import weights
 from tests.datagen import make_msrvtt
 from tests.test_train_e2e import ROOT, tiny_flags, write_tiny_checkpoints

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import cv2
-import numpy as np
 import torch
 import torch.nn.functional as nnf
 
