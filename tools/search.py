@@ -254,10 +254,11 @@ def render_page(query: str, checkpoint: str, hits: Sequence[Hit], entries: dict)
     rows = []
     for hit in hits:
         gates = "".join(f"<li>{html.escape(n)}: {', '.join(f'{g:.3f}' for g in v)}</li>" for n, v in hit.gates.items())
+        strip = png_data_uri(entries[hit.name]["strip"])
         rows.append(f'<tr class="hit" data-rank="{hit.rank}" data-file="{html.escape(hit.name)}" '
                     f'data-score="{hit.score:.6f}"><td>{hit.rank}</td><td>{html.escape(hit.name)}</td>'
                     f'<td>{hit.score:.4f} ({hit.scored_by})</td><td><ul class="gates">{gates}</ul></td>'
-                    f'<td><img alt="frames of {html.escape(hit.name)}" src="{png_data_uri(entries[hit.name]["strip"])}">'
+                    f'<td><img alt="frames of {html.escape(hit.name)}" src="{strip}">'
                     f'</td></tr>')
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>search: "
             f"{html.escape(query)}</title></head><body>\n<h1>{html.escape(query)}</h1>\n"
