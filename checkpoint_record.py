@@ -20,7 +20,7 @@ anyone's script); its record is the JSON file beside it, ``pytorch_model.bin.N.j
 Rules (``resolve_flags``): reading a checkpoint (``--init_model``, ``--resume_model``), an
 architecture flag given on the command line must equal the record's value (else an error
 naming both); a flag left out takes the record's value. The one exception is the warm start
-of a text-guided model from a text-agnostic (AVIGATE) checkpoint (DESIGN §4a): the text flags
+of a text-guided model from a text-agnostic (AVIGATE) checkpoint (docs/design.md §4a): the text flags
 (``TEXT_FLAGS``) may then differ, and the missing text terms start at their residual init. A
 checkpoint without a record (older runs, the released code's files) loads with the flags as
 given.
@@ -44,7 +44,7 @@ SUFFIX = ".json"
 ARCHITECTURE_FLAGS = ("max_frames", "cross_num_hidden_layers", "audio_query_layers", "temperature", "alignment",
                       "gate", "fusion_residual", "no_audio", "padding_rule",
                       "text_gate", "text_query", "query_gate", "text_init")
-# What the text-guided extension adds (DESIGN §4); they may differ in the documented warm start.
+# What the text-guided extension adds (docs/design.md §4); they may differ in the documented warm start.
 TEXT_FLAGS = ("text_gate", "text_query", "query_gate", "text_init")
 TEXT_GUIDING_FLAGS = ("text_gate", "text_query", "query_gate")
 # Recorded for provenance and for the checks they allow, not compared as architecture.

@@ -294,7 +294,7 @@ def rerank_metrics(scored: ScoredSplit, caption_video: np.ndarray) -> dict:
 
 def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
     """metrics.json's metric entries (metrics.metrics_report): "plain" and, with ``dsl``,
-    "dsl" in the released CLIP4Clip/AVIGATE convention (DESIGN §8), the same under
+    "dsl" in the released CLIP4Clip/AVIGATE convention (docs/design.md §8), the same under
     "per_caption" in the stricter per-caption convention, and "metric_convention"."""
     return metrics_report(sim, caption_video, dsl=dsl)
 

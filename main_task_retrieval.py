@@ -431,7 +431,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
                 context: Optional[CheckpointContext] = None) -> AVIGATE:
     """The model, then --init_model's weights if given.
 
-    Without a checkpoint record: CLIP + AST weights from their released files (DESIGN §7 init);
+    Without a checkpoint record: CLIP + AST weights from their released files (docs/design.md §7 init);
     missing released files are fetched into --weights_cache (modules/weights.py). With the
     record of --init_model / --resume_model (``context.record``) every weight comes from that
     checkpoint, so the model is built from the record's configuration (``args`` already agree
@@ -460,7 +460,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
 
 
 def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
-    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+    """CLIP (and AST) from their released files, new modules at their docs/design.md §7 init."""
     cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
     resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
     if not args.no_audio:
@@ -478,7 +478,7 @@ def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict
 def model_from_record(args: argparse.Namespace, context: CheckpointContext) -> tuple[AVIGATE, dict]:
     """The model of a checkpoint's record, before its weights are loaded: the recorded
     configuration, with this run's text flags in the warm start of a text-guided model from an
-    AVIGATE checkpoint (its text terms then start at their init, DESIGN §4a)."""
+    AVIGATE checkpoint (its text terms then start at their init, docs/design.md §4a)."""
     source = checkpoint_record.record_path(context.checkpoint)
     recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
     cfg = model_config(args, recorded.clip, recorded.ast)
@@ -533,7 +533,7 @@ def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
-    """Freeze, group and optimize the parameters (DESIGN §7); wrap the objective in DDP when
+    """Freeze, group and optimize the parameters (docs/design.md §7); wrap the objective in DDP when
     distributed."""
     optimizer = build_optimizer(model, optim_config(args))
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
@@ -726,7 +726,7 @@ def log_record_use(context: CheckpointContext) -> None:
     util.logger.info("architecture from the record of %s%s", checkpoint,
                      f": {taken}" if taken else " (the flags given agree with it)")
     if context.warm_start:
-        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (DESIGN §4a): "
+        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (docs/design.md §4a): "
                          "its text terms are created at their init", checkpoint)
 
 

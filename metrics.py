@@ -1,4 +1,4 @@
-"""Retrieval metrics for a text-video score matrix (DESIGN §8, §11).
+"""Retrieval metrics for a text-video score matrix (docs/design.md §8, §11).
 
 Shapes: Nt texts (rows), Nv videos (columns). Several texts may describe one video
 (VATEX-style multi-sentence evaluation); ``text_to_video_index[i]`` is the column of text
@@ -258,7 +258,7 @@ def retrieval_metrics(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequ
 
 def dual_softmax(sim: ArrayLike, temperature: float = DEFAULT_DSL_TEMPERATURE,
                  dim: int = 0) -> torch.Tensor:
-    """DSL post-processing: the scores times their softmax along ``dim`` (DESIGN §8).
+    """DSL post-processing: the scores times their softmax along ``dim`` (docs/design.md §8).
 
     The softmax runs over the axis that is *not* being ranked, acting as a prior that
     penalizes candidates scoring high for many queries: for text-to-video (ranking

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The released AVIGATE recipe (DESIGN §7) under torchrun: 5 epochs, global batch 128, lr 1e-4,
+# The released AVIGATE recipe (docs/design.md §7) under torchrun: 5 epochs, global batch 128, lr 1e-4,
 # coef_lr 1e-3, max_words 32, max_frames 12, beta 0.2, margin_BD 0.1 (VATEX 0.05).
 # DATATYPE picks the dataset (msrvtt | vatex | charades; run_vatex.sh / run_charades.sh set it).
 # Every variable below can be overridden from the environment, e.g.
@@ -123,7 +123,7 @@ fi
 DRY_RUN=0
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 
-# ---- dataset (DESIGN §9): annotation files and margin cap per dataset
+# ---- dataset (docs/design.md §9): annotation files and margin cap per dataset
 DATATYPE=${DATATYPE:-msrvtt}
 case "$DATATYPE" in
     msrvtt)   train_file=MSRVTT_train.9k.csv; test_file=MSRVTT_JSFUSION_test.csv; margin=0.1
@@ -149,7 +149,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NUM_WORKERS=${NUM_WORKERS:-8}        # DataLoader workers per process
 PRECISION=${PRECISION:-bf16}         # bf16 (README "Precision"; Ampere or newer) | fp32 (released) | fp16
 
-# ---- data (DESIGN §9); videos may be compressed first (preprocess/compress_video.py)
+# ---- data (docs/design.md §9); videos may be compressed first (preprocess/compress_video.py)
 DATA_PATH=${DATA_PATH:-data/$DATATYPE}                # annotation files
 VIDEO_PATH=${VIDEO_PATH:-data/$DATATYPE/videos}       # <video_id>.mp4
 AUDIO_PATH=${AUDIO_PATH:-data/$DATATYPE/audio}        # <video_id>.wav (preprocess/extract_audio.py)

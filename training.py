@@ -91,7 +91,7 @@ def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
 
     Gradients are synchronized over ranks only on the last micro-batch. The loss is the
     global (all-gathered) batch loss, identical on every rank. After the update the logit
-    scale is clamped at ln 100 (DESIGN §5).
+    scale is clamped at ln 100 (docs/design.md §5).
     """
     objective, info = trainer.objective, trainer.info
     objective.train()

@@ -444,7 +444,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
     the parameters that the file lacks and that were created instead.
 
     The one tolerated difference is the warm start of a text-guided model from a checkpoint
-    with fewer text terms (e.g. text-agnostic AVIGATE, DESIGN §4a): the missing text terms keep
+    with fewer text terms (e.g. text-agnostic AVIGATE, docs/design.md §4a): the missing text terms keep
     their initialization and are reported. Anything else missing or unexpected, and any shape
     mismatch, is an error naming the keys.
     """

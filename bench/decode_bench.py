@@ -44,7 +44,7 @@ the clip's time; it now stops at uint8):
 OpenCV's sequential grab is the default decoder: ~10% more loader throughput than PyAV and
 no more CPU per clip. Seeking before each frame costs 1.6-6x more (every seek decodes from
 the previous keyframe). decord is not faster overall (less CPU on 30 fps, more on the 3 fps
-files DESIGN §9 recommends), so it is not a dependency.
+files docs/design.md §9 recommends), so it is not a dependency.
 """
 from __future__ import annotations
 
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     parser.add_argument("--loader_videos", type=int, default=8, help="distinct clips of the loader section")
     parser.add_argument("--loader_seconds", type=float, default=15.0, help="their duration")
     parser.add_argument("--loader_fps", type=float, default=3.0,
-                        help="their frame rate (3: the compressed files of DESIGN §9; 30: raw)")
+                        help="their frame rate (3: the compressed files of docs/design.md §9; 30: raw)")
     parser.add_argument("--audio", choices=("wav", "none"), default="wav",
                         help="items carry the fbank of a wav file (the --audio_path recipe) or no audio")
     parser.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER)

@@ -100,7 +100,7 @@ class RowSpec:
     robustness: bool = False
 
 
-# The public implementation's random start of the text terms (before DESIGN §4a).
+# The public implementation's random start of the text terms (before docs/design.md §4a).
 EARLIER_TEXT_INIT = ("--text_init", "normal")
 ROWS = (
     RowSpec("visual_only", "visual-only (--no_audio)", ("--no_audio",), audio="none", robustness=True),

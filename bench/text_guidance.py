@@ -14,7 +14,7 @@ Rows, each trained with seeds 0, 1, 2:
 - ``visual_only`` (--no_audio); ``avigate`` (gated fusion, adaptive margin);
 - ``tg_scratch``: text-guided from scratch, today's method: --text_gate --text_query
   --query_gate with the earlier random start of the text terms (--text_init normal), one stage;
-- ``tg_residual_frozen``: the residual start (DESIGN §4a) warm-started from the ``avigate``
+- ``tg_residual_frozen``: the residual start (docs/design.md §4a) warm-started from the ``avigate``
   checkpoint of the same seed, --freeze_agnostic, FINETUNE_EPOCHS epochs;
 - ``tg_residual_all``: the same warm start, every parameter trains, FINETUNE_EPOCHS epochs.
 - ``avigate_continued`` (control, added after a smoke run on the --quick data, before any run

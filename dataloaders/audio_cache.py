@@ -1,4 +1,4 @@
-"""Cache of the frozen AST trunk's tokens, one row per video (DESIGN §1, §10).
+"""Cache of the frozen AST trunk's tokens, one row per video (docs/design.md §1, §10).
 
 The AST trunk never trains, so ``AST.tokens`` is computed once per clip by
 preprocess/cache_audio_features.py and training reads it back. A cache directory holds:

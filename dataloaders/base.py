@@ -1,4 +1,4 @@
-"""Dataset machinery shared by MSR-VTT, VATEX and Charades (DESIGN §8, §9).
+"""Dataset machinery shared by MSR-VTT, VATEX and Charades (docs/design.md §8, §9).
 
 Each dataset module only parses its annotation files into a ``RetrievalSplit`` (captions,
 the video of each caption, unique video ids). Everything else lives here once:

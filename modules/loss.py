@@ -1,4 +1,4 @@
-"""Adaptive-margin contrastive loss and the all-gathers that span it over ranks (DESIGN §6).
+"""Adaptive-margin contrastive loss and the all-gathers that span it over ranks (docs/design.md §6).
 
 Shapes: B batch (Bl local to a rank, Bg gathered over ranks), D width, Bt/Bv rows/columns
 of a logit matrix.
@@ -149,7 +149,7 @@ def adaptive_margins(text: torch.Tensor, video_mean: torch.Tensor, beta: float,
 
     Args:
         text: text embeddings [B, D] (normalized here).
-        video_mean: per-video mean embeddings [B, D], DESIGN's v-bar (normalized here).
+        video_mean: per-video mean embeddings [B, D], the v-bar of docs/design.md §6 (normalized here).
         beta: margin slope ``--beta``.
         margin_cap: margin upper bound ``--margin_BD``.
 
@@ -177,12 +177,12 @@ def margin_contrastive_loss(logits: torch.Tensor, margins: Optional[torch.Tensor
     under autocast.
 
     Args:
-        logits: scores [Bt, Bv] with Bt = Bv, already scaled by s (DESIGN §5).
+        logits: scores [Bt, Bv] with Bt = Bv, already scaled by s (docs/design.md §5).
         margins: adaptive margins [Bt, Bv] (only the off-diagonal entries are used), or None
             for plain InfoNCE.
         logit_scale: CLIP's log scale (tensor or float); s = exp(logit_scale), the same s as in
             the similarity, so gradients reach it through s * m too (the parameter itself is
-            clamped at ln 100 after each optimizer step, DESIGN §5).
+            clamped at ln 100 after each optimizer step, docs/design.md §5).
 
     Returns:
         scalar loss: mean of the row-wise (text->video) and column-wise (video->text) CE.

@@ -1,10 +1,10 @@
 """The training objective: in-batch adaptive-margin contrastive loss over the global batch
-(DESIGN §4, §6). ``ContrastiveObjective`` wraps an ``AVIGATE`` model and owns everything that
+(docs/design.md §4, §6). ``ContrastiveObjective`` wraps an ``AVIGATE`` model and owns everything that
 is about training rather than about the model: the all-gathers, the margins, which (text,
 video) pairs a text-guided model fuses, the chunking of that fusion and the loss. It is the
 module DistributedDataParallel wraps; the model stays a plain encoder + scorer.
 
-Rule (DESIGN §4): the logit of text i and video j equals ``AVIGATE.score`` of that pair, so a
+Rule (docs/design.md §4): the logit of text i and video j equals ``AVIGATE.score`` of that pair, so a
 text-guided model fuses video j under text i for every in-batch (i, j) it scores.
 
 Shapes: Bl local batch of a rank, Bg global (gathered) batch, F frames, D width, L layers,
@@ -48,7 +48,7 @@ class ObjectiveConfig:
     Args:
         loss: adaptive margins (``--beta``, ``--margin_BD``).
         training_pairs: which (text, video) pairs a text-guided model fuses: "all" (every
-            in-batch pair, the rule of DESIGN §4), "hardest_k" (the positive and the
+            in-batch pair, the rule of docs/design.md §4), "hardest_k" (the positive and the
             ``hardest_k`` hardest negatives of each text by the unfused frames' score; the
             other entries are excluded) or "own_caption" (DIAGNOSTIC, leaks: every video is
             fused only with its own caption, as the public implementation trains).

@@ -1,4 +1,4 @@
-"""Released weights: found locally, or fetched into a cache and verified (DESIGN §1, §11).
+"""Released weights: found locally, or fetched into a cache and verified (docs/design.md §1, §11).
 
 Where a released file is looked for, in order:
 
@@ -377,7 +377,7 @@ def expected_audioset_shapes(cfg=None) -> dict:
     """Every key of the released AudioSet checkpoint the trunk needs, with its shape.
 
     The released trunk (``cfg`` None) is DeiT-base 384 distilled over a 128 x 1024 fbank with
-    stride 10 (DESIGN §1): ``module.v.*`` of ``AST(ASTConfig())`` built on the meta device,
+    stride 10 (docs/design.md §1): ``module.v.*`` of ``AST(ASTConfig())`` built on the meta device,
     plus the AudioSet classifier ``module.mlp_head.1.weight`` [527, 768].
     """
     import torch  # lazily: resolving a path must not pay for torch/timm at import time

@@ -1,4 +1,4 @@
-"""Re-encode videos at 3 fps with the shorter side 224, keeping the soundtrack (DESIGN §9).
+"""Re-encode videos at 3 fps with the shorter side 224, keeping the soundtrack (docs/design.md §9).
 
 Writes ``<output_dir>/<video_id>.mp4`` with PyAV in-process (no ffmpeg binary needed):
 H.264 (libx264; mpeg4 where this PyAV build lacks libx264), yuv420p, bicubic resize,

@@ -6,7 +6,7 @@ the AST authors' AudioSet checkpoint, so the demo goes through the real loading 
     clip_tiny.pt    a plain CLIP state dict with OpenAI's key names (``visual.conv1.weight``,
                     ``transformer.resblocks.N.*`` ...), read by ``modules.clip.load_clip_state_dict``
                     and ``CLIP.from_state_dict``; embed_dim equals the text width, so the text
-                    layers can initialize the resampler and fusion blocks (DESIGN §7).
+                    layers can initialize the resampler and fusion blocks (docs/design.md §7).
     ast_tiny.pth    the AudioSet checkpoint format (DataParallel ``module.v.*`` trunk plus the
                     ``module.mlp_head.*`` classifier), read by ``modules.ast.AST.from_checkpoint``.
 

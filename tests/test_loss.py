@@ -1,4 +1,4 @@
-"""Adaptive margins and the margin contrastive loss (DESIGN §6), as one process."""
+"""Adaptive margins and the margin contrastive loss (docs/design.md §6), as one process."""
 import math
 
 import pytest

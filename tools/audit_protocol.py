@@ -2,7 +2,7 @@
 whatever the order, batching and sharding of the evaluation? (README "Is a text-conditioned
 number real?")
 
-A score may depend only on its text and its video (DESIGN §4). The audit evaluates the
+A score may depend only on its text and its video (docs/design.md §4). The audit evaluates the
 checkpoint with ``main_task_retrieval.py --do_eval`` — the code path of a user's evaluation —
 several times, changing only what must not matter:
 
