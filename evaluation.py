@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataloaders.base import collate_items
+from dataloaders.base import collate_items, video_inputs
 from metrics import metrics_report, text_to_video_ranks
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
-from training import video_inputs
 from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
@@ -287,16 +286,9 @@ def rerank_metrics(scored: ScoredSplit, caption_video: np.ndarray) -> dict:
     num_texts, num_videos = scored.sim.shape
     fused = int(reranked.pair_text.shape[0])
     return {**metrics_report(reranked.t2v, caption_video, v2t_sim=reranked.v2t),
-            "stage1": split_metrics(scored.sim, caption_video, dsl=False),
+            "stage1": metrics_report(scored.sim, caption_video),
             "rerank": {"topk": reranked.topk, "pairs_fused": fused, "pairs_total": num_texts * num_videos,
                        "fused_fraction": fused / max(num_texts * num_videos, 1)}}
-
-
-def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
-    """metrics.json's metric entries (metrics.metrics_report): "plain" and, with ``dsl``,
-    "dsl" in the released CLIP4Clip/AVIGATE convention (docs/design.md §8), the same under
-    "per_caption" in the stricter per-caption convention, and "metric_convention"."""
-    return metrics_report(sim, caption_video, dsl=dsl)
 
 
 def _floats(values: np.ndarray) -> list:
@@ -467,7 +459,7 @@ def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo,
     if options.rerank_topk:
         metrics = rerank_metrics(scored, data.split.caption_video)
     else:
-        metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)
+        metrics = metrics_report(scored.sim, data.split.caption_video, dsl=options.dsl)
     metrics["protocol"] = options.protocol
     if options.protocol == "paired_block":
         metrics["LEAKING"] = LEAK_LABEL

@@ -605,7 +605,7 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
     """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched.
 
-    Batches are pinned on CUDA (``training.video_inputs`` copies them ``non_blocking``).
+    Batches are pinned on CUDA (``dataloaders.base.video_inputs`` copies them ``non_blocking``).
     Workers are deliberately not persistent: a worker holds the copy of ``train_set`` made
     when it started, so ``train_set.set_epoch`` (the per-epoch caption draw without
     --expand_msrvtt_sentences) and the per-epoch worker seeds would not reach a worker kept

@@ -281,32 +281,6 @@ def dual_softmax(sim: ArrayLike, temperature: float = DEFAULT_DSL_TEMPERATURE,
     return prior.exp_().mul_(sim)
 
 
-def retrieval_metrics_with_dsl(sim: ArrayLike,
-                               text_to_video_index: Union[ArrayLike, Sequence[int]],
-                               temperature: float = DEFAULT_DSL_TEMPERATURE,
-                               convention: str = DEFAULT_CONVENTION
-                               ) -> Dict[str, Dict[str, float]]:
-    """Plain metrics and DSL metrics side by side: ``{"plain": {...}, "dsl": {...}}``.
-
-    The DSL text-to-video numbers come from ``dual_softmax(sim, temperature, dim=0)`` and the
-    video-to-text ones from ``dual_softmax(sim, temperature, dim=1)`` (under "released", the
-    caption groups are scored on that matrix); both dicts have the keys of
-    ``retrieval_metrics``.
-
-    Args:
-        sim: plain scores [Nt, Nv] (numpy or torch); finite.
-        text_to_video_index: ground-truth video column of every text [Nt].
-        temperature: DSL softmax temperature.
-        convention: "released" (default) or "per_caption".
-    """
-    _check_convention(convention)
-    sim = _as_score_tensor(sim)
-    index = _as_video_index(text_to_video_index, sim)
-    return {"plain": _directional_metrics(sim, sim, index, convention),
-            "dsl": _directional_metrics(dual_softmax(sim, temperature, dim=0),
-                                        dual_softmax(sim, temperature, dim=1), index, convention)}
-
-
 def metrics_report(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequence[int]],
                    dsl: bool = False, temperature: float = DEFAULT_DSL_TEMPERATURE,
                    v2t_sim: Optional[ArrayLike] = None) -> dict:

@@ -12,7 +12,7 @@ processes at once (every core busy, as in a DataLoader).
 The ``loader`` section runs the training input pipeline as ``main_task_retrieval.py``
 does: the real ``PairDataset`` (MSR-VTT layout, every caption an item, 224 px frames, audio
 from wav files unless ``--audio none``) in a ``DataLoader`` with ``collate_items``, each
-batch handed to ``training.video_inputs`` (uint8 frames normalized on the device). Per
+batch handed to ``dataloaders.base.video_inputs`` (uint8 frames normalized on the device). Per
 worker count it reports frames/s over a pass of ``--batches`` batches (worker start
 included) and the seconds to the first batch; the former path (frames normalized in the
 workers, shipped as float32) runs beside it with the bytes each ships per batch; on a CUDA
@@ -70,7 +70,7 @@ from dataloaders.registry import DataConfig, build_train_dataset  # noqa: E402
 from dataloaders.video import (DECODERS, DEFAULT_DECODER, FrameSamplingConfig, decode_opencv,  # noqa: E402
                                decode_pyav, normalize_frames, read_frames, sample_frame_indices)
 from tests.datagen import make_msrvtt, write_video, write_wav  # noqa: E402
-from training import video_inputs  # noqa: E402
+from dataloaders.base import video_inputs  # noqa: E402
 
 CLIP_SIZE = (320, 240)
 CLIPS = {"30fps": 30, "3fps": 3}

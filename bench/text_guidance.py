@@ -66,7 +66,7 @@ import util  # noqa: E402
 from bench import demo  # noqa: E402
 from dataloaders.base import collate_items  # noqa: E402
 from dataloaders.registry import build_eval_datasets  # noqa: E402
-from evaluation import encode_dataset, rerank_split, score_split, split_metrics  # noqa: E402
+from evaluation import encode_dataset, rerank_split, score_split  # noqa: E402
 from metrics import metrics_report, text_to_video_ranks  # noqa: E402
 from modules.tokenization_clip import ClipTokenizer  # noqa: E402
 
@@ -275,12 +275,12 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
     start = time.time()
     scored = score_split(model, texts, videos, query.caption_video, info)
     out["full"] = {"seconds": time.time() - start, "pairs_fused": len(texts) * len(videos) if row.text_guided else 0,
-                   "metrics": split_metrics(scored.sim, query.caption_video, dsl=False),
+                   "metrics": metrics_report(scored.sim, query.caption_video),
                    "subsets": subset_report(scored.sim, scored.sim, query)}
     out["gates"] = gate_report(scored, query)
     if row.text_guided:
         stage1 = model.agnostic_scores(texts, videos).scores.numpy()
-        out["stage1"] = {"metrics": split_metrics(stage1, query.caption_video, dsl=False),
+        out["stage1"] = {"metrics": metrics_report(stage1, query.caption_video),
                          "subsets": subset_report(stage1, stage1, query)}
         for k in RERANK_KS:
             start = time.time()

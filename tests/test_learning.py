@@ -29,6 +29,7 @@ import evaluation
 import main_task_retrieval
 import training
 import util
+from dataloaders.base import video_inputs
 from metrics import retrieval_metrics
 from modules.ast import ASTConfig
 from modules.modeling import AVIGATE, AVIGATEConfig
@@ -82,7 +83,7 @@ def t2v_r1(model: AVIGATE, batch: dict, precision: str = "fp32") -> float:
     model.eval()
     with util.autocast(torch.device("cpu"), precision):
         text = model.encode_text(batch["text_ids"], batch["text_mask"])
-        video = model.encode_video(**training.video_inputs(batch, torch.device("cpu")))
+        video = model.encode_video(**video_inputs(batch, torch.device("cpu")))
     scores = model.score(text.to(dtype=torch.float32), video.to(dtype=torch.float32))
     return retrieval_metrics(scores.numpy(), np.arange(len(text)))["t2v_R@1"]
 
