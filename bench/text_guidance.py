@@ -136,16 +136,12 @@ def train_args(cfg: demo.DemoConfig, paths: demo.Paths, row: StudyRow, seed: int
     """main_task_retrieval.py flags of one training run (no test: evaluated in-process)."""
     extra = []
     if row.warm_start:
-        extra = ["--init_model", selected_checkpoint(runs[(row.warm_start, seed)])]
+        extra = ["--init_model", demo.selected_checkpoint(runs[(row.warm_start, seed)])]
     return ["--do_train", "--skip_test", *demo.common_flags(cfg, paths), *demo.audio_flags(row, paths),
             *row.flags, *extra, "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs),
             "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
             "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50", "--seed", str(seed),
             "--output_dir", run_dir]
-
-
-def selected_checkpoint(run_dir: str) -> str:
-    return demo.demo_results.read_json(os.path.join(run_dir, "selected_checkpoint.json"))["checkpoint"]
 
 
 def train_row(cfg, paths, row: StudyRow, seed: int, runs: dict) -> float:
@@ -260,7 +256,7 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
     torch.set_num_threads(threads)
     util.setup_logging(None, util.DistInfo())
     args = main_task_retrieval.build_parser().parse_args(
-        eval_args(cfg, paths, row, selected_checkpoint(run_dir), os.path.join(run_dir, "study_eval")))
+        eval_args(cfg, paths, row, demo.selected_checkpoint(run_dir), os.path.join(run_dir, "study_eval")))
     info = util.DistInfo()
     util.seed_everything(args.seed)
     model = main_task_retrieval.build_model(args, info.device).eval()

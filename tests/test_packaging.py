@@ -1,4 +1,6 @@
 """pyproject.toml installs every package and top-level module of the repository."""
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -14,3 +16,10 @@ def test_pyproject_lists_every_package_and_module():
     # The tokenizer's vocabulary must travel with the wheel.
     for name in config["package-data"]["modules"]:
         assert (ROOT / "modules" / name).is_file()
+
+
+def test_evaluation_does_not_import_training():
+    # Evaluating a checkpoint needs no training code (what both use lives in dataloaders/util).
+    code = "import sys, evaluation; print('training' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
