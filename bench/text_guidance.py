@@ -69,6 +69,7 @@ from dataloaders.registry import build_eval_datasets  # noqa: E402
 from evaluation import encode_dataset, rerank_split, score_split  # noqa: E402
 from metrics import metrics_report, text_to_video_ranks  # noqa: E402
 from modules.tokenization_clip import ClipTokenizer  # noqa: E402
+from tools.packed_results import pack_bits, read_npz, unpack_bits, write_npz  # noqa: E402
 
 SEEDS = (0, 1, 2)
 RERANK_KS = (5, 10, 20, 50)
@@ -81,6 +82,7 @@ TEXT_FLAGS = ("--text_gate", "--text_query", "--query_gate")
 KINDS = ("sound", "visual_informative", "visual_noise")
 CATEGORIES = ("twin", "solo", "noise")
 RECALLS = (1, 5, 10)
+HITS = "t2v_hits_R@1"  # per-query t2v hits at R@1 (paired goal test), stored bit-packed
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 
 
@@ -218,7 +220,7 @@ def subset_report(t2v: np.ndarray, v2t: np.ndarray, query: Query) -> dict:
             entry[f"t2v_R@{k}_ci95"] = bootstrap_recall(t_hits, rng)
             entry[f"v2t_R@{k}"] = float(100 * v_hits.mean()) if v_hits.size else None
             entry[f"v2t_R@{k}_ci95"] = bootstrap_recall(v_hits, rng)
-        entry["t2v_hits_R@1"] = (t2v_ranks[selected] <= 1).astype(int).tolist()
+        entry[HITS] = (t2v_ranks[selected] <= 1).astype(int).tolist()
         out[name] = entry
     return out
 
@@ -324,8 +326,8 @@ def goal_test(rows: dict, candidate: str, reference: str = "avigate", protocol: 
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     out = {}
     for subset in ("all", *KINDS):
-        a = np.array([rows[candidate][s][protocol]["subsets"][subset]["t2v_hits_R@1"] for s in seeds], dtype=float)
-        b = np.array([rows[reference][s]["full"]["subsets"][subset]["t2v_hits_R@1"] for s in seeds], dtype=float)
+        a = np.array([rows[candidate][s][protocol]["subsets"][subset][HITS] for s in seeds], dtype=float)
+        b = np.array([rows[reference][s]["full"]["subsets"][subset][HITS] for s in seeds], dtype=float)
         diff = 100 * (a - b)                                       # [seeds, queries]
         boot = diff[:, rng.integers(0, diff.shape[1], (BOOTSTRAP, diff.shape[1]))].mean(-1).mean(0)
         d, se = float(diff.mean()), float(boot.std(ddof=1))
@@ -478,19 +480,30 @@ def figures(results: dict, out_prefix: str) -> list:
 
 
 def write_results(results: dict, prefix: str) -> None:
-    """Draw the figures, then write ``<prefix>.json`` (naming them) and the ``<prefix>.md`` page."""
+    """Draw the figures, then write ``<prefix>.json`` (naming them), the per-query hits
+    bit-packed in ``<prefix>_hits.npz`` (the JSON refers to them) and the ``<prefix>.md`` page."""
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     results["figures"] = figures(results, prefix)
+    compact, hits = pack_bits(results, HITS)
     with open(f"{prefix}.json", "w") as handle:
-        json.dump(results, handle, indent=1, default=float)
+        json.dump(compact, handle, indent=1, default=float)
+    write_npz(f"{prefix}_hits.npz", hits)
     with open(f"{prefix}.md", "w") as handle:
         handle.write(markdown(results))
 
 
+def read_results(prefix: str) -> dict:
+    """``<prefix>.json`` with its per-query hits back in place (from ``<prefix>_hits.npz``;
+    results written before the hits moved there carry them inline)."""
+    with open(f"{prefix}.json") as handle:
+        results = json.load(handle)
+    hits_path = f"{prefix}_hits.npz"
+    return unpack_bits(results, read_npz(hits_path), HITS) if os.path.exists(hits_path) else results
+
+
 def replot(prefix: str) -> None:
     """Redraw the figures and rewrite the Markdown page from ``<prefix>.json`` (no training)."""
-    with open(f"{prefix}.json") as handle:
-        write_results(json.load(handle), prefix)
+    write_results(read_results(prefix), prefix)
 
 
 # ----------------------------------------------------------------------------- entry point
