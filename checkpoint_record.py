@@ -37,6 +37,8 @@ import os
 import typing
 from typing import Any, Iterable, Optional
 
+from atomic_io import write_json
+
 FORMAT = "avigate-checkpoint-record"
 VERSION = 1
 SUFFIX = ".json"
@@ -71,12 +73,8 @@ def make_record(model_config: dict, flags: dict, weight_sources: dict, git: dict
 
 
 def write_record(checkpoint: str, record: dict) -> None:
-    """Atomic write of ``<checkpoint>.json`` (temp file + rename)."""
-    path = record_path(checkpoint)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Atomic write of ``<checkpoint>.json``."""
+    write_json(record_path(checkpoint), record)
 
 
 def read_record(checkpoint: str, flag: str = "--init_model") -> Optional[dict]:

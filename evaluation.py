@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atomic_io import atomic_path, write_json
 from dataloaders.base import collate_items, video_inputs
 from metrics import metrics_report, text_to_video_ranks
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
-from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap, write_json
+from util import DistInfo, autocast, gather_objects, logger, shard_range, unwrap
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
@@ -368,11 +369,9 @@ def topk_records(split, scored: ScoredSplit):
 
 def write_topk(path: str, split, scored: ScoredSplit) -> None:
     """topk.jsonl (``topk_records``), written atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for record in topk_records(split, scored):
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
 
 
 def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict,
@@ -390,9 +389,8 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
     if perturbation is not None and perturbation["kind"] != "none":
         write_json(os.path.join(output_dir, PERTURBATION_FILE), {**label, **perturbation})
     write_json(os.path.join(output_dir, "metrics.json"), {**label, **metrics})
-    tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
-    np.save(tmp, scored.sim.astype(np.float32))
-    os.replace(tmp, os.path.join(output_dir, "sim_matrix.npy"))
+    with atomic_path(os.path.join(output_dir, "sim_matrix.npy")) as tmp:
+        np.save(tmp, scored.sim.astype(np.float32))
     write_json(os.path.join(output_dir, "sim_rows.json"),
                [{"video_id": split.video_ids[v], "caption": c}
                 for c, v in zip(split.captions, split.caption_video)])
@@ -401,10 +399,9 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
         write_json(os.path.join(output_dir, "gates.json"), {**label, **gates_report(scored, split)})
     if scored.reranked is not None:
         r = scored.reranked
-        tmp = os.path.join(output_dir, f"rerank_pairs.tmp{os.getpid()}.npz")
-        np.savez(tmp, topk=r.topk, pair_text=r.pair_text, pair_video=r.pair_video, pair_scores=r.pair_scores,
-                 **{f"gates_{name}": g for name, g in r.pair_gates.items()})
-        os.replace(tmp, os.path.join(output_dir, "rerank_pairs.npz"))
+        with atomic_path(os.path.join(output_dir, "rerank_pairs.npz")) as tmp:
+            np.savez(tmp, topk=r.topk, pair_text=r.pair_text, pair_video=r.pair_video, pair_scores=r.pair_scores,
+                     **{f"gates_{name}": g for name, g in r.pair_gates.items()})
     if scored.topk is not None:
         write_topk(os.path.join(output_dir, TOPK_FILE), split, scored)
 

@@ -63,6 +63,7 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
 
 import main_task_retrieval  # noqa: E402
 import util  # noqa: E402
+from atomic_io import write_json, write_text  # noqa: E402
 from bench import demo  # noqa: E402
 from dataloaders.base import collate_items  # noqa: E402
 from dataloaders.registry import build_eval_datasets  # noqa: E402
@@ -485,11 +486,9 @@ def write_results(results: dict, prefix: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     results["figures"] = figures(results, prefix)
     compact, hits = pack_bits(results, HITS)
-    with open(f"{prefix}.json", "w") as handle:
-        json.dump(compact, handle, indent=1, default=float)
+    write_json(f"{prefix}.json", compact, indent=1, default=float)
     write_npz(f"{prefix}_hits.npz", hits)
-    with open(f"{prefix}.md", "w") as handle:
-        handle.write(markdown(results))
+    write_text(f"{prefix}.md", markdown(results))
 
 
 def read_results(prefix: str) -> dict:

@@ -39,6 +39,8 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 
 from tqdm import tqdm
 
+from atomic_io import write_json
+
 PathLike = Union[str, os.PathLike]
 
 MODULES_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -160,10 +162,7 @@ def write_sha256_record(path: PathLike, sha256: str, url: Optional[str]) -> None
     """Record a verified file's SHA-256 (with its size and mtime) next to it, atomically."""
     path = os.fspath(path)
     payload = {"file": os.path.basename(path), "sha256": sha256, "url": url, **_stamp(path)}
-    tmp = f"{record_path(path)}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(tmp, record_path(path))
+    write_json(record_path(path), payload, indent=1)
 
 
 def checked_sha256(path: PathLike) -> Optional[str]:

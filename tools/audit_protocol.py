@@ -45,7 +45,7 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, ROOT)
 
 import main_task_retrieval  # noqa: E402
-from util import write_json  # noqa: E402
+from atomic_io import write_json  # noqa: E402
 
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_ALT_BATCH_SIZES = (7, 3)

@@ -16,6 +16,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from atomic_io import atomic_path
+
 # Zip entries carry a modification time; a fixed one keeps the archive's bytes reproducible.
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -72,7 +74,7 @@ def unpack_bits(results: dict, arrays: Dict[str, np.ndarray], field: str) -> dic
 
 def write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
     """Like ``np.savez_compressed`` (``np.load`` reads it), with sorted entries and fixed times."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(arrays):
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asarray(arrays[name]), allow_pickle=False)
