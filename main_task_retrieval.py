@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the AVIGATE checkpoint of --init_model) stays exactly as it is")
     o.add_argument("--beta", type=float, default=0.2, help="adaptive-margin slope")
     o.add_argument("--margin_BD", type=float, default=0.1, help="adaptive-margin cap (VATEX 0.05)")
+    o.add_argument("--margin_fixed", action="store_true",
+                   help="every negative pair's margin = --margin_BD instead of the adaptive margin "
+                        "(the paper's fixed-margin row of Table 4; --beta is then unused)")
     o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
                    help="text-guided training pairs; own_caption is a LEAKING diagnostic")
     o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
@@ -422,7 +425,7 @@ def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTCon
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
     """The training objective: margins, pair selection, pair chunking."""
-    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
+    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD, fixed=args.margin_fixed),
                            training_pairs=args.training_pairs, hardest_k=args.hardest_k,
                            pairs_per_chunk=args.train_pairs_per_chunk)
 

@@ -27,15 +27,18 @@ import torch.nn.functional as F
 
 @dataclass
 class LossConfig:
-    """Adaptive-margin settings.
+    """Margin settings.
 
     Args:
         beta: margin slope ``--beta``; 0 gives the plain symmetric InfoNCE.
         margin_cap: upper bound on every margin, ``--margin_BD`` (0.1 MSR-VTT, 0.05 VATEX,
             0.1 Charades); 0 gives the plain symmetric InfoNCE.
+        fixed: ``--margin_fixed``: every off-diagonal margin equals ``margin_cap`` (the
+            paper's fixed-margin row of Table 4; ``beta`` is then unused).
     """
     beta: float = 0.2
     margin_cap: float = 0.1
+    fixed: bool = False
 
 
 def _distributed_world_size() -> int:
@@ -164,6 +167,16 @@ def adaptive_margins(text: torch.Tensor, video_mean: torch.Tensor, beta: float,
     v = F.normalize(_at_least_fp32(video_mean), dim=-1)
     similarity = (t @ t.t() + v @ v.t()) / 2
     margins = torch.clamp(beta * (1 - similarity), max=margin_cap)
+    return margins.fill_diagonal_(0.0)
+
+
+def pair_margins(text: torch.Tensor, video_mean: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Margins [B, B] of ``cfg``: ``margin_cap`` off the diagonal (``cfg.fixed``) or the
+    adaptive margins of text [B, D] and video_mean [B, D]; the diagonal is zero."""
+    if not cfg.fixed:
+        return adaptive_margins(text, video_mean, cfg.beta, cfg.margin_cap)
+    margins = torch.full((text.shape[0], text.shape[0]), cfg.margin_cap, device=text.device,
+                         dtype=_at_least_fp32(text).dtype)
     return margins.fill_diagonal_(0.0)
 
 

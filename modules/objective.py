@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modules.loss import LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad, \
-    margin_contrastive_loss
+from modules.loss import LossConfig, all_gather_no_grad, all_gather_with_grad, margin_contrastive_loss, \
+    pair_margins
 from modules.modeling import (MEASURED_PAIR_SIZE, AVIGATE, PairContext, PairScores, device_memory_bytes,
                               grid_chunk)
 from modules.similarity import exact_fp32, video_index
@@ -46,7 +46,7 @@ class ObjectiveConfig:
     """Training objective settings.
 
     Args:
-        loss: adaptive margins (``--beta``, ``--margin_BD``).
+        loss: margins (``--beta``, ``--margin_BD``, ``--margin_fixed``).
         training_pairs: which (text, video) pairs a text-guided model fuses: "all" (every
             in-batch pair, the rule of docs/design.md §4), "hardest_k" (the positive and the
             ``hardest_k`` hardest negatives of each text by the unfused frames' score; the
@@ -159,7 +159,7 @@ class ContrastiveObjective(nn.Module):
         text_g = all_gather_with_grad(text)
         mask_g = all_gather_no_grad(mask)
         summary_g = all_gather_no_grad(model.video_summary(feats.frames.detach(), mask))
-        margins = adaptive_margins(text_g, summary_g, self.cfg.loss.beta, self.cfg.loss.margin_cap)
+        margins = pair_margins(text_g, summary_g, self.cfg.loss)
         if not model.text_guided:
             logits = model.similarity(text_g, all_gather_with_grad(feats.index), mask_g)
             gate_stats = _gate_stats([feats.gates])
