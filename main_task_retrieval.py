@@ -178,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune the AST trunk at lr x coef_lr (needs --audio_path: a token cache holds the "
                         "frozen trunk's output); the paper's Table 11 (e)")
     o.add_argument("--grad_clip_scope", choices=CLIP_SCOPES, default="group",
-                   help="clip each parameter group's gradient norm at 1.0 (DESIGN) or the global norm "
-                        "(the released training loop)")
+                   help="clip each parameter group's gradient norm at 1.0 or the global norm (the released "
+                        "training loop, docs/design.md §7)")
     o.add_argument("--weight_decay_rule", choices=DECAY_RULES, default="ndim",
-                   help="decay tensors with >= 2 dims (DESIGN) or every tensor whose name lacks 'bias' "
-                        "(released: LayerNorm weights and logit_scale decay too)")
+                   help="decay tensors with >= 2 dims or every tensor whose name lacks 'bias' "
+                        "(released: LayerNorm weights and logit_scale decay too, docs/design.md §7)")
     o.add_argument("--freeze_agnostic", action="store_true",
                    help="text-guided models: train only the text terms; the text-agnostic model (e.g. "
                         "the AVIGATE checkpoint of --init_model) stays exactly as it is")
