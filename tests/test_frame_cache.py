@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+import main_task_retrieval
 from dataloaders.base import collate_items
 from dataloaders.frame_cache import (ENTRY_SUFFIX, FrameCache, FrameCacheError, entry_path, read_header,
                                      video_fingerprint)
 from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset
 from dataloaders.video import FrameSamplingConfig, VideoReadError, read_frames
+from modules.clip import CLIPConfig
 from preprocess import cache_frames
 from tests.datagen import make_msrvtt, write_bad_video, write_video
+from tests.test_train_e2e import tiny_flags, train_losses, write_tiny_checkpoints
 
 SIZE = 32
 CFG = FrameSamplingConfig(max_frames=4, framerate=2.0, image_size=SIZE)
@@ -278,3 +281,24 @@ def test_entry_names_refuse_path_like_ids(tmp_path):
     for video_id in ("../x", "a/b", ".hidden", ""):
         with pytest.raises(FrameCacheError, match="cannot name a frame cache entry"):
             entry_path(str(tmp_path), video_id)
+
+
+def test_training_run_reads_the_cache_with_unchanged_results(tmp_path):
+    """main_task_retrieval with --frame_cache: the same losses and scores as decoding; a cache
+    built with other frame flags is refused, naming the flag."""
+    data = make_msrvtt(str(tmp_path / "data"), n_videos=4, n_test=2, seconds=1.0)
+    ckpts = write_tiny_checkpoints(str(tmp_path))
+    frames = FrameSamplingConfig(max_frames=2, image_size=CLIPConfig.tiny().image_resolution)
+    cache_dir = str(tmp_path / "frame_cache")
+    build([data["train_csv"], data["test_csv"]], data["features_path"], cache_dir, frames)
+    runs = {}
+    for name, extra in (("decode", []), ("cached", ["--frame_cache", cache_dir])):
+        out = tmp_path / name
+        main_task_retrieval.main(["--do_train", "--epochs", "1", *tiny_flags(data, ckpts, out, *extra)])
+        runs[name] = (train_losses(out), np.load(out / "sim_matrix.npy"))
+    assert runs["cached"][0] == runs["decode"][0]
+    np.testing.assert_array_equal(runs["cached"][1], runs["decode"][1])
+    with pytest.raises(FrameCacheError, match="--max_frames: cache 2, this run 3"):
+        main_task_retrieval.main(["--do_train", "--epochs", "1",
+                                  *tiny_flags(data, ckpts, tmp_path / "other", "--frame_cache", cache_dir,
+                                              "--max_frames", "3")])
