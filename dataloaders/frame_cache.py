@@ -268,14 +268,15 @@ class FrameCache:
         if entry.reason is not None:
             raise VideoReadError(self.video_files[video_id], f"{entry.reason} (recorded by the frame cache "
                                                              f"'{self.directory}' when it was built)")
-        expected = entry.offset + int(np.prod(entry.shape))
-        if os.path.getsize(entry.path) != expected:
-            raise FrameCacheError(f"frame cache entry '{entry.path}' is truncated (now {os.path.getsize(entry.path)} "
-                                  f"bytes, {expected} expected): rerun `{BUILD_HINT}` to rebuild it")
         count, size = entry.shape[0], self.cfg.image_size
         frames = torch.zeros(self.cfg.max_frames, 3, size, size, dtype=torch.uint8)
         real = frames[:count].numpy()
-        np.copyto(real, np.memmap(entry.path, dtype=np.uint8, mode="r", offset=entry.offset, shape=entry.shape))
+        with open(entry.path, "rb") as handle:  # size and map from one descriptor: the same file
+            expected, found = entry.offset + real.nbytes, os.fstat(handle.fileno()).st_size
+            if found != expected:
+                raise FrameCacheError(f"frame cache entry '{entry.path}' is truncated (now {found} bytes, "
+                                      f"{expected} expected): rerun `{BUILD_HINT}` to rebuild it")
+            np.copyto(real, np.memmap(handle, dtype=np.uint8, mode="r", offset=entry.offset, shape=entry.shape))
         if zlib.crc32(real) != entry.crc32:
             raise FrameCacheError(f"frame cache entry '{entry.path}' is corrupt (CRC-32 mismatch): rerun "
                                   f"`{BUILD_HINT}` to rebuild it")
