@@ -255,9 +255,6 @@ class FrameCache:
         return _Entry(path, offset, tuple(header["shape"]), header["crc32"],
                       header.get("reason") if header["status"] == STATUS_UNREADABLE else None)
 
-    def __contains__(self, video_id: str) -> bool:
-        return video_id in self._entries
-
     def read(self, video_id: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """The ``read_frames`` output of one video: frames uint8 [F, 3, S, S] (zeros past the real
         frames) and frame_mask bool [F]; raises the decode path's VideoReadError for a video
