@@ -245,8 +245,8 @@ class FrameCache:
             first = next(iter(problems))
             raise FrameCacheError(
                 f"the frame cache '{directory}' cannot serve {len(problems)} of {len(self.video_files)} videos "
-                f"({_names(problems)}; e.g. {first}: {problems[first]}): rerun `{BUILD_HINT}` with the same "
-                "video list and flags to build or rebuild them")
+                f"({_names(problems)}; e.g. {first}: {problems[first]}): rerun `{BUILD_HINT}` with these videos "
+                "in --video_list and the same flags; it builds or rebuilds exactly these entries")
         self._entries = {video_id: self._entry(video_id) for video_id in self.video_files}
 
     def _entry(self, video_id: str) -> _Entry:
