@@ -181,16 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune the AST trunk at lr x coef_lr (needs --audio_path: a token cache holds the "
                         "frozen trunk's output); the paper's Table 11 (e)")
     o.add_argument("--grad_clip_scope", choices=CLIP_SCOPES, default="group",
-                   help="clip each parameter group's gradient norm at 1.0 (DESIGN) or the global norm "
-                        "(the released training loop)")
+                   help="clip each parameter group's gradient norm at 1.0 or the global norm (the released "
+                        "training loop, docs/design.md §7)")
     o.add_argument("--weight_decay_rule", choices=DECAY_RULES, default="ndim",
-                   help="decay tensors with >= 2 dims (DESIGN) or every tensor whose name lacks 'bias' "
-                        "(released: LayerNorm weights and logit_scale decay too)")
+                   help="decay tensors with >= 2 dims or every tensor whose name lacks 'bias' "
+                        "(released: LayerNorm weights and logit_scale decay too, docs/design.md §7)")
     o.add_argument("--freeze_agnostic", action="store_true",
                    help="text-guided models: train only the text terms; the text-agnostic model (e.g. "
                         "the AVIGATE checkpoint of --init_model) stays exactly as it is")
     o.add_argument("--beta", type=float, default=0.2, help="adaptive-margin slope")
     o.add_argument("--margin_BD", type=float, default=0.1, help="adaptive-margin cap (VATEX 0.05)")
+    o.add_argument("--margin_fixed", action="store_true",
+                   help="every negative pair's margin = --margin_BD instead of the adaptive margin "
+                        "(the paper's fixed-margin row of Table 4; --beta is then unused)")
     o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
                    help="text-guided training pairs; own_caption is a LEAKING diagnostic")
     o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
@@ -426,7 +429,7 @@ def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTCon
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
     """The training objective: margins, pair selection, pair chunking."""
-    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
+    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD, fixed=args.margin_fixed),
                            training_pairs=args.training_pairs, hardest_k=args.hardest_k,
                            pairs_per_chunk=args.train_pairs_per_chunk)
 
@@ -435,7 +438,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
                 context: Optional[CheckpointContext] = None) -> AVIGATE:
     """The model, then --init_model's weights if given.
 
-    Without a checkpoint record: CLIP + AST weights from their released files (DESIGN §7 init);
+    Without a checkpoint record: CLIP + AST weights from their released files (docs/design.md §7 init);
     missing released files are fetched into --weights_cache (modules/weights.py). With the
     record of --init_model / --resume_model (``context.record``) every weight comes from that
     checkpoint, so the model is built from the record's configuration (``args`` already agree
@@ -464,7 +467,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
 
 
 def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
-    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+    """CLIP (and AST) from their released files, new modules at their docs/design.md §7 init."""
     cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
     resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
     if not args.no_audio:
@@ -482,7 +485,7 @@ def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict
 def model_from_record(args: argparse.Namespace, context: CheckpointContext) -> tuple[AVIGATE, dict]:
     """The model of a checkpoint's record, before its weights are loaded: the recorded
     configuration, with this run's text flags in the warm start of a text-guided model from an
-    AVIGATE checkpoint (its text terms then start at their init, DESIGN §4a)."""
+    AVIGATE checkpoint (its text terms then start at their init, docs/design.md §4a)."""
     source = checkpoint_record.record_path(context.checkpoint)
     recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
     cfg = model_config(args, recorded.clip, recorded.ast)
@@ -537,7 +540,7 @@ def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
-    """Freeze, group and optimize the parameters (DESIGN §7); wrap the objective in DDP when
+    """Freeze, group and optimize the parameters (docs/design.md §7); wrap the objective in DDP when
     distributed."""
     optimizer = build_optimizer(model, optim_config(args))
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
@@ -609,7 +612,7 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
     """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched.
 
-    Batches are pinned on CUDA (``training.video_inputs`` copies them ``non_blocking``).
+    Batches are pinned on CUDA (``dataloaders.base.video_inputs`` copies them ``non_blocking``).
     Workers are deliberately not persistent: a worker holds the copy of ``train_set`` made
     when it started, so ``train_set.set_epoch`` (the per-epoch caption draw without
     --expand_msrvtt_sentences) and the per-epoch worker seeds would not reach a worker kept
@@ -730,7 +733,7 @@ def log_record_use(context: CheckpointContext) -> None:
     util.logger.info("architecture from the record of %s%s", checkpoint,
                      f": {taken}" if taken else " (the flags given agree with it)")
     if context.warm_start:
-        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (DESIGN §4a): "
+        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (docs/design.md §4a): "
                          "its text terms are created at their init", checkpoint)
 
 

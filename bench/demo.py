@@ -46,6 +46,7 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, ROOT)
 
 import main_task_retrieval  # noqa: E402
+from atomic_io import write_json  # noqa: E402
 from bench import demo_results  # noqa: E402
 from dataloaders.audio_cache import AudioCacheWriter  # noqa: E402
 from modules.ast import AST  # noqa: E402
@@ -101,7 +102,7 @@ class RowSpec:
     robustness: bool = False
 
 
-# The public implementation's random start of the text terms (before DESIGN §4a).
+# The public implementation's random start of the text terms (before docs/design.md §4a).
 EARLIER_TEXT_INIT = ("--text_init", "normal")
 ROWS = (
     RowSpec("visual_only", "visual-only (--no_audio)", ("--no_audio",), audio="none", robustness=True),
@@ -244,9 +245,7 @@ def read_stamp(directory: str) -> Optional[dict]:
 
 def write_stamp(directory: str, spec: dict, seconds: float) -> None:
     path = os.path.join(directory, STAMP)
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"spec": spec, "seconds": round(seconds, 1)}, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, {"spec": spec, "seconds": round(seconds, 1)}, indent=1)
 
 
 def cached_stage(label: str, directory: str, spec: dict, build: Callable[[], None]) -> float:

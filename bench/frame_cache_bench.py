@@ -1,6 +1,6 @@
 """Frame cache vs decoding (issue 20): loader clips/s per core, bytes per clip, build cost.
 
-On generated textured clips (320x240, ``--fps``; DESIGN §9 recommends 3 fps copies) in the
+On generated textured clips (320x240, ``--fps``; docs/design.md §9 recommends 3 fps copies) in the
 MSR-VTT layout, every caption an item (``--expand_msrvtt_sentences``), 224 px frames:
 
 - ``build``: ``preprocess.cache_frames`` over the clips at ``--max_frames`` 12 and 32 (run.sh's
@@ -212,7 +212,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--long_clips", type=int, default=2, help="clips of the 32-frame build")
     parser.add_argument("--long_seconds", type=float, default=33.0,
                         help="their duration (>= 32 s: 32 frames at 1 fps; Charades clips average 30 s)")
-    parser.add_argument("--fps", type=float, default=3.0, help="clip frame rate (3: DESIGN §9's copies; 30: raw)")
+    parser.add_argument("--fps", type=float, default=3.0, help="clip frame rate (3: docs/design.md §9's copies; 30: raw)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--batch_size", type=int, default=16, help="loader batch (one rank's share)")
     parser.add_argument("--batches", type=int, default=1,

@@ -1,4 +1,4 @@
-"""Dataset machinery shared by MSR-VTT, VATEX and Charades (DESIGN §8, §9).
+"""Dataset machinery shared by MSR-VTT, VATEX and Charades (docs/design.md §8, §9).
 
 Each dataset module only parses its annotation files into a ``RetrievalSplit`` (captions,
 the video of each caption, unique video ids). Everything else lives here once:
@@ -10,7 +10,8 @@ the video of each caption, unique video ids). Everything else lives here once:
   ``<video_id>.wav`` or AST tokens from a feature cache;
 - ``PairDataset`` (training: one item per caption, or one per video per epoch),
   ``TextDataset`` and ``VideoDataset`` (evaluation: every caption and every video once);
-- ``collate_items``: stacks item dicts into batch dicts.
+- ``collate_items``: stacks item dicts into batch dicts; ``video_inputs``: a batch's video
+  keys -> the model's keyword arguments, on the device.
 
 Item dicts (S = image_size, F = max_frames, L = max_words, A audio tokens, W AST width):
     text_ids  int64 [L]      text_mask int64 [L]      text_index  int64 []
@@ -21,7 +22,7 @@ Item dicts (S = image_size, F = max_frames, L = max_words, A audio tokens, W AST
 ``frames`` are RGB after resize and center crop, zeros at padded frames, not yet
 normalized: workers ship uint8 (a quarter of the float bytes) and the training process
 normalizes the batch on its device (``dataloaders.video.normalize_frames``, called by
-``training.video_inputs``).
+``video_inputs``).
 PairDataset items hold all keys, TextDataset items the text keys plus video_index,
 VideoDataset items the video keys. Batches add a leading B dimension.
 
@@ -44,7 +45,7 @@ from torch.utils.data import Dataset
 from dataloaders.audio import AudioIssueCounter, FbankConfig, load_ast_input
 from dataloaders.audio_cache import AudioFeatureCache
 from dataloaders.frame_cache import FrameCache
-from dataloaders.video import FrameSamplingConfig, VideoReadError, decode_frames, read_frames
+from dataloaders.video import FrameSamplingConfig, VideoReadError, decode_frames, normalize_frames, read_frames
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +300,6 @@ class MediaLoader:
         self.audio = audio
         self.frame_cache = frame_cache
 
-    def issue_summary(self, counter: VideoIssueCounter) -> str:
-        """One log line: videos dropped/replaced (``counter``) and audio zero-filled, all workers."""
-        return f"{counter.summary()}; {self.audio.counter.summary()}"
-
     def load(self, video_id: str) -> Dict[str, torch.Tensor]:
         """Video keys of an item (without video_index); raises VideoReadError naming the file."""
         if self.frame_cache is not None:
@@ -334,7 +331,7 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, split: RetrievalSplit, media: MediaLoader, tokenizer, max_words: int,
-                 expand_sentences: bool = True, seed: int = 0, skip_bad_videos: bool = False,
+                 expand_sentences: bool = False, seed: int = 0, skip_bad_videos: bool = False,
                  counter: Optional[VideoIssueCounter] = None):
         if split.num_texts == 0:
             raise ValueError(f"{split.name}: no training captions left")
@@ -360,10 +357,6 @@ class PairDataset(Dataset):
 
     def __len__(self) -> int:
         return self.split.num_texts if self.expand_sentences else self.split.num_videos
-
-    def issue_summary(self) -> str:
-        """Skipped videos and audio fallbacks so far, summed over DataLoader workers (log once)."""
-        return self.media.issue_summary(self.counter)
 
     def _caption_index(self, index: int) -> int:
         return index if self.expand_sentences else int(self._epoch_caption[index])
@@ -433,3 +426,17 @@ def collate_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
     """Stack a list of item dicts (same keys) into a batch dict with a leading B dimension
     (dtypes kept: frames stay uint8 [B, F, 3, S, S])."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def video_inputs(batch: dict, device: torch.device) -> dict:
+    """Collated video keys (``collate_items``) -> keyword arguments of ``AVIGATE.encode_video``.
+
+    The uint8 frames [B, F, 3, S, S] are moved and CLIP-normalized on ``device`` (fp32). Copies
+    are ``non_blocking``: asynchronous from the pinned batches of a CUDA loader (kernels
+    on the same stream wait for them), ordinary copies otherwise. The audio is the fbank
+    (wav files), the cached AST tokens, or None (no audio source).
+    """
+    audio = batch.get("fbank", batch.get("audio_tokens"))
+    return {"frames": normalize_frames(batch["frames"], batch["frame_mask"], device),
+            "frame_mask": batch["frame_mask"].to(device, non_blocking=True),
+            "audio": None if audio is None else audio.to(device, non_blocking=True)}

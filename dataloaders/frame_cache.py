@@ -1,4 +1,4 @@
-"""Cache of the loader's frames, one file per video (issue 20; DESIGN §1 Frames, §10).
+"""Cache of the loader's frames, one file per video (issue 20; docs/design.md §1 Frames, §10).
 
 ``read_frames`` decodes, samples, resizes and crops a clip every time a training item asks for
 it: with every caption a sample (MSR-VTT, ``--expand_msrvtt_sentences``) that is ~20 decodes of
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torchvision
 
-from dataloaders.audio_cache import write_json_atomic
+from atomic_io import write_json
 from dataloaders.video import FrameSamplingConfig, VideoReadError
 
 INDEX_FILE = "index.json"
@@ -197,7 +197,7 @@ def write_index(directory: str, sampling: dict) -> None:
         check_sampling(directory, read_index(directory)["sampling"], sampling)
         return
     os.makedirs(directory, exist_ok=True)
-    write_json_atomic(path, {"format_version": FORMAT_VERSION, "sampling": sampling})
+    write_json(path, {"format_version": FORMAT_VERSION, "sampling": sampling}, indent=None)
 
 
 def _names(items) -> str:

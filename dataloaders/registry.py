@@ -80,7 +80,8 @@ class DataConfig:
         on_bad_audio: "error" or "zero" for unreadable wav files.
         skip_bad_videos: drop missing/unreadable videos (training: replace failing
             samples) and count them, instead of raising.
-        expand_sentences: training item per caption (else one per video per epoch).
+        expand_sentences: training item per caption (else one per video per epoch, the
+            default, as ``--expand_msrvtt_sentences`` off).
         seed: seed of the per-epoch caption draw when not expanding sentences.
         audio_perturbation: what replaces the audio of every evaluation video
             (dataloaders.perturb; evaluation datasets only).
@@ -101,7 +102,7 @@ class DataConfig:
     fbank: FbankConfig = field(default_factory=FbankConfig)
     on_bad_audio: str = "error"
     skip_bad_videos: bool = False
-    expand_sentences: bool = True
+    expand_sentences: bool = False
     seed: int = 0
     audio_perturbation: AudioPerturbation = field(default_factory=AudioPerturbation)
     eval_order_seed: Optional[int] = None
@@ -122,10 +123,6 @@ class EvalDatasets:
     texts: TextDataset
     videos: VideoDataset
     counter: VideoIssueCounter
-
-    def issue_summary(self) -> str:
-        """Dropped videos and audio fallbacks, summed over DataLoader workers (log once)."""
-        return self.videos.media.issue_summary(self.counter)
 
     def audio_perturbation(self) -> dict:
         """The audio perturbation of the videos (``PerturbedAudio.record``), {"kind": "none"} without."""

@@ -1,4 +1,4 @@
-"""Gated fusion transformer (DESIGN §3), its text-guided extension (§4) and residual text
+"""Gated fusion transformer (docs/design.md §3), its text-guided extension (§4) and residual text
 guidance (§4a).
 
 Block l on frames x (start x = v0 = frames + P[0:F]) and resampled audio Â:
@@ -57,7 +57,7 @@ TEXT_TERM_SUFFIXES = (".fc1_text.weight", ".text_scale")
 
 def is_text_term(name: str) -> bool:
     """Whether a parameter name (of the fusion or of a model holding it) is a text term: it
-    exists only because the fusion sees the text (DESIGN §4a)."""
+    exists only because the fusion sees the text (docs/design.md §4a)."""
     return name.endswith(TEXT_TERM_SUFFIXES) or f".gates.{GATE_Q}." in name
 
 
@@ -86,7 +86,7 @@ class FusionConfig:
         query_gate: g_q = tanh(MLP_q([mean x ; mean Â ; t])) instead of a learned scalar.
             Gating the text injection implies the injection, so query_gate alone behaves as
             text_query + query_gate.
-        text_init: "zero" (DESIGN §4a residual start: every text-dependent term starts at 0,
+        text_init: "zero" (docs/design.md §4a residual start: every text-dependent term starts at 0,
             so the fusion starts as the text-agnostic one) or "normal" (the earlier init: text
             columns and the query gate normal(0, 0.02), injection scale 1).
         padding_rule: "masked" (padded frames excluded from the gate input means and masked

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atomic_io import TEMP_MARKER, atomic_path
 from dataloaders.base import find_video_files
 from dataloaders.frame_cache import (ENTRY_SUFFIX, STATUS_OK, STATUS_UNREADABLE, FrameCacheError, encode_entry,
                                      entry_path, entry_problem, sampling_fingerprint, video_fingerprint,
                                      write_index)
 from dataloaders.video import DECODERS, DEFAULT_DECODER, FrameSamplingConfig, VideoReadError, read_frames
 from preprocess.cache_audio_features import read_video_ids
-from preprocess.media import TEMP_MARKER, atomic_output
 
 logger = logging.getLogger("cache_frames")
 OUTCOMES = ("built", "kept", "unreadable", "failed_write")
@@ -54,14 +54,11 @@ class Job:
 
 
 def write_entry(path: str, header: dict, frames: np.ndarray) -> None:
-    """Write one entry under a temporary name, flush it to disk, then rename it into place."""
+    """Write one entry atomically (``atomic_io``: temporary name, flushed to disk, renamed)."""
     prefix, data = encode_entry(header, frames)
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(prefix)
-            handle.write(data.reshape(-1))  # contiguous uint8: written without a copy
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(prefix)
+        handle.write(data.reshape(-1))  # contiguous uint8: written without a copy
 
 
 def build_entry(job: Job) -> Tuple[str, str, str]:

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from preprocess.media import atomic_output
+from atomic_io import atomic_path
 
 COPY_CHUNK_BYTES = 1 << 20
 NAMES_SHOWN = 5
@@ -134,7 +134,7 @@ def extract_flat(archive: zipfile.ZipFile, path: str, members: Sequence[zipfile.
             counts["kept"] += 1
             continue
         try:
-            with atomic_output(target) as tmp, archive.open(info) as source, open(tmp, "wb") as sink:
+            with atomic_path(target) as tmp, archive.open(info) as source, open(tmp, "wb") as sink:
                 shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:
             raise PrepareError(f"{path}: member {info.filename} is corrupt ({err}). Delete the archive and "

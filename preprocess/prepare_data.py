@@ -50,13 +50,14 @@ from typing import Callable, Dict, Optional, Sequence
 
 from tqdm import tqdm
 
+from atomic_io import write_json
 from dataloaders.audio import FbankConfig
 from dataloaders.base import find_video_files
 from modules import weights
 from dataloaders.video import FrameSamplingConfig
 from preprocess import (cache_audio_features, cache_frames, compress_video, extract_audio, make_val_split, source_charades,
                         source_msrvtt, source_vatex)
-from preprocess.media import MediaJob, build_report, run_jobs, write_json_atomic
+from preprocess.media import MediaJob, build_report, run_jobs
 from preprocess.prepare_common import AnnotationResult, DatasetOptions, Layout, PrepareError, require_source
 
 SOURCES = {"msrvtt": source_msrvtt, "vatex": source_vatex, "charades": source_charades}
@@ -130,7 +131,7 @@ def media_stage(run: Run, convert: Callable, out_dir: str, ext: str, options: di
     files = find_video_files(run.layout.videos)
     jobs = [MediaJob(v, files[v], os.path.join(out_dir, v + ext), options) for v in run.annotations.video_ids]
     report = build_report(run_jobs(convert, jobs, run.args.workers, desc), {"output_dir": out_dir, **options})
-    write_json_atomic(os.path.join(out_dir, f"{desc}_report.json"), report)
+    write_json(os.path.join(out_dir, f"{desc}_report.json"), report)
     return report
 
 
@@ -271,7 +272,7 @@ def write_report(run: Run) -> str:
         if "check" in run.report["stages"]:
             run.report["run"] = run_command(run, run.report["paths"])
     path = os.path.join(run.layout.root, REPORT_FILE)
-    write_json_atomic(path, run.report)
+    write_json(path, run.report)
     return path
 
 

@@ -82,7 +82,7 @@ def dataset(tmp_path):
     cache_dir = tmp_path / "frame_cache"
     build([paths["train_csv"], paths["test_csv"]], paths["features_path"], cache_dir)
     base = DataConfig(datatype="msrvtt", data_path=paths["data_path"], features_path=paths["features_path"],
-                      audio_path=paths["audio_path"], frames=CFG)
+                      audio_path=paths["audio_path"], frames=CFG, expand_sentences=True)  # one item per caption
     return {"paths": paths, "cache_dir": str(cache_dir), "decode": base,
             "cached": dataclasses.replace(base, frame_cache_dir=str(cache_dir))}
 

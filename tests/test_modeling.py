@@ -1,4 +1,4 @@
-"""AVIGATE model API (DESIGN §7, §11): encoders, pretrained init, training logits == score,
+"""AVIGATE model API (docs/design.md §7, §11): encoders, pretrained init, training logits == score,
 gradients, bad inputs. Tiny configs; audio enters as cached AST tokens except where noted."""
 from dataclasses import replace
 

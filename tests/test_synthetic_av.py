@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -131,7 +132,7 @@ def test_formats_load_with_the_msrvtt_loaders(bench, meta):
         assert {split.captions[t] for t in split.captions_of(v)} == own and len(own) == CAPTIONS
     video = data.videos[0]
     assert video["frames"].shape == (3, 3, 32, 32) and bool(video["has_audio"])
-    training = build_train_dataset(cfg)
+    training = build_train_dataset(replace(cfg, expand_sentences=True))
     assert len(training) == SMALL["num_train_clips"] * SMALL["train_renders"] * CAPTIONS
     # metrics average t2v over every caption and v2t over every video
     scores = (split.caption_video[:, None] == np.arange(split.num_videos)[None, :]).astype(np.float32)
