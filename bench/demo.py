@@ -52,11 +52,15 @@ from preprocess import cache_audio_features  # noqa: E402
 from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
 from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
                                              make_tiny_checkpoints)
+from synthetic.make_val_split import make_val_split  # noqa: E402
+from synthetic.make_val_split import split_files as val_split_files  # noqa: E402
 from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
+from synthetic.pretrain_clip import ClipPretrainConfig, pretrain_clip  # noqa: E402
 from tools import robustness_table  # noqa: E402
 
 STAMP = "stamp.json"
 PRETRAINED_AST_FILE = "ast_pretrained.pth"
+PRETRAINED_CLIP_FILE = "clip_pretrained.pt"
 TRAIN_CSV, TEST_CSV = "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv"
 ZERO_CACHE_BATCH = 64
 # A shuffled re-evaluation reorders texts and videos and uses another encoding batch and
@@ -137,11 +141,17 @@ class DemoConfig:
         workers: processes generating data / computing fbanks.
         num_train_clips, num_test_clips, train_renders, audio_pretrain_clips: benchmark size
             (synthetic/make_synthetic_av.py).
+        num_val_clips: training clips held out as the validation split (synthetic/make_val_split.py)
+            on which every row selects its epoch; 0 = none (the last epoch is kept).
         width, clip_layers, image_resolution, patch_size, ast_width, ast_depth: tiny towers.
         pretrain_steps: audio-trunk pre-training steps.
+        clip_pretrain_steps: CLIP stand-in pre-training steps (synthetic/pretrain_clip.py); 0 =
+            the towers stay random.
         epochs, batch_size, lr, coef_lr, warmup_proportion: retrieval training (global batch;
             every caption a sample).
-        max_frames, fusion_layers, resampler_layers, fusion_residual: model recipe.
+        max_frames, fusion_layers, resampler_layers, fusion_residual, padding_rule,
+            grad_clip_scope, weight_decay_rule: model and optimizer recipe (the released values
+            by default; README "Synthetic benchmark: recipe").
         eval_block: --batch_size_val of the evaluations, i.e. the paired_block block length.
     """
 
@@ -157,6 +167,7 @@ class DemoConfig:
     num_test_clips: int = 100
     train_renders: int = 3
     audio_pretrain_clips: int = 400
+    num_val_clips: int = 60
     width: int = 64
     clip_layers: int = 2
     image_resolution: int = 32
@@ -164,20 +175,30 @@ class DemoConfig:
     ast_width: int = 64
     ast_depth: int = 2
     pretrain_steps: int = 100
+    clip_pretrain_steps: int = ClipPretrainConfig.steps
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 1e-3
-    coef_lr: float = 1.0
+    lr: float = 1e-4
+    coef_lr: float = 1e-3
     warmup_proportion: float = 0.1
     max_frames: int = 5
     fusion_layers: int = 2
     resampler_layers: int = 2
-    fusion_residual: float = 1.0
+    fusion_residual: float = 0.05
+    padding_rule: str = "released"
+    grad_clip_scope: str = "global"
+    weight_decay_rule: str = "released"
     eval_block: int = 16
 
 
 QUICK = dict(num_train_clips=300, num_test_clips=60, train_renders=2, audio_pretrain_clips=200,
-             pretrain_steps=60, epochs=2)
+             num_val_clips=30, pretrain_steps=60, clip_pretrain_steps=200, epochs=2)
+# The recipe before issue 17 (README, "previous recipe"): random tiny CLIP towers trained at the
+# full learning rate, the paper's plain fusion output, no validation split; kept to reproduce the
+# earlier tables (--previous_recipe).
+PREVIOUS_RECIPE = dict(num_val_clips=0, clip_pretrain_steps=0, epochs=3, lr=1e-3, coef_lr=1.0,
+                       fusion_residual=1.0, padding_rule="masked", grad_clip_scope="group",
+                       weight_decay_rule="ndim")
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,18 @@ class Paths:
     @property
     def runs(self) -> str:
         return os.path.join(self.out_dir, "runs")
+
+    @property
+    def val_split(self) -> str:
+        return os.path.join(self.out_dir, "val_split")
+
+    @property
+    def clip_pretrain(self) -> str:
+        return os.path.join(self.out_dir, "clip_pretrain")
+
+    @property
+    def clip_pretrained(self) -> str:
+        return os.path.join(self.clip_pretrain, PRETRAINED_CLIP_FILE)
 
     @property
     def clip(self) -> str:
@@ -276,6 +309,50 @@ def checkpoint_spec(cfg: DemoConfig) -> dict:
             "seed": cfg.data_seed}
 
 
+def clip_spec(cfg: DemoConfig) -> dict:
+    """What the CLIP stand-in depends on: the tiny towers' file and its pre-training settings."""
+    return {"checkpoints": checkpoint_spec(cfg), "pretrain": asdict(clip_pretrain_config(cfg))}
+
+
+def clip_pretrain_config(cfg: DemoConfig) -> ClipPretrainConfig:
+    return ClipPretrainConfig(steps=cfg.clip_pretrain_steps, seed=cfg.data_seed)
+
+
+def clip_file(cfg: DemoConfig, paths: Paths) -> str:
+    """The CLIP weights every row starts from: the pre-trained stand-in, or the random towers
+    when --clip_pretrain_steps is 0 (the previous recipe)."""
+    return paths.clip_pretrained if cfg.clip_pretrain_steps > 0 else paths.clip
+
+
+def val_spec(cfg: DemoConfig) -> dict:
+    return {"data": data_spec(cfg), "num_val_clips": cfg.num_val_clips}
+
+
+def split_csvs(cfg: DemoConfig, paths: Paths) -> dict:
+    """--train_csv / --val_csv of every training run: the training list without the held-out
+    clips and the validation list, or the full training list without validation."""
+    if cfg.num_val_clips <= 0:
+        return {"train_csv": os.path.join(paths.data, TRAIN_CSV), "val_csv": None}
+    files = val_split_files(paths.val_split, cfg.num_val_clips)
+    return {"train_csv": files["train_csv"], "val_csv": files["val_csv"]}
+
+
+def run_inputs(cfg: DemoConfig) -> dict:
+    """Everything a training run reads besides its flags (stage specs), for its cache stamp."""
+    return {"checkpoints": checkpoint_spec(cfg), "clip": clip_spec(cfg) if cfg.clip_pretrain_steps > 0 else None,
+            "val": val_spec(cfg) if cfg.num_val_clips > 0 else None}
+
+
+def build_clip(cfg: DemoConfig, paths: Paths) -> None:
+    report = pretrain_clip(paths.clip, paths.clip_pretrained, clip_pretrain_config(cfg))
+    zero_shot = report["held_out_after"]["zero_shot"]
+    language = report["held_out_after"]["language"]
+    log("CLIP stand-in: held-out zero-shot " + ", ".join(f"{k} {v['accuracy']:.0f}% (chance {v['chance']:.0f}%)"
+                                                        for k, v in zero_shot.items())
+        + f"; paraphrase top-1 {language['paraphrase_top1']:.0f}%, named sound "
+          f"{language['named_sound_nearest_centroid']:.0f}% (chance {language['named_sound_chance']:.0f}%)")
+
+
 def build_data(cfg: DemoConfig, paths: Paths) -> None:
     generate(paths.data, SyntheticAVConfig(**data_spec(cfg), workers=cfg.workers))
 
@@ -324,6 +401,13 @@ def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
                                           spec, lambda: build_checkpoints(cfg, paths))
     seconds["ast_cache"] = cached_stage("AST token cache", paths.ast_cache, spec,
                                         lambda: build_ast_cache(cfg, paths))
+    if cfg.clip_pretrain_steps > 0:
+        seconds["clip_pretrain"] = cached_stage("CLIP stand-in pre-training", paths.clip_pretrain, clip_spec(cfg),
+                                                lambda: build_clip(cfg, paths))
+    if cfg.num_val_clips > 0:
+        seconds["val_split"] = cached_stage(
+            "validation split", paths.val_split, val_spec(cfg),
+            lambda: make_val_split(paths.data, cfg.num_val_clips, cfg.data_seed, paths.val_split))
     if any(ROW_BY_NAME[name].audio == "zero" for name in cfg.rows):
         seconds["zero_cache"] = cached_stage("zero-token cache", paths.zero_cache, spec,
                                              lambda: build_zero_cache(paths))
@@ -337,9 +421,10 @@ def common_flags(cfg: DemoConfig, paths: Paths, eval_batch: Optional[int] = None
     overrides the evaluation batch (cfg.eval_block)."""
     return ["--datatype", "msrvtt", "--data_path", paths.data,
             "--features_path", os.path.join(paths.data, "videos"),
-            "--pretrained_clip_name", paths.clip, "--ast_checkpoint", paths.ast_pretrained,
+            "--pretrained_clip_name", clip_file(cfg, paths), "--ast_checkpoint", paths.ast_pretrained,
             "--max_frames", str(cfg.max_frames), "--cross_num_hidden_layers", str(cfg.fusion_layers),
             "--audio_query_layers", str(cfg.resampler_layers), "--fusion_residual", str(cfg.fusion_residual),
+            "--padding_rule", cfg.padding_rule,
             "--batch_size_val", str(eval_batch or cfg.eval_block), "--device", cfg.device,
             "--num_thread_reader", "0"]
 
@@ -359,10 +444,14 @@ def train_command(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, run_di
                   warm_start: Optional[str] = None) -> list:
     """Training only (--skip_test): the evaluations run in this process afterwards."""
     init = ["--init_model", warm_start] if warm_start else []
+    csvs = split_csvs(cfg, paths)
+    validation = ["--val_csv", csvs["val_csv"]] if csvs["val_csv"] else []
     return (["--do_train", "--skip_test", *common_flags(cfg, paths), *audio_flags(row, paths), *row.flags, *init,
+             "--train_csv", csvs["train_csv"], *validation,
              "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs), "--batch_size", str(cfg.batch_size),
              "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
-             "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50",
+             "--warmup_proportion", str(cfg.warmup_proportion), "--grad_clip_scope", cfg.grad_clip_scope,
+             "--weight_decay_rule", cfg.weight_decay_rule, "--n_display", "50",
              "--seed", str(seed), "--output_dir", run_dir])
 
 
@@ -394,7 +483,7 @@ def cached_run(label: str, out_dir: str, args: list, cfg: DemoConfig, in_process
     """One training (torchrun) or evaluation (this process), skipped when ``out_dir`` holds its
     outputs for the same arguments and the same inputs (data and checkpoints)."""
     run = (lambda: evaluate_here(cfg, args)) if in_process else (lambda: torchrun(cfg, args))
-    return cached_stage(label, out_dir, {"args": args, "inputs": checkpoint_spec(cfg)}, run)
+    return cached_stage(label, out_dir, {"args": args, "inputs": run_inputs(cfg)}, run)
 
 
 def row_evaluations(row: RowSpec, seed: int) -> list:
@@ -595,6 +684,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[DemoConfig, Optional[str]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"reduced run: {QUICK}")
+    parser.add_argument("--previous_recipe", action="store_true",
+                        help=f"the recipe before issue 17, to reproduce its tables: {PREVIOUS_RECIPE}")
     parser.add_argument("--compare_to", default=None, help="an earlier results.json to compare every number with")
     for f in fields(DemoConfig):
         default = f.default
@@ -605,6 +696,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[DemoConfig, Optional[str]
             parser.add_argument(f"--{f.name}", type=type(default), default=None, help=f"default: {default}")
     args = parser.parse_args(argv)
     cfg = replace(DemoConfig(), **QUICK) if args.quick else DemoConfig()
+    if args.previous_recipe:
+        cfg = replace(cfg, **PREVIOUS_RECIPE)
     overrides = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     cfg = replace(cfg, **overrides)

@@ -133,15 +133,9 @@ def ablations(best: StudyRow) -> list[StudyRow]:
 
 def train_args(cfg: demo.DemoConfig, paths: demo.Paths, row: StudyRow, seed: int, run_dir: str,
                runs: dict) -> list:
-    """main_task_retrieval.py flags of one training run (no test: evaluated in-process)."""
-    extra = []
-    if row.warm_start:
-        extra = ["--init_model", selected_checkpoint(runs[(row.warm_start, seed)])]
-    return ["--do_train", "--skip_test", *demo.common_flags(cfg, paths), *demo.audio_flags(row, paths),
-            *row.flags, *extra, "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs),
-            "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
-            "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50", "--seed", str(seed),
-            "--output_dir", run_dir]
+    """main_task_retrieval.py flags of one training run: the demo's (no test: evaluated in-process)."""
+    warm_start = selected_checkpoint(runs[(row.warm_start, seed)]) if row.warm_start else None
+    return demo.train_command(cfg, paths, row, seed, run_dir, warm_start)
 
 
 def selected_checkpoint(run_dir: str) -> str:
