@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every caption is a training sample (any datatype); else one random caption "
                         "per video per epoch")
     d.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER, help="video decoding library")
+    d.add_argument("--frame_cache", default=None,
+                   help="frame cache (python -m preprocess.cache_frames, same frame flags): frames read, not "
+                        "decoded; refused if built with other flags or from changed videos")
     d.add_argument("--skip_bad_videos", action="store_true",
                    help="drop missing/unreadable videos (counted) instead of failing")
     d.add_argument("--on_bad_audio", choices=BAD_AUDIO, default="error",
@@ -379,6 +382,7 @@ def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[s
         frames=FrameSamplingConfig(max_frames=args.max_frames, framerate=args.feature_framerate,
                                    slice_framepos=args.slice_framepos, image_size=image_size,
                                    decoder=args.decoder),
+        frame_cache_dir=args.frame_cache,
         on_bad_audio=args.on_bad_audio, skip_bad_videos=args.skip_bad_videos,
         expand_sentences=args.expand_msrvtt_sentences, seed=args.seed,
         audio_perturbation=audio_perturbation(args) if test_split else AudioPerturbation(),

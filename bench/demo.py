@@ -10,7 +10,8 @@ noise, and that text-guided scores are measured honestly. Stages, each cached un
    (synthetic/make_tiny_checkpoints.py), then the AST trunk pre-trained on the labelled
    clips (synthetic/pretrain_audio_trunk.py), standing in for AudioSet pre-training.
 3. ``ast_cache/``: the frozen trunk's tokens of every benchmark clip
-   (preprocess/cache_audio_features.py); ``zero_cache/``: all-zero tokens for the control row.
+   (preprocess/cache_audio_features.py); ``zero_cache/``: all-zero tokens for the control row;
+   ``frame_cache/``: every clip's frames decoded once (preprocess/cache_frames.py, --frame_cache).
 4. ``runs/<row>_seed<s>/``: training with main_task_retrieval.py under torchrun (gloo) for
    every row (ROWS; a warm-started row starts from another row's checkpoint of the same seed),
    then its evaluations in this process (``main_task_retrieval.main``: no process start-up per
@@ -48,7 +49,7 @@ import main_task_retrieval  # noqa: E402
 from bench import demo_results  # noqa: E402
 from dataloaders.audio_cache import AudioCacheWriter  # noqa: E402
 from modules.ast import AST  # noqa: E402
-from preprocess import cache_audio_features  # noqa: E402
+from preprocess import cache_audio_features, cache_frames  # noqa: E402
 from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
 from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
                                              make_tiny_checkpoints)
@@ -227,6 +228,10 @@ class Paths:
         return os.path.join(self.out_dir, "zero_cache")
 
     @property
+    def frame_cache(self) -> str:
+        return os.path.join(self.out_dir, "frame_cache")
+
+    @property
     def runs(self) -> str:
         return os.path.join(self.out_dir, "runs")
 
@@ -384,6 +389,12 @@ def build_ast_cache(cfg: DemoConfig, paths: Paths) -> None:
                                "--num_workers", str(cfg.workers)])
 
 
+def build_frame_cache(cfg: DemoConfig, paths: Paths) -> None:
+    cache_frames.main(["--video_list", *split_lists(paths), "--features_path", os.path.join(paths.data, "videos"),
+                       "--cache_dir", paths.frame_cache, "--max_frames", str(cfg.max_frames),
+                       "--image_size", str(cfg.image_resolution), "--num_workers", str(cfg.workers)])
+
+
 def build_zero_cache(paths: Paths) -> None:
     """All-zero AST tokens for every clip (flagged as without soundtrack): the fusion runs
     but its audio carries nothing."""
@@ -405,6 +416,10 @@ def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
                                           spec, lambda: build_checkpoints(cfg, paths))
     seconds["ast_cache"] = cached_stage("AST token cache", paths.ast_cache, spec,
                                         lambda: build_ast_cache(cfg, paths))
+    seconds["frame_cache"] = cached_stage("frame cache", paths.frame_cache,
+                                          {"data": data_spec(cfg), "max_frames": cfg.max_frames,
+                                           "image_resolution": cfg.image_resolution},
+                                          lambda: build_frame_cache(cfg, paths))
     if cfg.clip_pretrain_steps > 0:
         seconds["clip_pretrain"] = cached_stage("CLIP stand-in pre-training", paths.clip_pretrain, clip_spec(cfg),
                                                 lambda: build_clip(cfg, paths))
@@ -424,7 +439,7 @@ def common_flags(cfg: DemoConfig, paths: Paths, eval_batch: Optional[int] = None
     """The demo recipe shared by every row (README, "Synthetic benchmark"); ``eval_batch``
     overrides the evaluation batch (cfg.eval_block)."""
     return ["--datatype", "msrvtt", "--data_path", paths.data,
-            "--features_path", os.path.join(paths.data, "videos"),
+            "--features_path", os.path.join(paths.data, "videos"), "--frame_cache", paths.frame_cache,
             "--pretrained_clip_name", clip_file(cfg, paths), "--ast_checkpoint", paths.ast_pretrained,
             "--max_frames", str(cfg.max_frames), "--cross_num_hidden_layers", str(cfg.fusion_layers),
             "--audio_query_layers", str(cfg.resampler_layers), "--fusion_residual", str(cfg.fusion_residual),

@@ -5,8 +5,9 @@ the video of each caption, unique video ids). Everything else lives here once:
 
 - ``prepare_videos``: finds ``<video_id>.{mp4,webm,mkv,avi}`` files, drops (with
   ``skip_bad_videos``) or reports missing / unreadable ones, naming them;
-- ``MediaLoader``: frames of one video (``dataloaders.video``) plus its audio, either the
-  AST input computed from ``<video_id>.wav`` or AST tokens from a feature cache;
+- ``MediaLoader``: frames of one video (decoded by ``dataloaders.video``, or read from a frame
+  cache, ``dataloaders.frame_cache``) plus its audio, either the AST input computed from
+  ``<video_id>.wav`` or AST tokens from a feature cache;
 - ``PairDataset`` (training: one item per caption, or one per video per epoch),
   ``TextDataset`` and ``VideoDataset`` (evaluation: every caption and every video once);
 - ``collate_items``: stacks item dicts into batch dicts.
@@ -42,6 +43,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.audio import AudioIssueCounter, FbankConfig, load_ast_input
 from dataloaders.audio_cache import AudioFeatureCache
+from dataloaders.frame_cache import FrameCache
 from dataloaders.video import FrameSamplingConfig, VideoReadError, decode_frames, read_frames
 
 logger = logging.getLogger(__name__)
@@ -286,12 +288,16 @@ class MediaLoader:
         video_files: video_id -> file (from ``prepare_videos``).
         frames: frame sampling and transform settings.
         audio: where the audio comes from.
+        frame_cache: frames decoded once (built with ``frames``' settings), read instead of
+            decoding; None decodes every time.
     """
 
-    def __init__(self, video_files: Dict[str, str], frames: FrameSamplingConfig, audio: AudioSource):
+    def __init__(self, video_files: Dict[str, str], frames: FrameSamplingConfig, audio: AudioSource,
+                 frame_cache: Optional[FrameCache] = None):
         self.video_files = video_files
         self.frames = frames
         self.audio = audio
+        self.frame_cache = frame_cache
 
     def issue_summary(self, counter: VideoIssueCounter) -> str:
         """One log line: videos dropped/replaced (``counter``) and audio zero-filled, all workers."""
@@ -299,7 +305,10 @@ class MediaLoader:
 
     def load(self, video_id: str) -> Dict[str, torch.Tensor]:
         """Video keys of an item (without video_index); raises VideoReadError naming the file."""
-        frames, frame_mask = read_frames(self.video_files[video_id], self.frames)
+        if self.frame_cache is not None:
+            frames, frame_mask = self.frame_cache.read(video_id)
+        else:
+            frames, frame_mask = read_frames(self.video_files[video_id], self.frames)
         return {"frames": frames, "frame_mask": frame_mask, **self.audio.load(video_id)}
 
 

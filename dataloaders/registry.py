@@ -27,6 +27,7 @@ from dataloaders.audio import FbankConfig
 from dataloaders.audio_cache import read_index
 from dataloaders.base import (AudioSource, MediaLoader, PairDataset, RetrievalSplit, TextDataset,
                               VideoDataset, VideoIssueCounter, prepare_videos)
+from dataloaders.frame_cache import FrameCache
 from dataloaders.perturb import AudioPerturbation, PerturbedAudio
 from dataloaders.video import FrameSamplingConfig
 from modules.tokenization_clip import ClipTokenizer
@@ -73,6 +74,8 @@ class DataConfig:
         eval_file: evaluation annotation file, default the dataset's test file.
         max_words: L, tokens per caption including start and end.
         frames: frame sampling, transform and decoder.
+        frame_cache_dir: frame cache (preprocess/cache_frames.py, built with ``frames``) to read
+            frames from instead of decoding; checked when the datasets are built.
         fbank: AST input settings (wav audio).
         on_bad_audio: "error" or "zero" for unreadable wav files.
         skip_bad_videos: drop missing/unreadable videos (training: replace failing
@@ -94,6 +97,7 @@ class DataConfig:
     eval_file: Optional[str] = None
     max_words: int = 32
     frames: FrameSamplingConfig = field(default_factory=FrameSamplingConfig)
+    frame_cache_dir: Optional[str] = None
     fbank: FbankConfig = field(default_factory=FbankConfig)
     on_bad_audio: str = "error"
     skip_bad_videos: bool = False
@@ -175,7 +179,8 @@ def _perturbed(media: MediaLoader, cfg: DataConfig, video_ids: list) -> MediaLoa
 
 def _media(cfg: DataConfig, video_files) -> MediaLoader:
     audio = AudioSource(cfg.audio_path, cfg.audio_cache_dir, cfg.fbank, cfg.on_bad_audio)
-    return MediaLoader(video_files, cfg.frames, audio)
+    frame_cache = FrameCache(cfg.frame_cache_dir, cfg.frames, video_files) if cfg.frame_cache_dir else None
+    return MediaLoader(video_files, cfg.frames, audio, frame_cache)
 
 
 def build_train_dataset(cfg: DataConfig, tokenizer=None) -> PairDataset:
