@@ -92,8 +92,8 @@ def test_bad_gate_log_flags_are_named(setup, tmp_path, capsys):
         main_task_retrieval.main(["--do_train", "--gate_log_split", "val", *tiny_flags(data, ckpts, tmp_path / "a")])
     assert "--val_csv" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--gate_labels"):
-        main_task_retrieval.main(["--do_train", "--epochs", "1", "--gate_log_split", "test",
-                                  "--gate_labels", str(tmp_path / "none.json"), *tiny_flags(data, ckpts, tmp_path / "b")])
+        main_task_retrieval.main(["--do_train", "--epochs", "1", "--gate_log_split", "test", "--gate_labels",
+                                  str(tmp_path / "none.json"), *tiny_flags(data, ckpts, tmp_path / "b")])
     partial = str(tmp_path / "partial.json")
     with open(partial, "w") as f:
         json.dump({"videos": {data["test_ids"][0]: {"informative_audio": True}}}, f)

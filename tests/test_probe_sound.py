@@ -134,3 +134,21 @@ def test_checkpoint_without_record_is_refused(trained, tmp_path):
         dst.write(src.read())
     with pytest.raises(ValueError, match="has no record"):
         probe_sound.model_from_checkpoint(bare, torch.device("cpu"))
+
+
+def test_visual_only_checkpoint_skips_the_audio_stages(trained, tmp_path):
+    bench, cache, _, _ = trained
+    data = {"data_path": bench, "features_path": os.path.join(bench, "videos"),
+            "audio_path": os.path.join(bench, "audio")}
+    run = tmp_path / "visual"
+    main_task_retrieval.main(["--do_train", "--max_steps", "1", "--expand_msrvtt_sentences",
+                              *tiny_flags(data, write_tiny_checkpoints(str(tmp_path)), run, "--no_audio")])
+    out = probe_sound.probe_checkpoint(str(run / "pytorch_model.bin.step1"),
+                                       probe_sound.ProbeData(data_path=bench, audio_feature_cache=cache))
+    assert set(out["skipped"]) == {"resampled_audio", "fused_frames_unblended"}
+    assert {"ast_tokens", "fused_frames", "video_embedding", "caption_embedding"} == set(out["representations"])
+    assert "visual-only" in out["video_view"] and out["model"]["no_audio"] is True
+    # The AST tokens are the data's, whichever model reads them.
+    with_wavs = probe_sound.probe_checkpoint(str(run / "pytorch_model.bin.step1"),
+                                             probe_sound.ProbeData(data_path=bench, audio_path=data["audio_path"]))
+    assert "ast_tokens" in with_wavs["skipped"] and "--audio_feature_cache" in with_wavs["skipped"]["ast_tokens"]

@@ -367,20 +367,33 @@ def summary_lines(result: dict) -> list:
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="pytorch_model.bin.N with its record (.json)")
+    parser.add_argument("--checkpoint", required=True, help="pytorch_model.bin.N with its record (.json beside it)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    for f in fields(ProbeData):
-        kind = {"max_words": int, "slice_framepos": int, "framerate": float, "batch_size": int, "workers": int}
-        flag = {"framerate": "feature_framerate", "batch_size": "batch_size_val", "workers": "num_thread_reader"}
-        parser.add_argument(f"--{flag.get(f.name, f.name)}", dest=f.name, type=kind.get(f.name, str),
-                            required=f.name == "data_path", default=f.default if f.name != "data_path" else None,
-                            help=f"ProbeData.{f.name}")
-    for f in fields(ProbeSettings):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"ProbeSettings.{f.name}")
+    d = parser.add_argument_group("data (main_task_retrieval.py's flag names; unset: the run's args.json)")
+    d.add_argument("--data_path", required=True, help="annotation folder of the benchmark")
+    d.add_argument("--features_path", default=None, help="video folder (default: <data_path>/videos)")
+    d.add_argument("--audio_feature_cache", default=None, help="the AST-token cache the row was trained with")
+    d.add_argument("--audio_path", default=None, help="or the wav folder")
+    d.add_argument("--test_csv", default=None, help="the split to probe (default: the datatype's test file)")
+    d.add_argument("--metadata", default=None, help="labels: metadata.json (default: <data_path>/metadata.json)")
+    d.add_argument("--datatype", default=None)
+    d.add_argument("--max_words", type=int, default=None)
+    d.add_argument("--feature_framerate", dest="framerate", type=float, default=None)
+    d.add_argument("--slice_framepos", type=int, default=None)
+    d.add_argument("--decoder", default=None)
+    d.add_argument("--batch_size_val", dest="batch_size", type=int, default=ProbeData.batch_size)
+    d.add_argument("--num_thread_reader", dest="workers", type=int, default=ProbeData.workers)
+    c = parser.add_argument_group("classifier")
+    c.add_argument("--folds", type=int, default=ProbeSettings.folds, help="cross-validation folds")
+    c.add_argument("--seed", type=int, default=ProbeSettings.seed, help="fold assignment seed")
+    c.add_argument("--C", type=float, default=ProbeSettings.C, help="inverse L2 strength (fixed)")
+    c.add_argument("--max_iter", type=int, default=ProbeSettings.max_iter, help="lbfgs iterations per fit")
     args = parser.parse_args(argv)
     data = ProbeData(**{f.name: getattr(args, f.name) for f in fields(ProbeData)})
     settings = ProbeSettings(**{f.name: getattr(args, f.name) for f in fields(ProbeSettings)})
+    if settings.folds < 2:
+        parser.error(f"--folds must be >= 2, got {settings.folds}")
     return args.checkpoint, data, settings, args.device, args.out
 
 
