@@ -92,6 +92,9 @@ def test_probe_checkpoint_end_to_end(trained, tmp_path):
         assert json.load(f) == json.loads(json.dumps(out))
     assert set(out["representations"]) == {*probe_sound.VIDEO_REPRESENTATIONS, "caption_embedding"}
     assert out["skipped"] == {} and "agnostic view" in out["video_view"]
+    assert set(out["audio_category"]) == set(probe_sound.VIDEO_REPRESENTATIONS)
+    category = out["audio_category"]["ast_tokens"]
+    assert category["num_samples"] == 30 and category["class_counts"] == {"informative": 20, "irrelevant": 10}
     test_videos = {v: e for v, e in metadata["videos"].items() if e["split"] == "test"}
     informative = sum(e["informative_audio"] for e in test_videos.values())
     sound_captions = sum(c["kind"] == "sound" for c in metadata["test_captions"])

@@ -332,6 +332,12 @@ def probe_checkpoint(checkpoint: str, data: ProbeData, settings: ProbeSettings =
         results[name] = cross_validated_accuracy(features[name][informative],
                                                  [e for e, i in zip(events, informative) if i], settings,
                                                  "sound event of the clips with informative audio")
+    # The category bit (informative vs irrelevant audio) alone predicts which captions can match a
+    # clip on the synthetic benchmark (docs/diagnostics.md, section 3): how readable is it?
+    category = ["informative" if flag else "irrelevant" for flag in informative]
+    category_results = {name: cross_validated_accuracy(features[name], category, settings,
+                                                       "audio category (informative vs irrelevant) of every clip")
+                        for name in results}
     captions = sound_captions(split, labels)
     text_features = encode_captions(model, TextDataset(captions, ClipTokenizer(), data.max_words),
                                     data.batch_size, data.workers, torch_device)
@@ -348,18 +354,22 @@ def probe_checkpoint(checkpoint: str, data: ProbeData, settings: ProbeSettings =
             "probe": {"classifier": "standardized features -> multinomial logistic regression (scikit-learn "
                                     "lbfgs), stratified k-fold", **asdict(settings)},
             "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "workers")},
-            "descriptions": {k: DESCRIPTIONS[k] for k in results}, "representations": results, "skipped": skipped}
+            "descriptions": {k: DESCRIPTIONS[k] for k in results}, "representations": results,
+            "audio_category": category_results, "skipped": skipped}
 
 
 def summary_lines(result: dict) -> list:
     """One line per representation: accuracy ± std (chance), samples and classes."""
     lines = [f"{result['checkpoint']} ({result['video_view']})"]
-    for name, r in result["representations"].items():
-        if r["accuracy"] is None:
-            lines.append(f"  {name}: – ({r['reason']})")
-            continue
-        lines.append(f"  {name}: {r['accuracy']:.1f} ± {r['std']:.1f}% (chance {r['chance_uniform']:.1f}%, "
-                     f"{r['num_samples']} samples, {r['num_classes']} classes, {r['folds']} folds)")
+    for section in ("representations", "audio_category"):
+        for name, r in result[section].items():
+            label = f"{name} -> {'audio category' if section == 'audio_category' else r['target'].split(' of ')[0]}"
+            if r["accuracy"] is None:
+                lines.append(f"  {label}: – ({r['reason']})")
+                continue
+            lines.append(f"  {label}: {r['accuracy']:.1f} ± {r['std']:.1f}% (chance {r['chance_uniform']:.1f}%, "
+                         f"majority {r['chance_majority']:.1f}%; {r['num_samples']} samples, {r['num_classes']} "
+                         f"classes, {r['folds']} folds)")
     lines += [f"  {name}: skipped ({why})" for name, why in result["skipped"].items()]
     return lines
 
