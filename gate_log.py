@@ -93,10 +93,12 @@ class GateLog:
     def path(self) -> str:
         return os.path.join(self.output_dir, GATE_LOG_FILE)
 
-    def resume(self, epochs_done: int) -> None:
-        """Keep the entries an interrupted run wrote for epochs 0..epochs_done."""
-        if os.path.isfile(self.path):
-            with open(self.path) as handle:
+    def resume(self, previous_dir: str, epochs_done: int) -> None:
+        """Continue the log of an interrupted run (its output folder ``previous_dir``, which may be
+        this run's): keep its entries for epochs 0..epochs_done."""
+        path = os.path.join(previous_dir, GATE_LOG_FILE)
+        if os.path.isfile(path):
+            with open(path) as handle:
                 self.entries = [e for e in json.load(handle)["epochs"] if e["epoch"] <= epochs_done]
 
     @torch.no_grad()

@@ -601,7 +601,8 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
                      len(train_set), steps_per_epoch, args.epochs, args.batch_size, info.world_size)
     gates = build_gate_log(args, model, tokenizer, image_size, val_data, recorder)
     if gates is not None:
-        gates.resume(progress.epoch)
+        if resume_state is not None:
+            gates.resume(os.path.dirname(os.path.abspath(args.resume_model)), progress.epoch)
         if progress.step == 0:
             record_gates(gates, model, 0, progress.step, info, recorder)
     for epoch in range(progress.epoch, args.epochs):

@@ -12,6 +12,7 @@ from tests.datagen import make_msrvtt
 from tests.test_train_e2e import read_jsonl, tiny_flags, train_losses, write_tiny_checkpoints
 
 EPOCHS = 2
+STOP_AT = 3  # an optimizer step inside epoch 1 (6 steps per epoch: 12 captions, batch 2)
 
 
 def test_gate_epoch_stats_hand_worked():
@@ -43,10 +44,16 @@ def _train(setup, out, *extra):
                               *tiny_flags(data, ckpts, out, *extra)])
 
 
-def test_gate_log_written_matches_direct_computation_and_changes_no_training_number(setup, tmp_path):
+@pytest.fixture(scope="module")
+def logged(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logged") / "run"
+    _train(setup, out, "--gate_log_split", "test", "--gate_labels", setup[2])
+    return out
+
+
+def test_gate_log_written_matches_direct_computation_and_changes_no_training_number(setup, logged, tmp_path):
     data, ckpts, labels, informative = setup
-    logged, plain = tmp_path / "logged", tmp_path / "plain"
-    _train(setup, logged, "--gate_log_split", "test", "--gate_labels", labels)
+    plain = tmp_path / "plain"
     _train(setup, plain)
     # The gate pass draws nothing from the training streams: same losses, same weights.
     assert train_losses(logged) == train_losses(plain)
@@ -76,6 +83,24 @@ def test_gate_log_written_matches_direct_computation_and_changes_no_training_num
             assert final[name][group]["mean_abs"][0] == pytest.approx(np.mean(values), abs=1e-6)
     logged_events = [r for r in read_jsonl(logged / "train_metrics.jsonl") if r["event"] == "gate_log"]
     assert [r["epoch"] for r in logged_events] == list(range(EPOCHS + 1))
+
+
+def test_resumed_run_continues_the_log(setup, logged, tmp_path):
+    stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
+    flags = ("--gate_log_split", "test", "--gate_labels", setup[2])
+    _train(setup, stopped, "--max_steps", str(STOP_AT), *flags)
+    with open(stopped / gate_log.GATE_LOG_FILE) as f:
+        assert [e["epoch"] for e in json.load(f)["epochs"]] == [0]  # stopped inside epoch 1
+    _train(setup, resumed, "--resume_model", str(stopped / "training_state.pt"), *flags)
+    with open(resumed / gate_log.GATE_LOG_FILE) as f:
+        continued = json.load(f)["epochs"]
+    with open(logged / gate_log.GATE_LOG_FILE) as f:
+        uninterrupted = json.load(f)["epochs"]
+    assert [e["epoch"] for e in continued] == [e["epoch"] for e in uninterrupted] == list(range(EPOCHS + 1))
+    for a, b in zip(continued, uninterrupted):
+        for name in ("att", "ff"):
+            assert a["gates"][name]["informative"]["mean_abs"] == pytest.approx(
+                b["gates"][name]["informative"]["mean_abs"], abs=1e-5)
 
 
 def test_model_without_gates_writes_nothing_and_says_why(setup, tmp_path):
