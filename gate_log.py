@@ -140,7 +140,6 @@ def plot_gate_log(log: dict, path: str) -> None:
                     ax.plot(epochs, [v[layer] for v in values], style, color=f"C{layer}",
                             label=f"layer {layer + 1} {group}")
         ax.set_title(f"mean |g_{name}|", fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
         ax.legend(fontsize=6)
     auc_ax = axes[0][-1]
     for name in names:
@@ -149,8 +148,10 @@ def plot_gate_log(log: dict, path: str) -> None:
     auc_ax.axhline(0.5, color="grey", linewidth=0.8)
     auc_ax.set_ylim(0.0, 1.0)
     auc_ax.set_title("last layer AUC, informative vs noise", fontsize=9)
-    auc_ax.set_xlabel("epoch", fontsize=8)
     auc_ax.legend(fontsize=6)
+    for ax in axes[0]:
+        ax.set_xticks(epochs)  # whole epochs (0 = before training)
+        ax.set_xlabel("epoch", fontsize=8)
     fig.suptitle(f"gates per epoch ({log['split']}: {log['counts'][INFORMATIVE]} informative, "
                  f"{log['counts'][NOISE]} noise videos; {log['view']})", fontsize=9)
     fig.tight_layout()
