@@ -19,7 +19,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from metrics import text_to_video_ranks, video_to_text_ranks
+from metrics import roc_auc, text_to_video_ranks, video_to_text_ranks
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -138,18 +138,6 @@ def subset_recalls(sim: np.ndarray, caption_video: np.ndarray, video_informative
                            "noise": mean(t2v_hit, ~text_informative)},
             f"v2t_R@{k}": {"informative": mean(v2t_hit, video_informative),
                            "noise": mean(v2t_hit, ~video_informative)}}
-
-
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
-    """Area under the ROC curve of a score separating ``positive`` from ``negative`` samples:
-    P(score of a random positive > score of a random negative), ties counting one half.
-    None when either side is empty."""
-    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
-    if positive.size == 0 or negative.size == 0:
-        return None
-    greater = (positive[:, None] > negative[None, :]).mean()
-    ties = (positive[:, None] == negative[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 def video_gate_values(gates: dict, video_ids: list) -> dict:
