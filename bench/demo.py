@@ -53,13 +53,15 @@ from preprocess import cache_audio_features, cache_frames  # noqa: E402
 from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
 from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
                                              make_tiny_checkpoints)
+from synthetic.category_audio_cache import build_category_cache  # noqa: E402
 from synthetic.make_val_split import make_val_split  # noqa: E402
 from synthetic.make_val_split import split_files as val_split_files  # noqa: E402
 from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
 from synthetic.pretrain_clip import ClipPretrainConfig, pretrain_clip  # noqa: E402
-from tools import robustness_table  # noqa: E402
+from tools import probe_sound, robustness_table  # noqa: E402
 
 STAMP = "stamp.json"
+PROBE_FILE = "probe.json"
 PRETRAINED_AST_FILE = "ast_pretrained.pth"
 PRETRAINED_CLIP_FILE = "clip_pretrained.pt"
 TRAIN_CSV, TEST_CSV = "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv"
@@ -88,7 +90,9 @@ class RowSpec:
     Args:
         name: run folder / key; label: table label.
         flags: main_task_retrieval.py flags of this row (on top of the common recipe).
-        audio: "none" (visual-only), "real" (the AST token cache) or "zero" (all-zero tokens).
+        audio: "none" (visual-only), "real" (the AST token cache), "zero" (all-zero tokens) or
+            "category" (each clip's tokens replaced by one fixed exemplar of its audio category:
+            the category-shortcut control, synthetic/category_audio_cache.py).
         text_guided: also evaluate under paired_block and with texts and videos reordered.
         warm_start: name of the row whose checkpoint (same seed) initializes this one.
         epochs: training epochs (None: the recipe's).
@@ -112,6 +116,7 @@ ROWS = (
     RowSpec("zero_audio", "fusion, zeroed audio (control)", audio="zero"),
     RowSpec("ungated", "+audio, ungated (--gate none)", ("--gate", "none"), robustness=True),
     RowSpec("avigate", "AVIGATE (gated + adaptive margin)", robustness=True),
+    RowSpec("category_audio", "AVIGATE, category-exemplar audio (shortcut control)", audio="category"),
     RowSpec("gated_no_margin", "gated, no margin (--beta 0)", ("--beta", "0")),
     RowSpec("text_guided", "text-guided from scratch, honest training", TEXT_GUIDED_FLAGS + EARLIER_TEXT_INIT,
             text_guided=True),
@@ -128,7 +133,8 @@ ROW_BY_NAME = {row.name: row for row in ROWS}
 # gains measured against the zero-audio control, the same architecture without sound), the
 # residual text-guided variant the study found best (bench/text_guidance.py) and the
 # robustness rows. The study runs the text-guided comparison in full, over three seeds.
-DEFAULT_ROWS = ("visual_only", "zero_audio", "ungated", "avigate", "tg_residual_all", "seed_style")
+DEFAULT_ROWS = ("visual_only", "zero_audio", "ungated", "avigate", "category_audio", "tg_residual_all",
+                "seed_style")
 
 
 @dataclass
@@ -182,7 +188,7 @@ class DemoConfig:
     clip_pretrain_images: int = ClipPretrainConfig.num_images
     epochs: int = 5
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 1e-3  # bench/recipe_selection.py (validation rule): bench/results/recipe_selection.md
     coef_lr: float = 1e-3
     warmup_proportion: float = 0.1
     max_frames: int = 5
@@ -234,6 +240,10 @@ class Paths:
     @property
     def runs(self) -> str:
         return os.path.join(self.out_dir, "runs")
+
+    @property
+    def category_cache(self) -> str:
+        return os.path.join(self.out_dir, "category_cache")
 
     @property
     def val_split(self) -> str:
@@ -427,6 +437,11 @@ def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
         seconds["val_split"] = cached_stage(
             "validation split", paths.val_split, val_spec(cfg),
             lambda: make_val_split(paths.data, cfg.num_val_clips, cfg.data_seed, paths.val_split))
+    if any(ROW_BY_NAME[name].audio == "category" for name in cfg.rows):
+        seconds["category_cache"] = cached_stage(
+            "category-exemplar cache", paths.category_cache, spec,
+            lambda: build_category_cache(paths.ast_cache, os.path.join(paths.data, "metadata.json"),
+                                         paths.category_cache, seed=cfg.data_seed))
     if any(ROW_BY_NAME[name].audio == "zero" for name in cfg.rows):
         seconds["zero_cache"] = cached_stage("zero-token cache", paths.zero_cache, spec,
                                              lambda: build_zero_cache(paths))
@@ -448,10 +463,22 @@ def common_flags(cfg: DemoConfig, paths: Paths, eval_batch: Optional[int] = None
             "--num_thread_reader", "0"]
 
 
+def audio_cache(row: RowSpec, paths: Paths) -> Optional[str]:
+    """The AST-token cache a row trains and is tested with (None: visual-only)."""
+    return {"none": None, "real": paths.ast_cache, "zero": paths.zero_cache,
+            "category": paths.category_cache}[row.audio]
+
+
 def audio_flags(row: RowSpec, paths: Paths) -> list:
-    if row.audio == "none":
-        return []
-    return ["--audio_feature_cache", paths.zero_cache if row.audio == "zero" else paths.ast_cache]
+    cache = audio_cache(row, paths)
+    return [] if cache is None else ["--audio_feature_cache", cache]
+
+
+def has_gates(row: RowSpec) -> bool:
+    """Whether the row's model has fusion gates (not visual-only, not --gate none)."""
+    flags = list(row.flags)
+    ungated = "--gate" in flags and flags[flags.index("--gate") + 1] == "none"
+    return row.audio != "none" and "--no_audio" not in flags and not ungated
 
 
 def selected_checkpoint(run_dir: str) -> str:
@@ -465,6 +492,8 @@ def train_command(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, run_di
     init = ["--init_model", warm_start] if warm_start else []
     csvs = split_csvs(cfg, paths)
     validation = ["--val_csv", csvs["val_csv"]] if csvs["val_csv"] else []
+    if csvs["val_csv"] and has_gates(row):  # gates per epoch, informative vs noise validation clips
+        validation += ["--gate_log_split", "val"]
     return (["--do_train", "--skip_test", *common_flags(cfg, paths), *audio_flags(row, paths), *row.flags, *init,
              "--train_csv", csvs["train_csv"], *validation,
              "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs), "--batch_size", str(cfg.batch_size),
@@ -534,8 +563,21 @@ def run_row(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, trained: dic
                               in_process=True)
         out[name] = out_dir
     out["honest"] = out.pop("test")
+    out["probe"] = os.path.join(run_dir, "probe")
+    seconds += cached_stage(f"probe {row.name}", out["probe"], {"checkpoint": checkpoint, "inputs": run_inputs(cfg)},
+                            lambda: write_probe(row, paths, checkpoint, out["probe"]))
     out["seconds"] = seconds
     return out
+
+
+def write_probe(row: RowSpec, paths: Paths, checkpoint: str, out_dir: str) -> None:
+    """Linear probes of the sound at every stage of the row's selected checkpoint, on the test
+    split (tools/probe_sound.py); a visual-only row reads the real tokens for the data's AST line."""
+    data = probe_sound.ProbeData(data_path=paths.data, features_path=os.path.join(paths.data, "videos"),
+                                 audio_feature_cache=audio_cache(row, paths) or paths.ast_cache)
+    result = probe_sound.probe_checkpoint(checkpoint, data)
+    with open(os.path.join(out_dir, PROBE_FILE), "w") as handle:
+        json.dump(result, handle, indent=1)
 
 
 # ----------------------------------------------------------------------------- results
@@ -543,13 +585,34 @@ def run_row(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, trained: dic
 def summarize_row(row: RowSpec, seed: int, dirs: dict, metadata: dict) -> dict:
     honest = demo_results.load_eval_run(dirs["honest"])
     entry = {"row": row.name, "label": row.label, "seed": seed, "flags": list(row.flags),
-             "summary": demo_results.row_summary(honest, metadata), "seconds": round(dirs["seconds"], 1)}
+             "summary": demo_results.row_summary(honest, metadata), "seconds": round(dirs["seconds"], 1),
+             "probe": probe_summary(demo_results.read_json(os.path.join(dirs["probe"], PROBE_FILE))),
+             "gates_per_epoch": gates_per_epoch(os.path.dirname(dirs["honest"]))}
     if row.text_guided:
         leak = demo_results.load_eval_run(dirs["paired_block"])
         entry["paired_block"] = {"metrics": leak.metrics["plain"], "LEAKING": leak.metrics.get("LEAKING")}
         entry["shuffle_max_abs_diff"] = demo_results.max_pair_difference(
             honest, demo_results.load_eval_run(dirs["shuffled"]))
     return entry
+
+
+PROBE_COLUMNS = ("ast_tokens", "resampled_audio", "fused_frames", "video_embedding", "caption_embedding")
+
+
+def probe_summary(result: dict) -> dict:
+    """Accuracy (%) of each probed representation: the sound event (video side, informative clips)
+    and the named sound (caption embeddings); None where the model lacks the stage."""
+    return {name: (result["representations"][name]["accuracy"] if name in result["representations"] else None)
+            for name in PROBE_COLUMNS}
+
+
+def gates_per_epoch(run_dir: str) -> Optional[list]:
+    """Last-layer |g_att| AUC (informative vs noise validation clips) before training and after
+    each epoch, from the run's gates_per_epoch.json; None for a model without gates."""
+    path = os.path.join(run_dir, "gates_per_epoch.json")
+    if not os.path.isfile(path):
+        return None
+    return [entry["gates"]["att"]["last_layer_auc"] for entry in demo_results.read_json(path)["epochs"]]
 
 
 def target(value: Optional[float], goal: float, description: str, at_most: bool = False) -> dict:
@@ -603,6 +666,27 @@ def acceptance(entries: list, seed: int) -> dict:
             f"honest text-guided models ({', '.join(honest)}): max |score change| after reordering and "
             "re-batching", at_most=True)
     return checks
+
+
+def shortcut_split(entries: list, seed: int) -> dict:
+    """Audio's gain of AVIGATE over the zero-audio control split into the category bit
+    (category-exemplar audio minus zero audio) and the sound itself (real minus category-exemplar
+    audio), overall and per caption subset, t2v R@1 points (docs/diagnostics.md, section 3)."""
+    rows = {e["row"]: e for e in entries if e["seed"] == seed}
+    if not {"avigate", "category_audio", "zero_audio"} <= rows.keys():
+        return {}
+
+    def r1(name: str, subset: Optional[str]) -> Optional[float]:
+        summary = rows[name]["summary"]
+        return summary["metrics"]["t2v_R@1"] if subset is None else summary["subsets"]["t2v_R@1"].get(subset)
+
+    out = {}
+    for subset in (None, "sound_twin", "sound_solo", "visual_informative", "visual_noise"):
+        real, category, zero = (r1(n, subset) for n in ("avigate", "category_audio", "zero_audio"))
+        if None in (real, category, zero):
+            continue
+        out[subset or "all"] = {"gain": real - zero, "category_bit": category - zero, "sound": real - category}
+    return out
 
 
 def robustness(jobs: list, dirs: dict, seed: int) -> dict:
@@ -678,6 +762,24 @@ def markdown(results: dict) -> str:
                   "Expectation stated before the runs: gated fusion loses less than ungated fusion under noise; "
                   "the visual-only model does not change.", "", *results["robustness"]["lines"], "",
                   f"Settings: {results['robustness']['settings']}"]
+    if results.get("shortcut"):
+        lines += ["", "## The category shortcut: AVIGATE's audio gain over the zero-audio control, split", "",
+                  "category bit = category-exemplar audio minus zero audio; the sound = real audio minus "
+                  "category-exemplar audio (t2v R@1 points).", "",
+                  "| captions | gain | category bit | the sound |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['gain']:+.1f} | {v['category_bit']:+.1f} | {v['sound']:+.1f} |"
+                  for k, v in results["shortcut"].items()]
+    lines += ["", "## Where the sound is lost: linear probes (tools/probe_sound.py, test split)", "",
+              "Sound event of the clips with informative audio from each stage (video side), and the sound "
+              "named by each sound caption from its embedding; 5-fold logistic regression, accuracy in %.", "",
+              "| model | " + " | ".join(PROBE_COLUMNS) + " |", "|---|" + "---|" * len(PROBE_COLUMNS)]
+    for e in entries:
+        lines.append(f"| {e['label']} | " + " | ".join("–" if e["probe"][c] is None else f"{e['probe'][c]:.0f}"
+                                                       for c in PROBE_COLUMNS) + " |")
+    lines += ["", "Last layer's |g_att| AUC, informative vs noise validation clips, before training and after each "
+              "epoch (gates_per_epoch.json in each run folder):", ""]
+    lines += [f"- {e['label']}: " + " → ".join(f"{a:.2f}" if a is not None else "–" for a in e["gates_per_epoch"])
+              for e in entries if e.get("gates_per_epoch")]
     lines += ["", "## Gates (|g| per layer, informative / noise clips)", "", *demo_results.gate_table(rows),
               "", "## Acceptance (issue 6)", ""]
     if results["profile"] != "full":
@@ -767,6 +869,7 @@ def run_demo(cfg: DemoConfig, compare_to: Optional[str] = None, profile: str = "
     if compare_to:
         results["acceptance"]["reproduction"] = compare_results(entries, compare_to)
     results["robustness"] = robustness(jobs, dirs, cfg.seed)
+    results["shortcut"] = shortcut_split(entries, cfg.seed)
     results["figures"] = write_gate_figures(entries, metadata, dirs, paths.out_dir)
     with open(os.path.join(paths.out_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)
