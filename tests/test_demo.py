@@ -18,9 +18,9 @@ from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain, trunk_token
 # A reduced demo: a few clips, one short epoch, four rows covering the visual-only model,
 # the zero-token cache, the gated model and a residual text-guided model warm-started from it
 # (with its paired_block, reordered and audio-perturbed evaluations).
-REDUCED_ROWS = ("visual_only", "zero_audio", "avigate", "tg_residual_frozen")
+REDUCED_ROWS = ("visual_only", "zero_audio", "avigate", "category_audio", "tg_residual_frozen")
 REDUCED = dict(num_train_clips=12, num_test_clips=9, train_renders=1, audio_pretrain_clips=20,
-               pretrain_steps=2, clip_pretrain_steps=2, clip_pretrain_images=16, num_val_clips=3, epochs=1,
+               pretrain_steps=2, clip_pretrain_steps=2, clip_pretrain_images=128, num_val_clips=3, epochs=1,
                batch_size=8, rows=REDUCED_ROWS)
 # A hang guard (pytest-timeout), not a speed test.
 REDUCED_DEMO_TIMEOUT = 900
@@ -216,7 +216,19 @@ def test_reduced_demo_end_to_end(reduced_demo):
     assert {visual[k]["t2v_R@1"] for k in ("none", "silence", "noise", "swap")} == {visual["none"]["t2v_R@1"]}
     assert "## Robustness" in open(os.path.join(out_dir, "results.md")).read()
     figures = results["figures"]
-    assert len(figures) == 3 and all(os.path.getsize(f) > 0 for f in figures)
+    assert len(figures) == 4 and all(os.path.getsize(f) > 0 for f in figures)
+    # diagnostics: every row probed (the visual-only row has no resampler), gated rows log their
+    # gates per epoch on the validation split (before training + each epoch), the shortcut split
+    by_row = {e["row"]: e for e in results["rows"]}
+    assert by_row["visual_only"]["probe"]["resampled_audio"] is None
+    # (on 9 test clips a probe may lack two classes with two samples each: None, with its reason)
+    assert set(by_row["avigate"]["probe"]) == set(demo.PROBE_COLUMNS)
+    assert all(v is None or 0.0 <= v <= 100.0 for v in by_row["avigate"]["probe"].values())
+    assert os.path.isfile(os.path.join(out_dir, "runs", "avigate_seed0", "probe", demo.PROBE_FILE))
+    assert len(by_row["avigate"]["gates_per_epoch"]) == REDUCED["epochs"] + 1
+    assert by_row["zero_audio"]["gates_per_epoch"] is not None and by_row["visual_only"]["gates_per_epoch"] is None
+    split = results["shortcut"]["all"]
+    assert split["gain"] == pytest.approx(split["category_bit"] + split["sound"])
     assert "| visual-only (--no_audio) |" in open(os.path.join(out_dir, "results.md")).read()
 
 
