@@ -42,6 +42,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIP_SCOPES = ("group", "global")                               # modules.optimization.CLIP_SCOPES
 DECAY_RULES = ("ndim", "released")                              # modules.optimization.DECAY_RULES
 AUDIO_PERTURBATIONS = ("none", "silence", "noise", "swap")      # dataloaders.perturb.AUDIO_PERTURBATIONS
+GATE_LOG_SPLITS = ("none", "val", "test")                       # gate_log.GATE_LOG_SPLITS
 DEFAULT_NOISE_RMS = 0.1                                         # dataloaders.perturb.DEFAULT_NOISE_RMS
 DEFAULT_AST_CHECKPOINT = os.path.join(weights.MODULES_DIR, weights.AST_RELEASE.file_name)
 # FusionConfig fields set by the text flags: they may differ from an AVIGATE checkpoint's record
@@ -220,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval_order_seed", type=int, default=None,
                    help="evaluate the test texts and videos in an order permuted by this seed (scores must "
                         "not change; tools/audit_protocol.py uses it)")
+    e.add_argument("--gate_log_split", choices=GATE_LOG_SPLITS, default="none",
+                   help="before training and after every epoch, write gates_per_epoch.json and .png to --output_dir: "
+                        "mean |g_att| and |g_ff| per layer for informative vs noise videos of this split (val: "
+                        "--val_csv, test: --test_csv) and their AUC, from the agnostic video encoder "
+                        "(docs/diagnostics.md); the training numbers do not change")
+    e.add_argument("--gate_labels", default=None,
+                   help="per-video labels for --gate_log_split, {\"videos\": {id: {\"informative_audio\": bool}}} "
+                        "(default: metadata.json in --data_path, as the synthetic benchmark writes it)")
     e.add_argument("--dump_topk", type=int, default=0, metavar="K",
                    help="write topk.jsonl: each text's K best videos with scores (and gates), and its "
                         "video's rank (tools/error_report.py renders the worst queries)")
@@ -270,6 +279,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
                      "tokens and skips it: pass --audio_path (the wavs) instead of --audio_feature_cache")
     if args.audio_perturb == "noise" and not args.audio_noise_rms > 0:
         parser.error(f"--audio_noise_rms must be > 0, got {args.audio_noise_rms}")
+    if args.gate_log_split != "none" and not args.do_train:
+        parser.error("--gate_log_split logs the gates during training: add --do_train")
+    if args.gate_log_split == "val" and not args.val_csv:
+        parser.error("--gate_log_split val logs the gates on the validation split: pass --val_csv "
+                     "(or use --gate_log_split test)")
     if args.dump_topk < 0:
         parser.error(f"--dump_topk must be >= 0 (0: no dump), got {args.dump_topk}")
     check_output_dir(parser, args)
@@ -345,6 +359,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import evaluation  # noqa: E402
+import gate_log  # noqa: E402
 import training  # noqa: E402
 import util  # noqa: E402
 from dataloaders.audio_cache import checkpoint_fingerprint, read_index  # noqa: E402
@@ -370,11 +385,16 @@ def annotation_file(path: Optional[str]) -> Optional[str]:
     return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
+def data_dir(args: argparse.Namespace) -> str:
+    """--data_path as a folder (it may name MSRVTT_data.json itself)."""
+    return os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+
+
 def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[str] = None,
                 test_split: bool = False) -> DataConfig:
     """Data settings; ``test_split``: the test evaluation, which alone gets --audio_perturb and
     --eval_order_seed (validation always sees the real audio)."""
-    data_path = os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+    data_path = data_dir(args)
     use_cache = bool(args.audio_feature_cache) and not args.no_audio
     return DataConfig(
         datatype=args.datatype, data_path=data_path, features_path=args.features_path,
@@ -586,6 +606,12 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
                             "with its own caption in training (the public implementation's pairing)")
     util.logger.info("training: %d samples, %d steps per epoch, %d epochs, global batch %d on %d rank(s)",
                      len(train_set), steps_per_epoch, args.epochs, args.batch_size, info.world_size)
+    gates = build_gate_log(args, model, tokenizer, image_size, val_data, recorder)
+    if gates is not None:
+        if resume_state is not None:
+            gates.resume(os.path.dirname(os.path.abspath(args.resume_model)), progress.epoch)
+        if progress.step == 0:
+            record_gates(gates, model, 0, progress.step, info, recorder)
     for epoch in range(progress.epoch, args.epochs):
         progress.epoch = epoch
         sampler.set_epoch(epoch, progress.epoch_step * args.gradient_accumulation_steps)
@@ -603,10 +629,45 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
                                  checkpoint_record_of(args, model, epoch=epoch, step=progress.step))
         if val_data is not None:
             select_on_validation(args, info, model, val_data, progress, recorder)
+        if gates is not None:
+            record_gates(gates, model, epoch + 1, progress.step, info, recorder)
         progress.epoch, progress.epoch_step = epoch + 1, 0
         save_state()
     util.report_data_issues("training data", train_set.counter, train_set.media.audio.counter, info, recorder)
     return progress.best_epoch if progress.best_epoch is not None else args.epochs - 1
+
+
+def build_gate_log(args, model: AVIGATE, tokenizer, image_size: int, val_data,
+                   recorder: util.RunRecorder) -> Optional[gate_log.GateLog]:
+    """The per-epoch gate log of --gate_log_split (gate_log.py); None without the flag or when
+    the model has no gates (said in the log and train_metrics.jsonl)."""
+    if args.gate_log_split == "none":
+        return None
+    if not model.gate_names():
+        why = "--no_audio builds no fusion" if args.no_audio else "--gate none fixes every gate at 1"
+        util.logger.warning("--gate_log_split %s: no gates to log (%s); %s is not written", args.gate_log_split, why,
+                            gate_log.GATE_LOG_FILE)
+        recorder.log({"event": "gate_log", "written": False, "reason": why})
+        return None
+    data = val_data if args.gate_log_split == "val" else build_eval_datasets(
+        data_config(args, image_size, args.test_csv), tokenizer)
+    labels = args.gate_labels or os.path.join(data_dir(args), "metadata.json")
+    informative = gate_log.read_informative_labels(labels, data.split.video_ids)
+    view = "agnostic view (text := 0)" if model.text_guided else "text-agnostic model"
+    header = {"split": args.gate_log_split, "annotation": data.split.name, "labels": os.path.abspath(labels),
+              "view": view, "num_videos": int(len(informative)),
+              "counts": {gate_log.INFORMATIVE: int(informative.sum()), gate_log.NOISE: int((~informative).sum())}}
+    return gate_log.GateLog(data.videos, informative, args.output_dir, header, args.batch_size_val,
+                            args.num_thread_reader, args.precision)
+
+
+def record_gates(gates: gate_log.GateLog, model: AVIGATE, epoch: int, step: int, info: util.DistInfo,
+                 recorder: util.RunRecorder) -> None:
+    """One gate-log entry (all ranks encode), with its last-layer AUCs in train_metrics.jsonl."""
+    entry = gates.record(model, epoch, step, info)
+    if entry is not None:
+        recorder.log({"event": "gate_log", "epoch": epoch, "step": step,
+                      "last_layer_auc": {k: v["last_layer_auc"] for k, v in entry["gates"].items()}}, step=step)
 
 
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:

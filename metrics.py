@@ -321,3 +321,15 @@ def metrics_report(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequenc
     alternative = next(c for c in CONVENTIONS if c != DEFAULT_CONVENTION)
     return {"metric_convention": DEFAULT_CONVENTION, **entries(DEFAULT_CONVENTION),
             alternative: entries(alternative)}
+
+
+def roc_auc(positive: ArrayLike, negative: ArrayLike) -> Optional[float]:
+    """Area under the ROC curve of a score separating ``positive`` from ``negative`` samples:
+    P(score of a random positive > score of a random negative), ties counting one half.
+    None when either side is empty (e.g. gate values of informative vs noise clips)."""
+    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+    if positive.size == 0 or negative.size == 0:
+        return None
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)

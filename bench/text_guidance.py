@@ -20,6 +20,13 @@ Rows, each trained with seeds 0, 1, 2:
 - ``avigate_continued`` (control, added after a smoke run on the --quick data, before any run
   on the benchmark): the same warm start and FINETUNE_EPOCHS epochs WITHOUT text flags, so a
   warm-started row's gain over ``avigate`` can be told apart from the effect of training longer.
+- Amendment (issue 17, committed before any run on the new recipe, docs/synthetic_recipe.md):
+  the recipe becomes the released-shaped one (pre-trained CLIP stand-in, the released values,
+  --lr chosen on the validation split, each row's best validation epoch), and three rows are
+  added: ``zero_audio`` (the fusion fed all-zero audio: the baseline that isolates sound),
+  ``ungated`` (--gate none: the paper's "+Audio") and ``category_audio`` (AVIGATE on
+  category-exemplar audio: how much of audio's gain is the category bit). The sound-caption
+  subset is also to be reported split into twin and solo sound captions.
 Ablations: the best text-guided variant (highest mean overall t2v R@1 in full scoring) is
 re-run with each text flag alone (--text_gate / --text_query / --query_gate; --query_gate
 implies the injection), otherwise unchanged, seeds 0, 1, 2.
@@ -94,7 +101,9 @@ class StudyRow:
     Args:
         name, label: key and table label.
         flags: main_task_retrieval.py flags on top of the demo recipe.
-        audio: "none" (visual-only) or "real" (the AST token cache).
+        audio: "none" (visual-only), "real" (the AST token cache), "zero" (all-zero tokens: the
+            control that isolates sound) or "category" (category-exemplar tokens: the shortcut
+            control); bench/demo.py audio_cache.
         warm_start: name of the row (same seed) whose checkpoint initializes this one.
         epochs: training epochs (None = the recipe's).
     """
@@ -113,7 +122,10 @@ class StudyRow:
 
 ROWS = (
     StudyRow("visual_only", "visual-only (--no_audio)", ("--no_audio",), audio="none"),
+    StudyRow("zero_audio", "fusion, zeroed audio (control)", audio="zero"),
+    StudyRow("ungated", "+audio, ungated (--gate none)", ("--gate", "none")),
     StudyRow("avigate", "AVIGATE"),
+    StudyRow("category_audio", "AVIGATE, category-exemplar audio (shortcut control)", audio="category"),
     StudyRow("tg_scratch", "text-guided from scratch (--text_init normal)", TEXT_FLAGS + ("--text_init", "normal")),
     StudyRow("tg_residual_frozen", "residual text-guided, frozen agnostic (from AVIGATE)",
              TEXT_FLAGS + ("--freeze_agnostic",), warm_start="avigate", epochs=FINETUNE_EPOCHS),
@@ -136,15 +148,9 @@ def ablations(best: StudyRow) -> list[StudyRow]:
 
 def train_args(cfg: demo.DemoConfig, paths: demo.Paths, row: StudyRow, seed: int, run_dir: str,
                runs: dict) -> list:
-    """main_task_retrieval.py flags of one training run (no test: evaluated in-process)."""
-    extra = []
-    if row.warm_start:
-        extra = ["--init_model", demo.selected_checkpoint(runs[(row.warm_start, seed)])]
-    return ["--do_train", "--skip_test", *demo.common_flags(cfg, paths), *demo.audio_flags(row, paths),
-            *row.flags, *extra, "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs),
-            "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
-            "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50", "--seed", str(seed),
-            "--output_dir", run_dir]
+    """main_task_retrieval.py flags of one training run: the demo's (no test: evaluated in-process)."""
+    warm_start = demo.selected_checkpoint(runs[(row.warm_start, seed)]) if row.warm_start else None
+    return demo.train_command(cfg, paths, row, seed, run_dir, warm_start)
 
 
 def train_row(cfg, paths, row: StudyRow, seed: int, runs: dict) -> float:
@@ -539,7 +545,7 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = study_config(args)
     paths = demo.Paths(os.path.abspath(cfg.out_dir))
     os.makedirs(paths.out_dir, exist_ok=True)
-    seconds = demo.prepare_inputs(replace(cfg, rows=("visual_only", "avigate")), paths)
+    seconds = demo.prepare_inputs(replace(cfg, rows=tuple(r.name for r in ROWS if r.name in demo.ROW_BY_NAME)), paths)
     metadata = demo.demo_results.read_json(os.path.join(paths.data, "metadata.json"))
     runs, evals, specs = {}, {}, {}
     query_of = lambda split: split_queries(split, metadata)  # noqa: E731

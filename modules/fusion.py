@@ -146,11 +146,13 @@ class FusionOutput:
     """Fused frames and gate values.
 
     fused [B, F, D] (B rows or P pairs); gates: name ("att", "ff", "q") -> [B, L] values
-    (empty without gates).
+    (empty without gates); unblended [B, F, D]: x_L before the residual blend (``forward``
+    only, for diagnostics such as tools/probe_sound.py; None without fusion blocks).
     """
 
     fused: torch.Tensor
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    unblended: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -433,7 +435,7 @@ class FusionTransformer(nn.Module):
         for block in self.blocks:
             x, gates = block(x, mask, audio, text)
             per_layer.append(gates)
-        return FusionOutput(self._blend(x, v0), self._stack_gates(per_layer))
+        return FusionOutput(self._blend(x, v0), self._stack_gates(per_layer), x)
 
     fuse_reference = forward
 
@@ -446,7 +448,7 @@ class FusionTransformer(nn.Module):
         if not self.text_guided:
             return self(frames, frame_mask, audio)
         out = self(frames, frame_mask, audio, frames.new_zeros(frames.shape[0], self.cfg.width))
-        return FusionOutput(out.fused, {k: v for k, v in out.gates.items() if k != GATE_Q})
+        return FusionOutput(out.fused, {k: v for k, v in out.gates.items() if k != GATE_Q}, out.unblended)
 
     # ----- fast text-guided paths -----------------------------------------------------
     def prepare_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor,
