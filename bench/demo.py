@@ -574,9 +574,7 @@ def write_probe(row: RowSpec, paths: Paths, checkpoint: str, out_dir: str) -> No
     split (tools/probe_sound.py); a visual-only row reads the real tokens for the data's AST line."""
     data = probe_sound.ProbeData(data_path=paths.data, features_path=os.path.join(paths.data, "videos"),
                                  audio_feature_cache=audio_cache(row, paths) or paths.ast_cache)
-    result = probe_sound.probe_checkpoint(checkpoint, data)
-    with open(os.path.join(out_dir, PROBE_FILE), "w") as handle:
-        json.dump(result, handle, indent=1)
+    write_json(os.path.join(out_dir, PROBE_FILE), probe_sound.probe_checkpoint(checkpoint, data), indent=1)
 
 
 # ----------------------------------------------------------------------------- results

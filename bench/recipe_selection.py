@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, ROOT)
 
+import atomic_io  # noqa: E402
 from bench import demo  # noqa: E402
 
 LR_GRID = (1e-4, 1e-3)  # the released rate and the previous demo recipe's
@@ -96,10 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--results", default=RESULTS, help="JSON to write (a .md page beside it)")
     args = parser.parse_args(argv)
     result = run_selection(args.out_dir)
-    with open(args.results, "w") as handle:
-        json.dump(result, handle, indent=1)
-    with open(os.path.splitext(args.results)[0] + ".md", "w") as handle:
-        handle.write(markdown(result))
+    atomic_io.write_json(args.results, result, indent=1)
+    atomic_io.write_text(os.path.splitext(args.results)[0] + ".md", markdown(result))
     print(markdown(result))
     return result
 

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+import atomic_io
+
 from synthetic.design import CATEGORIES, TWIN
 
 TRAIN_CSV = "MSRVTT_train.9k.csv"
@@ -88,7 +90,7 @@ def make_val_split(data_dir: str, num_val_clips: int, seed: int = 0, out_dir: Op
     held_renders = {vid for cid in held_out for vid in clips[cid]["renders"]}
     train = pd.read_csv(os.path.join(data_dir, TRAIN_CSV))
     paths = split_files(out_dir or data_dir, num_val_clips)
-    train[~train["video_id"].isin(held_renders)].to_csv(paths["train_csv"], index=False)
+    atomic_io.write_text(paths["train_csv"], train[~train["video_id"].isin(held_renders)].to_csv(index=False))
     rows, tags = [], []
     for number, cid in enumerate(held_out):
         video_id = clips[cid]["renders"][0]
@@ -97,9 +99,9 @@ def make_val_split(data_dir: str, num_val_clips: int, seed: int = 0, out_dir: Op
                          "sentence": caption["caption"]})
             tags.append({"video_id": video_id, "caption": caption["caption"], "kind": caption["kind"],
                          "mentions_sound": caption["mentions_sound"]})
-    pd.DataFrame(rows, columns=["key", "vid_key", "video_id", "sentence"]).to_csv(paths["val_csv"], index=False)
-    with open(paths["val_captions"], "w") as handle:
-        json.dump({"held_out_clips": held_out, "captions": tags}, handle, indent=1)
+    atomic_io.write_text(paths["val_csv"], pd.DataFrame(rows, columns=["key", "vid_key", "video_id", "sentence"])
+                         .to_csv(index=False))
+    atomic_io.write_json(paths["val_captions"], {"held_out_clips": held_out, "captions": tags}, indent=1)
     categories = {c: sum(clips[cid]["category"] == c for cid in held_out) for c in CATEGORIES}
     return {**paths, "val_clips": len(held_out), "val_captions_count": len(rows),
             "val_clips_per_category": categories, "train_videos": int((~train["video_id"].isin(held_renders)).sum())}

@@ -52,13 +52,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import atomic_io
 from dataloaders.video import normalize_frames, resize_center_crop
 from modules.clip import CLIP, load_clip_state_dict
 from modules.tokenization_clip import ClipTokenizer
 from synthetic.design import STREAM_PLAN, STREAM_PRETRAIN, STREAM_RENDER
 from synthetic.make_synthetic_av import (COLOUR_JITTER, COLOUR_RGB, FRAME_NOISE_STD, GROW_RADIUS_RANGE,
                                          _background, _draw_shape)
-from synthetic.make_tiny_checkpoints import save_atomic
 from synthetic.vocab import (BACKGROUND_PHRASES, BACKGROUNDS, COLOURS, INFORMATIVE_SOUNDS, MOTION_PHRASES,
                              MOTIONS, SHAPES, SOUND_BY_NAME, caption_variants, visual_combinations)
 
@@ -468,8 +468,7 @@ def pretrain_clip(init_checkpoint: str, out_path: str, cfg: ClipPretrainConfig) 
     losses = train(model, frames, stills, tokens, cfg)
     after = {"zero_shot": zero_shot_accuracy(model, held_frames, held_stills, tokens),
              "language": language_report(model, tokens, cfg, held_groups)}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_atomic({k: v.detach().clone() for k, v in model.state_dict().items()}, out_path)
+    atomic_io.save_torch({k: v.detach().clone() for k, v in model.state_dict().items()}, out_path)
     tail = np.array(losses[-20:])
     report = {"checkpoint": out_path, "init_checkpoint": init_checkpoint,
               "init_sha256": file_digest(init_checkpoint), "sha256": file_digest(out_path),
@@ -477,10 +476,7 @@ def pretrain_clip(init_checkpoint: str, out_path: str, cfg: ClipPretrainConfig) 
               "first_losses": {"image": losses[0][0], "text": losses[0][1]},
               "last_losses": {"image": float(tail[:, 0].mean()), "text": float(tail[:, 1].mean())},
               "logit_scale": float(model.logit_scale.detach().exp()), "seconds": round(time.time() - start, 1)}
-    tmp = report_path(out_path) + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(report, handle, indent=1)
-    os.replace(tmp, report_path(out_path))
+    atomic_io.write_json(report_path(out_path), report, indent=1)
     return {**report, "reused": False}
 
 

@@ -13,7 +13,7 @@ and for every sound caption of the split ``caption_embedding``: the unit text em
 A 5-fold cross-validated multinomial logistic regression (scikit-learn; standardized features,
 fixed C, stratified folds with a fixed seed) then predicts the clip's sound event from each
 video-side representation on the clips with informative audio, and the named sound from the
-caption embeddings. Text-guided models are probed in their agnostic view (t := 0, DESIGN §4a),
+caption embeddings. Text-guided models are probed in their agnostic view (t := 0, docs/design.md §4a),
 the view their video index uses; the output says so.
 
 The checkpoint describes itself: the model is rebuilt from its record
@@ -293,7 +293,7 @@ def video_view(model: AVIGATE) -> str:
     if not model.cfg.fusion.use_audio:
         return "visual-only model (--no_audio): V = v0, no fusion"
     if model.text_guided:
-        return "text-guided model probed in its agnostic view (text := 0, DESIGN §4a)"
+        return "text-guided model probed in its agnostic view (text := 0, docs/design.md §4a)"
     return "text-agnostic model"
 
 
