@@ -42,6 +42,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIP_SCOPES = ("group", "global")                               # modules.optimization.CLIP_SCOPES
 DECAY_RULES = ("ndim", "released")                              # modules.optimization.DECAY_RULES
 AUDIO_PERTURBATIONS = ("none", "silence", "noise", "swap")      # dataloaders.perturb.AUDIO_PERTURBATIONS
+GATE_LOG_SPLITS = ("none", "val", "test")                       # gate_log.GATE_LOG_SPLITS
 DEFAULT_NOISE_RMS = 0.1                                         # dataloaders.perturb.DEFAULT_NOISE_RMS
 DEFAULT_MAX_MISSING_AUDIO = 0.05                                # dataloaders.audio_presence.DEFAULT_MAX_MISSING
 DEFAULT_AST_CHECKPOINT = os.path.join(weights.MODULES_DIR, weights.AST_RELEASE.file_name)
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every caption is a training sample (any datatype); else one random caption "
                         "per video per epoch")
     d.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER, help="video decoding library")
+    d.add_argument("--frame_cache", default=None,
+                   help="frame cache (python -m preprocess.cache_frames, same frame flags): frames read, not "
+                        "decoded; refused if built with other flags or from changed videos")
     d.add_argument("--skip_bad_videos", action="store_true",
                    help="drop missing/unreadable videos (counted) instead of failing")
     d.add_argument("--on_bad_audio", choices=BAD_AUDIO, default="error",
@@ -197,16 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune the AST trunk at lr x coef_lr (needs --audio_path: a token cache holds the "
                         "frozen trunk's output); the paper's Table 11 (e)")
     o.add_argument("--grad_clip_scope", choices=CLIP_SCOPES, default="group",
-                   help="clip each parameter group's gradient norm at 1.0 (DESIGN) or the global norm "
-                        "(the released training loop)")
+                   help="clip each parameter group's gradient norm at 1.0 or the global norm (the released "
+                        "training loop, docs/design.md §7)")
     o.add_argument("--weight_decay_rule", choices=DECAY_RULES, default="ndim",
-                   help="decay tensors with >= 2 dims (DESIGN) or every tensor whose name lacks 'bias' "
-                        "(released: LayerNorm weights and logit_scale decay too)")
+                   help="decay tensors with >= 2 dims or every tensor whose name lacks 'bias' "
+                        "(released: LayerNorm weights and logit_scale decay too, docs/design.md §7)")
     o.add_argument("--freeze_agnostic", action="store_true",
                    help="text-guided models: train only the text terms; the text-agnostic model (e.g. "
                         "the AVIGATE checkpoint of --init_model) stays exactly as it is")
     o.add_argument("--beta", type=float, default=0.2, help="adaptive-margin slope")
     o.add_argument("--margin_BD", type=float, default=0.1, help="adaptive-margin cap (VATEX 0.05)")
+    o.add_argument("--margin_fixed", action="store_true",
+                   help="every negative pair's margin = --margin_BD instead of the adaptive margin "
+                        "(the paper's fixed-margin row of Table 4; --beta is then unused)")
     o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
                    help="text-guided training pairs; own_caption is a LEAKING diagnostic")
     o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
@@ -236,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval_order_seed", type=int, default=None,
                    help="evaluate the test texts and videos in an order permuted by this seed (scores must "
                         "not change; tools/audit_protocol.py uses it)")
+    e.add_argument("--gate_log_split", choices=GATE_LOG_SPLITS, default="none",
+                   help="before training and after every epoch, write gates_per_epoch.json and .png to --output_dir: "
+                        "mean |g_att| and |g_ff| per layer for informative vs noise videos of this split (val: "
+                        "--val_csv, test: --test_csv) and their AUC, from the agnostic video encoder "
+                        "(docs/diagnostics.md); the training numbers do not change")
+    e.add_argument("--gate_labels", default=None,
+                   help="per-video labels for --gate_log_split, {\"videos\": {id: {\"informative_audio\": bool}}} "
+                        "(default: metadata.json in --data_path, as the synthetic benchmark writes it)")
     e.add_argument("--dump_topk", type=int, default=0, metavar="K",
                    help="write topk.jsonl: each text's K best videos with scores (and gates), and its "
                         "video's rank (tools/error_report.py renders the worst queries)")
@@ -286,6 +301,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
                      "tokens and skips it: pass --audio_path (the wavs) instead of --audio_feature_cache")
     if args.audio_perturb == "noise" and not args.audio_noise_rms > 0:
         parser.error(f"--audio_noise_rms must be > 0, got {args.audio_noise_rms}")
+    if args.gate_log_split != "none" and not args.do_train:
+        parser.error("--gate_log_split logs the gates during training: add --do_train")
+    if args.gate_log_split == "val" and not args.val_csv:
+        parser.error("--gate_log_split val logs the gates on the validation split: pass --val_csv "
+                     "(or use --gate_log_split test)")
     if args.dump_topk < 0:
         parser.error(f"--dump_topk must be >= 0 (0: no dump), got {args.dump_topk}")
     check_output_dir(parser, args)
@@ -428,6 +448,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import evaluation  # noqa: E402
+import gate_log  # noqa: E402
 import training  # noqa: E402
 import util  # noqa: E402
 from dataloaders.audio_cache import checkpoint_fingerprint, read_index  # noqa: E402
@@ -455,11 +476,16 @@ def annotation_file(path: Optional[str]) -> Optional[str]:
     return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
+def data_dir(args: argparse.Namespace) -> str:
+    """--data_path as a folder (it may name MSRVTT_data.json itself)."""
+    return os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+
+
 def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[str] = None,
                 test_split: bool = False) -> DataConfig:
     """Data settings; ``test_split``: the test evaluation, which alone gets --audio_perturb and
     --eval_order_seed (validation always sees the real audio)."""
-    data_path = os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+    data_path = data_dir(args)
     use_cache = bool(args.audio_feature_cache) and not args.no_audio
     return DataConfig(
         datatype=args.datatype, data_path=data_path, features_path=args.features_path,
@@ -470,6 +496,7 @@ def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[s
         frames=FrameSamplingConfig(max_frames=args.max_frames, framerate=args.feature_framerate,
                                    slice_framepos=args.slice_framepos, image_size=image_size,
                                    decoder=args.decoder),
+        frame_cache_dir=args.frame_cache,
         on_bad_audio=args.on_bad_audio, max_missing_audio=args.max_missing_audio,
         skip_bad_videos=args.skip_bad_videos,
         expand_sentences=args.expand_msrvtt_sentences, seed=args.seed,
@@ -514,7 +541,7 @@ def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTCon
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
     """The training objective: margins, pair selection, pair chunking."""
-    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
+    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD, fixed=args.margin_fixed),
                            training_pairs=args.training_pairs, hardest_k=args.hardest_k,
                            pairs_per_chunk=args.train_pairs_per_chunk)
 
@@ -523,7 +550,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
                 context: Optional[CheckpointContext] = None) -> AVIGATE:
     """The model, then --init_model's weights if given.
 
-    Without a checkpoint record: CLIP + AST weights from their released files (DESIGN §7 init);
+    Without a checkpoint record: CLIP + AST weights from their released files (docs/design.md §7 init);
     missing released files are fetched into --weights_cache (modules/weights.py). With the
     record of --init_model / --resume_model (``context.record``) every weight comes from that
     checkpoint, so the model is built from the record's configuration (``args`` already agree
@@ -567,7 +594,7 @@ def uses_released_weights(context: CheckpointContext) -> bool:
 
 
 def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
-    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+    """CLIP (and AST) from their released files, new modules at their docs/design.md §7 init."""
     resolved = resolve_released_weights(args)
     clip_state = load_clip_state_dict(resolved["clip"].path)
     ast_weights = checkpoint_to_trunk(load_audioset_checkpoint(resolved["ast"].path)) if "ast" in resolved else None
@@ -582,7 +609,7 @@ def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict
 def model_from_record(args: argparse.Namespace, context: CheckpointContext) -> tuple[AVIGATE, dict]:
     """The model of a checkpoint's record, before its weights are loaded: the recorded
     configuration, with this run's text flags in the warm start of a text-guided model from an
-    AVIGATE checkpoint (its text terms then start at their init, DESIGN §4a)."""
+    AVIGATE checkpoint (its text terms then start at their init, docs/design.md §4a)."""
     source = checkpoint_record.record_path(context.checkpoint)
     recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
     cfg = model_config(args, recorded.clip, recorded.ast)
@@ -637,7 +664,7 @@ def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
-    """Freeze, group and optimize the parameters (DESIGN §7); wrap the objective in DDP when
+    """Freeze, group and optimize the parameters (docs/design.md §7); wrap the objective in DDP when
     distributed."""
     optimizer = build_optimizer(model, optim_config(args))
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
@@ -683,6 +710,12 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
                             "with its own caption in training (the public implementation's pairing)")
     util.logger.info("training: %d samples, %d steps per epoch, %d epochs, global batch %d on %d rank(s)",
                      len(train_set), steps_per_epoch, args.epochs, args.batch_size, info.world_size)
+    gates = build_gate_log(args, model, tokenizer, image_size, val_data, recorder)
+    if gates is not None:
+        if resume_state is not None:
+            gates.resume(os.path.dirname(os.path.abspath(args.resume_model)), progress.epoch)
+        if progress.step == 0:
+            record_gates(gates, model, 0, progress.step, info, recorder)
     for epoch in range(progress.epoch, args.epochs):
         progress.epoch = epoch
         sampler.set_epoch(epoch, progress.epoch_step * args.gradient_accumulation_steps)
@@ -700,16 +733,51 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
                                  checkpoint_record_of(args, model, epoch=epoch, step=progress.step))
         if val_data is not None:
             select_on_validation(args, info, model, val_data, progress, recorder)
+        if gates is not None:
+            record_gates(gates, model, epoch + 1, progress.step, info, recorder)
         progress.epoch, progress.epoch_step = epoch + 1, 0
         save_state()
     util.report_data_issues("training data", train_set.counter, train_set.media.audio.counter, info, recorder)
     return progress.best_epoch if progress.best_epoch is not None else args.epochs - 1
 
 
+def build_gate_log(args, model: AVIGATE, tokenizer, image_size: int, val_data,
+                   recorder: util.RunRecorder) -> Optional[gate_log.GateLog]:
+    """The per-epoch gate log of --gate_log_split (gate_log.py); None without the flag or when
+    the model has no gates (said in the log and train_metrics.jsonl)."""
+    if args.gate_log_split == "none":
+        return None
+    if not model.gate_names():
+        why = "--no_audio builds no fusion" if args.no_audio else "--gate none fixes every gate at 1"
+        util.logger.warning("--gate_log_split %s: no gates to log (%s); %s is not written", args.gate_log_split, why,
+                            gate_log.GATE_LOG_FILE)
+        recorder.log({"event": "gate_log", "written": False, "reason": why})
+        return None
+    data = val_data if args.gate_log_split == "val" else build_eval_datasets(
+        data_config(args, image_size, args.test_csv), tokenizer)
+    labels = args.gate_labels or os.path.join(data_dir(args), "metadata.json")
+    informative = gate_log.read_informative_labels(labels, data.split.video_ids)
+    view = "agnostic view (text := 0)" if model.text_guided else "text-agnostic model"
+    header = {"split": args.gate_log_split, "annotation": data.split.name, "labels": os.path.abspath(labels),
+              "view": view, "num_videos": int(len(informative)),
+              "counts": {gate_log.INFORMATIVE: int(informative.sum()), gate_log.NOISE: int((~informative).sum())}}
+    return gate_log.GateLog(data.videos, informative, args.output_dir, header, args.batch_size_val,
+                            args.num_thread_reader, args.precision)
+
+
+def record_gates(gates: gate_log.GateLog, model: AVIGATE, epoch: int, step: int, info: util.DistInfo,
+                 recorder: util.RunRecorder) -> None:
+    """One gate-log entry (all ranks encode), with its last-layer AUCs in train_metrics.jsonl."""
+    entry = gates.record(model, epoch, step, info)
+    if entry is not None:
+        recorder.log({"event": "gate_log", "epoch": epoch, "step": step,
+                      "last_layer_auc": {k: v["last_layer_auc"] for k, v in entry["gates"].items()}}, step=step)
+
+
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
     """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched.
 
-    Batches are pinned on CUDA (``training.video_inputs`` copies them ``non_blocking``).
+    Batches are pinned on CUDA (``dataloaders.base.video_inputs`` copies them ``non_blocking``).
     Workers are deliberately not persistent: a worker holds the copy of ``train_set`` made
     when it started, so ``train_set.set_epoch`` (the per-epoch caption draw without
     --expand_msrvtt_sentences) and the per-epoch worker seeds would not reach a worker kept
@@ -886,7 +954,7 @@ def log_record_use(context: CheckpointContext) -> None:
     util.logger.info("architecture from the record of %s%s", checkpoint,
                      f": {taken}" if taken else " (the flags given agree with it)")
     if context.warm_start:
-        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (DESIGN §4a): "
+        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (docs/design.md §4a): "
                          "its text terms are created at their init", checkpoint)
 
 

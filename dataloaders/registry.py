@@ -28,6 +28,7 @@ from dataloaders.audio_cache import read_index
 from dataloaders.audio_presence import DEFAULT_MAX_MISSING, AudioPresence, check_audio_presence
 from dataloaders.base import (AudioSource, MediaLoader, PairDataset, RetrievalSplit, TextDataset,
                               VideoDataset, VideoIssueCounter, prepare_videos)
+from dataloaders.frame_cache import FrameCache
 from dataloaders.perturb import AudioPerturbation, PerturbedAudio
 from dataloaders.video import FrameSamplingConfig
 from modules.tokenization_clip import ClipTokenizer
@@ -75,13 +76,16 @@ class DataConfig:
         eval_file: evaluation annotation file, default the dataset's test file.
         max_words: L, tokens per caption including start and end.
         frames: frame sampling, transform and decoder.
+        frame_cache_dir: frame cache (preprocess/cache_frames.py, built with ``frames``) to read
+            frames from instead of decoding; checked when the datasets are built.
         fbank: AST input settings (wav audio).
         on_bad_audio: "error" or "zero" for unreadable wav files.
         max_missing_audio: largest fraction of a split's videos whose wav may be missing
             (videos listed as without soundtrack excepted).
         skip_bad_videos: drop missing/unreadable videos (training: replace failing
             samples) and count them, instead of raising.
-        expand_sentences: training item per caption (else one per video per epoch).
+        expand_sentences: training item per caption (else one per video per epoch, the
+            default, as ``--expand_msrvtt_sentences`` off).
         seed: seed of the per-epoch caption draw when not expanding sentences.
         audio_perturbation: what replaces the audio of every evaluation video
             (dataloaders.perturb; evaluation datasets only).
@@ -98,11 +102,12 @@ class DataConfig:
     eval_file: Optional[str] = None
     max_words: int = 32
     frames: FrameSamplingConfig = field(default_factory=FrameSamplingConfig)
+    frame_cache_dir: Optional[str] = None
     fbank: FbankConfig = field(default_factory=FbankConfig)
     on_bad_audio: str = "error"
     max_missing_audio: float = DEFAULT_MAX_MISSING
     skip_bad_videos: bool = False
-    expand_sentences: bool = True
+    expand_sentences: bool = False
     seed: int = 0
     audio_perturbation: AudioPerturbation = field(default_factory=AudioPerturbation)
     eval_order_seed: Optional[int] = None
@@ -123,10 +128,6 @@ class EvalDatasets:
     texts: TextDataset
     videos: VideoDataset
     counter: VideoIssueCounter
-
-    def issue_summary(self) -> str:
-        """Dropped videos and audio fallbacks, summed over DataLoader workers (log once)."""
-        return self.videos.media.issue_summary(self.counter)
 
     def audio_perturbation(self) -> dict:
         """The audio perturbation of the videos (``PerturbedAudio.record``), {"kind": "none"} without."""
@@ -188,7 +189,8 @@ def check_split_audio(cfg: DataConfig, split: RetrievalSplit) -> Optional[AudioP
 
 def _media(cfg: DataConfig, video_files) -> MediaLoader:
     audio = AudioSource(cfg.audio_path, cfg.audio_cache_dir, cfg.fbank, cfg.on_bad_audio)
-    return MediaLoader(video_files, cfg.frames, audio)
+    frame_cache = FrameCache(cfg.frame_cache_dir, cfg.frames, video_files) if cfg.frame_cache_dir else None
+    return MediaLoader(video_files, cfg.frames, audio, frame_cache)
 
 
 def build_train_dataset(cfg: DataConfig, tokenizer=None) -> PairDataset:

@@ -1,4 +1,4 @@
-"""Released weights: found locally, or fetched into a cache and verified (DESIGN §1, §11).
+"""Released weights: found locally, or fetched into a cache and verified (docs/design.md §1, §11).
 
 Where a released file is looked for, in order:
 
@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Mapping, Optional, Union
 
 from tqdm import tqdm
+
+from atomic_io import write_json
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,10 +162,7 @@ def write_sha256_record(path: PathLike, sha256: str, url: Optional[str]) -> None
     """Record a verified file's SHA-256 (with its size and mtime) next to it, atomically."""
     path = os.fspath(path)
     payload = {"file": os.path.basename(path), "sha256": sha256, "url": url, **_stamp(path)}
-    tmp = f"{record_path(path)}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(tmp, record_path(path))
+    write_json(record_path(path), payload, indent=1)
 
 
 def checked_sha256(path: PathLike) -> Optional[str]:
@@ -392,7 +391,7 @@ def expected_audioset_shapes(cfg=None) -> dict:
     """Every key of the released AudioSet checkpoint the trunk needs, with its shape.
 
     The released trunk (``cfg`` None) is DeiT-base 384 distilled over a 128 x 1024 fbank with
-    stride 10 (DESIGN §1): ``module.v.*`` of ``AST(ASTConfig())`` built on the meta device,
+    stride 10 (docs/design.md §1): ``module.v.*`` of ``AST(ASTConfig())`` built on the meta device,
     plus the AudioSet classifier ``module.mlp_head.1.weight`` [527, 768].
     """
     import torch  # lazily: resolving a path must not pay for torch/timm at import time

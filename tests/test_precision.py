@@ -21,8 +21,8 @@ import torch
 
 import evaluation
 import main_task_retrieval
-import training
 import util
+from dataloaders.base import video_inputs
 from metrics import retrieval_metrics
 from modules import modeling
 from modules.modeling import AVIGATE, TextFeatures, VideoFeatures
@@ -59,7 +59,7 @@ def _encode(model: AVIGATE, batch: dict, precision: str) -> tuple[TextFeatures, 
     model.eval()
     with util.autocast(CPU, precision):
         text = model.encode_text(batch["text_ids"], batch["text_mask"])
-        video = model.encode_video(**training.video_inputs(batch, CPU))
+        video = model.encode_video(**video_inputs(batch, CPU))
     return text.to(dtype=torch.float32), video.to(dtype=torch.float32)
 
 

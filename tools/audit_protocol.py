@@ -2,7 +2,7 @@
 whatever the order, batching and sharding of the evaluation? (README "Is a text-conditioned
 number real?")
 
-A score may depend only on its text and its video (DESIGN §4). The audit evaluates the
+A score may depend only on its text and its video (docs/design.md §4). The audit evaluates the
 checkpoint with ``main_task_retrieval.py --do_eval`` — the code path of a user's evaluation —
 several times, changing only what must not matter:
 
@@ -45,7 +45,7 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, ROOT)
 
 import main_task_retrieval  # noqa: E402
-from util import write_json  # noqa: E402
+from atomic_io import write_json  # noqa: E402
 
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_ALT_BATCH_SIZES = (7, 3)

@@ -5,16 +5,16 @@
 
 The first call builds an index of the folder (every ``.mp4/.webm/.mkv/.avi`` file directly in it):
 each clip's text-agnostic video features (CLIP frames, resampled audio, the fused scoring rows
-and gates, DESIGN §10) plus a small frame strip, one file per clip, written as it is done. A
+and gates, docs/design.md §10) plus a small frame strip, one file per clip, written as it is done. A
 later call (another query) reads the index; an interrupted build resumes; a clip added or
 changed since (size or modification time) is encoded again. An index built with another
 checkpoint or other frame settings is refused. Audio: ``<audio_dir>/<name>.wav`` with
 ``--audio_dir``, else the clip's own soundtrack (decoded with PyAV); a clip without one gets the
-zero input (counted, DESIGN §1).
+zero input (counted, docs/design.md §1).
 
 The answer: ranked file names with scores and the gate values of the fusion that scored them
-(|g| per fusion layer, DESIGN §3). A text-guided checkpoint ranks every clip with its
-text-agnostic view and re-scores the top ``--rerank_topk`` under the query (DESIGN §4a).
+(|g| per fusion layer, docs/design.md §3). A text-guided checkpoint ranks every clip with its
+text-agnostic view and re-scores the top ``--rerank_topk`` under the query (docs/design.md §4a).
 ``--html PAGE`` writes a static page with each hit's frame strip and gates.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ import cv2
 import torch
 import torch.nn.functional as nnf
 
+import atomic_io
 import checkpoint_record
 import util
 from dataloaders.audio import FbankConfig, ast_input, load_ast_input, zero_ast_input
@@ -182,19 +183,13 @@ def build_index(model: AVIGATE, videos_dir: str, index_dir: str, checkpoint: str
         entry = read_entry(index_dir, stem, video)
         if entry is None:
             entry = encode_clip(model, video, stem, frames_cfg, audio_dir)
-            save_atomic(entry, clip_entry_path(index_dir, stem))
+            atomic_io.save_torch(entry, clip_entry_path(index_dir, stem))
             encoded += 1
         entries[name] = entry
     silent = sum(not e["has_audio"] for e in entries.values()) if model.ast is not None else 0
     print(f"index {index_dir}: {len(entries)} clips ({encoded} encoded now, {len(entries) - encoded} from the "
           f"index); {silent} without sound (zero audio input)", file=sys.stderr)
     return entries
-
-
-def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -207,7 +202,7 @@ def encode_query(model: AVIGATE, query: str, max_words: int) -> TextFeatures:
 
 
 def gate_values(gates: dict, row) -> dict:
-    """{name: [|g| per layer]} of one clip (DESIGN §3: analyses use |g|)."""
+    """{name: [|g| per layer]} of one clip (docs/design.md §3: analyses use |g|)."""
     return {name: [round(abs(float(g)), 4) for g in value[row]] for name, value in gates.items()}
 
 
@@ -311,8 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Hit]:
         util.write_json(args.json, {"query": args.query, "checkpoint": args.checkpoint,
                                     "hits": [dataclasses.asdict(h) for h in hits[:args.top]]})
     if args.html:
-        with open(args.html, "w") as f:
-            f.write(render_page(args.query, args.checkpoint, hits[:args.top], entries))
+        atomic_io.write_text(args.html, render_page(args.query, args.checkpoint, hits[:args.top], entries))
         print(f"page: {args.html}", file=sys.stderr)
     return hits
 
