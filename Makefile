@@ -18,12 +18,14 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# Last, the repository itself (editable, pyproject.toml): its packages and modules import from anywhere.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_PIN)
 	$(BIN)/python -m pip install -r requirements-dev.txt
 	$(BIN)/python -m pip install --no-deps $(TORCHAUDIO_REF)
+	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
 # A missing reference implementation (torchaudio, transformers, open_clip) fails the parity

@@ -20,7 +20,7 @@ anyone's script); its record is the JSON file beside it, ``pytorch_model.bin.N.j
 Rules (``resolve_flags``): reading a checkpoint (``--init_model``, ``--resume_model``), an
 architecture flag given on the command line must equal the record's value (else an error
 naming both); a flag left out takes the record's value. The one exception is the warm start
-of a text-guided model from a text-agnostic (AVIGATE) checkpoint (DESIGN §4a): the text flags
+of a text-guided model from a text-agnostic (AVIGATE) checkpoint (docs/design.md §4a): the text flags
 (``TEXT_FLAGS``) may then differ, and the missing text terms start at their residual init. A
 checkpoint without a record (older runs, the released code's files) loads with the flags as
 given.
@@ -37,6 +37,8 @@ import os
 import typing
 from typing import Any, Iterable, Optional
 
+from atomic_io import write_json
+
 FORMAT = "avigate-checkpoint-record"
 VERSION = 1
 SUFFIX = ".json"
@@ -44,7 +46,7 @@ SUFFIX = ".json"
 ARCHITECTURE_FLAGS = ("max_frames", "cross_num_hidden_layers", "audio_query_layers", "temperature", "alignment",
                       "gate", "fusion_residual", "no_audio", "padding_rule",
                       "text_gate", "text_query", "query_gate", "text_init")
-# What the text-guided extension adds (DESIGN §4); they may differ in the documented warm start.
+# What the text-guided extension adds (docs/design.md §4); they may differ in the documented warm start.
 TEXT_FLAGS = ("text_gate", "text_query", "query_gate", "text_init")
 TEXT_GUIDING_FLAGS = ("text_gate", "text_query", "query_gate")
 # Recorded for provenance and for the checks they allow, not compared as architecture.
@@ -71,12 +73,8 @@ def make_record(model_config: dict, flags: dict, weight_sources: dict, git: dict
 
 
 def write_record(checkpoint: str, record: dict) -> None:
-    """Atomic write of ``<checkpoint>.json`` (temp file + rename)."""
-    path = record_path(checkpoint)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Atomic write of ``<checkpoint>.json``."""
+    write_json(record_path(checkpoint), record)
 
 
 def read_record(checkpoint: str, flag: str = "--init_model") -> Optional[dict]:
@@ -209,6 +207,18 @@ def existing_run_files(output_dir: str) -> list[str]:
         return []
     return sorted(name for name in os.listdir(output_dir)
                   if name in RUN_FILES or name.startswith(MODEL_FILE_PREFIX))
+
+
+# What a run writes before its first result: a folder holding only these is reusable.
+STARTUP_FILES = ("args.json", "run_info.json", "log.txt", "LEAKING")
+TRAINING_STATE_NAME = "training_state.pt"
+
+
+def holds_no_results(output_dir: str) -> bool:
+    """Whether the run in ``output_dir`` stopped before writing any result (model file, training
+    state, metrics): only STARTUP_FILES are there, so a new run may replace them."""
+    existing = existing_run_files(output_dir)
+    return bool(existing) and set(existing) <= set(STARTUP_FILES)
 
 
 def resumes_in_place(output_dir: str, resume_model: Optional[str]) -> bool:

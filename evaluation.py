@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataloaders.base import collate_items
+from atomic_io import atomic_path, write_json
+from dataloaders.base import collate_items, video_inputs
 from metrics import metrics_report, text_to_video_ranks
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
 from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
-from training import video_inputs
 from util import (DistInfo, autocast, broadcast_object, gather_objects, ignore_preemption_signals, logger, shard_range,
-                  unwrap, write_json)
+                  unwrap)
 
 # Texts per score_with_gates call: bounds the [rows, Nv, L] gate tensors of text-guided models.
 EVAL_ROW_BLOCK = 1024
@@ -324,16 +324,9 @@ def rerank_metrics(scored: ScoredSplit, caption_video: np.ndarray) -> dict:
     num_texts, num_videos = scored.sim.shape
     fused = int(reranked.pair_text.shape[0])
     return {**metrics_report(reranked.t2v, caption_video, v2t_sim=reranked.v2t),
-            "stage1": split_metrics(scored.sim, caption_video, dsl=False),
+            "stage1": metrics_report(scored.sim, caption_video),
             "rerank": {"topk": reranked.topk, "pairs_fused": fused, "pairs_total": num_texts * num_videos,
                        "fused_fraction": fused / max(num_texts * num_videos, 1)}}
-
-
-def split_metrics(sim: np.ndarray, caption_video: np.ndarray, dsl: bool) -> dict:
-    """metrics.json's metric entries (metrics.metrics_report): "plain" and, with ``dsl``,
-    "dsl" in the released CLIP4Clip/AVIGATE convention (DESIGN §8), the same under
-    "per_caption" in the stricter per-caption convention, and "metric_convention"."""
-    return metrics_report(sim, caption_video, dsl=dsl)
 
 
 def _floats(values: np.ndarray) -> list:
@@ -413,11 +406,9 @@ def topk_records(split, scored: ScoredSplit):
 
 def write_topk(path: str, split, scored: ScoredSplit) -> None:
     """topk.jsonl (``topk_records``), written atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for record in topk_records(split, scored):
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
 
 
 def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dict,
@@ -435,9 +426,8 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
     if perturbation is not None and perturbation["kind"] != "none":
         write_json(os.path.join(output_dir, PERTURBATION_FILE), {**label, **perturbation})
     write_json(os.path.join(output_dir, "metrics.json"), {**label, **metrics})
-    tmp = os.path.join(output_dir, f"sim_matrix.tmp{os.getpid()}.npy")
-    np.save(tmp, scored.sim.astype(np.float32))
-    os.replace(tmp, os.path.join(output_dir, "sim_matrix.npy"))
+    with atomic_path(os.path.join(output_dir, "sim_matrix.npy")) as tmp:
+        np.save(tmp, scored.sim.astype(np.float32))
     write_json(os.path.join(output_dir, "sim_rows.json"),
                [{"video_id": split.video_ids[v], "caption": c}
                 for c, v in zip(split.captions, split.caption_video)])
@@ -446,10 +436,9 @@ def write_eval_outputs(output_dir: str, split, scored: ScoredSplit, metrics: dic
         write_json(os.path.join(output_dir, "gates.json"), {**label, **gates_report(scored, split)})
     if scored.reranked is not None:
         r = scored.reranked
-        tmp = os.path.join(output_dir, f"rerank_pairs.tmp{os.getpid()}.npz")
-        np.savez(tmp, topk=r.topk, pair_text=r.pair_text, pair_video=r.pair_video, pair_scores=r.pair_scores,
-                 **{f"gates_{name}": g for name, g in r.pair_gates.items()})
-        os.replace(tmp, os.path.join(output_dir, "rerank_pairs.npz"))
+        with atomic_path(os.path.join(output_dir, "rerank_pairs.npz")) as tmp:
+            np.savez(tmp, topk=r.topk, pair_text=r.pair_text, pair_video=r.pair_video, pair_scores=r.pair_scores,
+                     **{f"gates_{name}": g for name, g in r.pair_gates.items()})
     if scored.topk is not None:
         write_topk(os.path.join(output_dir, TOPK_FILE), split, scored)
 
@@ -504,7 +493,7 @@ def evaluate(model: torch.nn.Module, data, options: EvalOptions, info: DistInfo,
     if options.rerank_topk:
         metrics = rerank_metrics(scored, data.split.caption_video)
     else:
-        metrics = split_metrics(scored.sim, data.split.caption_video, options.dsl)
+        metrics = metrics_report(scored.sim, data.split.caption_video, dsl=options.dsl)
     metrics["protocol"] = options.protocol
     if options.protocol == "paired_block":
         metrics["LEAKING"] = LEAK_LABEL

@@ -43,7 +43,9 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIP_SCOPES = ("group", "global")                               # modules.optimization.CLIP_SCOPES
 DECAY_RULES = ("ndim", "released")                              # modules.optimization.DECAY_RULES
 AUDIO_PERTURBATIONS = ("none", "silence", "noise", "swap")      # dataloaders.perturb.AUDIO_PERTURBATIONS
+GATE_LOG_SPLITS = ("none", "val", "test")                       # gate_log.GATE_LOG_SPLITS
 DEFAULT_NOISE_RMS = 0.1                                         # dataloaders.perturb.DEFAULT_NOISE_RMS
+DEFAULT_MAX_MISSING_AUDIO = 0.05                                # dataloaders.audio_presence.DEFAULT_MAX_MISSING
 DEFAULT_AST_CHECKPOINT = os.path.join(weights.MODULES_DIR, weights.AST_RELEASE.file_name)
 # FusionConfig fields set by the text flags: they may differ from an AVIGATE checkpoint's record
 # in the warm start of a text-guided model (checkpoint_record.TEXT_FLAGS).
@@ -64,8 +66,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{help_text} (default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """Flag errors are one line (plus where the flags are listed), not the 60-line usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(python main_task_retrieval.py --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("run")
     a.add_argument("--do_train", action="store_true", help="train, then evaluate the selected checkpoint")
     a.add_argument("--do_eval", action="store_true", help="evaluate --init_model on the test split")
@@ -78,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=42, help="seed of the model init, data order and workers")
     a.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU")
     a.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16/fp16 autocast of the encoders and the fusion (fp16 adds a GradScaler); "
-                        "similarities and the loss always run in fp32")
+                   help="training: bf16/fp16 autocast of the encoders and the fusion (fp16 adds a GradScaler); "
+                        "similarities and the loss always run in fp32. Evaluation uses --eval_precision")
     a.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 tensor-core matmuls/convolutions for fp32 work on CUDA (scores stay IEEE fp32)")
+    a.add_argument("--check_only", action="store_true",
+                   help="check the flags, the data files (annotations, videos, wavs) and the weights (fetched into "
+                        "the weights cache when missing), print a summary and exit without work; run.sh runs "
+                        "this once before starting its ranks")
     a.add_argument("--n_display", type=int, default=100, help="log the loss every n optimizer steps")
     a.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     a.add_argument("--init_model", default=None,
@@ -122,10 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every caption is a training sample (any datatype); else one random caption "
                         "per video per epoch")
     d.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER, help="video decoding library")
+    d.add_argument("--frame_cache", default=None,
+                   help="frame cache (python -m preprocess.cache_frames, same frame flags): frames read, not "
+                        "decoded; refused if built with other flags or from changed videos")
     d.add_argument("--skip_bad_videos", action="store_true",
                    help="drop missing/unreadable videos (counted) instead of failing")
     d.add_argument("--on_bad_audio", choices=BAD_AUDIO, default="error",
                    help="unreadable wav: fail or use the zero fbank (counted)")
+    d.add_argument("--max_missing_audio", type=float, default=DEFAULT_MAX_MISSING_AUDIO,
+                   help="stop before any work when more than this fraction of a split's videos have no wav in "
+                        "--audio_path (videos listed as without soundtrack by preprocess/extract_audio.py "
+                        "do not count); 1 = never stop")
     d.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers")
     d.add_argument("--batch_size", type=int, default=128, help="GLOBAL training batch (all ranks)")
     d.add_argument("--batch_size_val", type=int, default=16,
@@ -144,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offline", action="store_true",
                    help=f"never download weights (also ${weights.OFFLINE_ENV}=1); a missing file is an error "
                         "naming its URL and where to put it")
+    m.add_argument("--allow_unlisted_weights", action="store_true",
+                   help="use a local file named like a release (modules/ViT-B-32.pt) although its SHA-256 is "
+                        "not the published one (e.g. a re-saved copy); recorded with its own SHA-256")
     m.add_argument("--cross_num_hidden_layers", type=int, default=4, help="fusion transformer blocks")
     m.add_argument("--audio_query_layers", type=int, default=4, help="audio resampler blocks")
     m.add_argument("--temperature", type=float, default=1.0, help="tau of the local log-sum-exp score")
@@ -183,16 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune the AST trunk at lr x coef_lr (needs --audio_path: a token cache holds the "
                         "frozen trunk's output); the paper's Table 11 (e)")
     o.add_argument("--grad_clip_scope", choices=CLIP_SCOPES, default="group",
-                   help="clip each parameter group's gradient norm at 1.0 (DESIGN) or the global norm "
-                        "(the released training loop)")
+                   help="clip each parameter group's gradient norm at 1.0 or the global norm (the released "
+                        "training loop, docs/design.md §7)")
     o.add_argument("--weight_decay_rule", choices=DECAY_RULES, default="ndim",
-                   help="decay tensors with >= 2 dims (DESIGN) or every tensor whose name lacks 'bias' "
-                        "(released: LayerNorm weights and logit_scale decay too)")
+                   help="decay tensors with >= 2 dims or every tensor whose name lacks 'bias' "
+                        "(released: LayerNorm weights and logit_scale decay too, docs/design.md §7)")
     o.add_argument("--freeze_agnostic", action="store_true",
                    help="text-guided models: train only the text terms; the text-agnostic model (e.g. "
                         "the AVIGATE checkpoint of --init_model) stays exactly as it is")
     o.add_argument("--beta", type=float, default=0.2, help="adaptive-margin slope")
     o.add_argument("--margin_BD", type=float, default=0.1, help="adaptive-margin cap (VATEX 0.05)")
+    o.add_argument("--margin_fixed", action="store_true",
+                   help="every negative pair's margin = --margin_BD instead of the adaptive margin "
+                        "(the paper's fixed-margin row of Table 4; --beta is then unused)")
     o.add_argument("--training_pairs", choices=TRAINING_PAIRS, default="all",
                    help="text-guided training pairs; own_caption is a LEAKING diagnostic")
     o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
@@ -205,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired_block reproduces a LEAKING public protocol (labelled in outputs)")
     e.add_argument("--eval_chunk", type=int, nargs="+", default=None, metavar="N",
                    help="texts [videos] per fusion chunk (default: from a memory budget)")
+    e.add_argument("--eval_precision", choices=PRECISIONS, default="fp32",
+                   help="autocast of the encoders and the fusion in validation and test; fp32 reproduces the "
+                        "published numbers (bf16 moves some ranks, docs/first_hour.md); scores are fp32 always")
     e.add_argument("--dsl", action="store_true", help="also report dual-softmax metrics")
     e.add_argument("--rerank_topk", type=int, default=0, metavar="K",
                    help="text-guided models: rank every pair with the agnostic view, then fuse only each "
@@ -219,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval_order_seed", type=int, default=None,
                    help="evaluate the test texts and videos in an order permuted by this seed (scores must "
                         "not change; tools/audit_protocol.py uses it)")
+    e.add_argument("--gate_log_split", choices=GATE_LOG_SPLITS, default="none",
+                   help="before training and after every epoch, write gates_per_epoch.json and .png to --output_dir: "
+                        "mean |g_att| and |g_ff| per layer for informative vs noise videos of this split (val: "
+                        "--val_csv, test: --test_csv) and their AUC, from the agnostic video encoder "
+                        "(docs/diagnostics.md); the training numbers do not change")
+    e.add_argument("--gate_labels", default=None,
+                   help="per-video labels for --gate_log_split, {\"videos\": {id: {\"informative_audio\": bool}}} "
+                        "(default: metadata.json in --data_path, as the synthetic benchmark writes it)")
     e.add_argument("--dump_topk", type=int, default=0, metavar="K",
                    help="write topk.jsonl: each text's K best videos with scores (and gates), and its "
                         "video's rank (tools/error_report.py renders the worst queries)")
@@ -274,6 +311,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
                      "tokens and skips it: pass --audio_path (the wavs) instead of --audio_feature_cache")
     if args.audio_perturb == "noise" and not args.audio_noise_rms > 0:
         parser.error(f"--audio_noise_rms must be > 0, got {args.audio_noise_rms}")
+    if args.gate_log_split != "none" and not args.do_train:
+        parser.error("--gate_log_split logs the gates during training: add --do_train")
+    if args.gate_log_split == "val" and not args.val_csv:
+        parser.error("--gate_log_split val logs the gates on the validation split: pass --val_csv "
+                     "(or use --gate_log_split test)")
     if args.dump_topk < 0:
         parser.error(f"--dump_topk must be >= 0 (0: no dump), got {args.dump_topk}")
     for problem in ineffective_flags(parser, args):
@@ -313,14 +355,30 @@ def ineffective_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a --output_dir that holds an earlier run: its logs, metrics and model files would mix
-    with this run's. Continuing the run in it (--resume_model of its training state) is allowed."""
+    """Refuse a --output_dir that holds an earlier run's results: its logs, metrics and model files
+    would mix with this run's. Continuing the run in it (--resume_model of its training state) is
+    allowed, and a folder left by a run that stopped before any result (only its start-up files,
+    checkpoint_record.holds_no_results) is reused: run() replaces those files."""
     existing = checkpoint_record.existing_run_files(args.output_dir)
-    if existing and not checkpoint_record.resumes_in_place(args.output_dir, args.resume_model):
-        shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
-        parser.error(f"--output_dir {args.output_dir} already holds a run ({shown}); its files would mix with "
-                     f"this run's. Pass a new --output_dir, delete the old run, or continue it with "
-                     f"--resume_model {os.path.join(args.output_dir, 'training_state.pt')}")
+    if not existing or checkpoint_record.resumes_in_place(args.output_dir, args.resume_model) \
+            or checkpoint_record.holds_no_results(args.output_dir):
+        return
+    shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
+    state = os.path.join(args.output_dir, checkpoint_record.TRAINING_STATE_NAME)
+    resume = f", or continue its training with --resume_model {state}" if os.path.isfile(state) else ""
+    parser.error(f"--output_dir {args.output_dir} already holds a run's results ({shown}); its files would mix "
+                 f"with this run's. Pass a new --output_dir or delete the old run{resume}")
+
+
+def clear_startup_files(output_dir: str) -> list[str]:
+    """Delete the start-up files of an earlier run that stopped before any result (see
+    check_output_dir); returns their names."""
+    if not checkpoint_record.holds_no_results(output_dir):
+        return []
+    stale = checkpoint_record.existing_run_files(output_dir)
+    for name in stale:
+        os.remove(os.path.join(output_dir, name))
+    return stale
 
 
 @dataclasses.dataclass
@@ -365,12 +423,63 @@ def apply_checkpoint_record(parser: argparse.ArgumentParser, args: argparse.Name
     return context
 
 
+# Numeric flags and the values they accept: (flag, lowest, highest, lowest allowed itself).
+# None = unbounded on that side. Checked at parse time, before any download or decoding
+# (--n_display, --query_lr_scale, --rerank_topk, --dump_topk, --audio_noise_rms: in check_args).
+VALUE_RANGES = (
+    ("seed", 0, None, True), ("save_every_steps", 0, None, True),
+    ("max_steps", 0, None, True), ("max_words", 3, None, True), ("max_frames", 1, None, True),
+    ("feature_framerate", 0, None, False), ("num_thread_reader", 0, None, True),
+    ("batch_size", 1, None, True), ("batch_size_val", 1, None, True),
+    ("max_missing_audio", 0, 1, True), ("cross_num_hidden_layers", 1, None, True),
+    ("audio_query_layers", 1, None, True), ("temperature", 0, None, False), ("fusion_residual", 0, 1, True),
+    ("lr", 0, None, False), ("coef_lr", 0, None, True),
+    ("epochs", 1, None, True), ("warmup_proportion", 0, 1, True), ("gradient_accumulation_steps", 1, None, True),
+    ("freeze_layer_num", 0, None, True), ("beta", 0, None, True), ("margin_BD", 0, None, True),
+    ("hardest_k", 1, None, True), ("train_pairs_per_chunk", 0, None, True),
+)
+
+
+def range_text(low, high, low_inclusive: bool) -> str:
+    """'>= 1', '> 0', 'in [0, 1]'."""
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}]"
+
+
+def check_value_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric flag inside its range (VALUE_RANGES), so that e.g. --max_frames 0 stops here
+    instead of in a tensor shape after a download."""
+    for name, low, high, low_inclusive in VALUE_RANGES:
+        value = getattr(args, name)
+        below = value < low if low_inclusive else value <= low
+        if below or (high is not None and value > high):
+            parser.error(f"--{name} must be {range_text(low, high, low_inclusive)}, got {value}")
+    for value in args.eval_chunk or ():
+        if value < 1:
+            parser.error(f"--eval_chunk takes counts >= 1, got {value}")
+
+
+def check_eval_precision(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: set[str]) -> None:
+    """--precision sets the training autocast; an evaluation-only run given a lower one would
+    silently evaluate in fp32 (--eval_precision), so it is an error saying which flag to use."""
+    if args.do_train or args.precision == "fp32" or "precision" not in explicit or "eval_precision" in explicit:
+        return
+    parser.error(f"--precision {args.precision} sets the TRAINING autocast and --do_eval alone does not train: "
+                 f"evaluation runs at --eval_precision (fp32 by default, which reproduces the published "
+                 f"numbers). Pass --eval_precision {args.precision} to evaluate in {args.precision}, or drop "
+                 f"--precision")
+
+
 def parse_and_check(argv: Optional[list[str]]) -> tuple[argparse.Namespace, CheckpointContext]:
     """Parse the flags, take the architecture from the checkpoint's record and check the result.
     Needs no torch: run as a script, this answers --help and flag errors before the heavy imports."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    context = apply_checkpoint_record(parser, args, checkpoint_record.explicit_flags(parser, argv))
+    explicit = checkpoint_record.explicit_flags(parser, argv)
+    context = apply_checkpoint_record(parser, args, explicit)
+    check_value_ranges(parser, args)
+    check_eval_precision(parser, args, explicit)
     check_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
     return args, context
 
@@ -382,13 +491,16 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import evaluation  # noqa: E402
+import gate_log  # noqa: E402
 import training  # noqa: E402
 import util  # noqa: E402
 from dataloaders import audio_cache  # noqa: E402
-from dataloaders.base import collate_items  # noqa: E402
+from dataloaders.audio_presence import MissingAudioError  # noqa: E402
+from dataloaders.base import AnnotationError, VideoIssueCounter, collate_items, prepare_videos  # noqa: E402
 from dataloaders.perturb import AudioPerturbation  # noqa: E402
-from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset  # noqa: E402
-from dataloaders.video import FrameSamplingConfig  # noqa: E402
+from dataloaders.registry import (DataConfig, build_eval_datasets, build_eval_split, build_train_dataset,  # noqa: E402
+                                  build_train_split, check_split_audio)
+from dataloaders.video import FrameSamplingConfig, VideoReadError  # noqa: E402
 from modules import released_checkpoint  # noqa: E402
 from modules.ast import ASTConfig, checkpoint_to_trunk, config_from_weights, load_audioset_checkpoint  # noqa: E402
 from modules.clip import CLIPConfig, config_from_state_dict, load_clip_state_dict  # noqa: E402
@@ -408,11 +520,16 @@ def annotation_file(path: Optional[str]) -> Optional[str]:
     return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
+def data_dir(args: argparse.Namespace) -> str:
+    """--data_path as a folder (it may name MSRVTT_data.json itself)."""
+    return os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+
+
 def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[str] = None,
                 test_split: bool = False) -> DataConfig:
     """Data settings; ``test_split``: the test evaluation, which alone gets --audio_perturb and
     --eval_order_seed (validation always sees the real audio)."""
-    data_path = os.path.dirname(args.data_path) if os.path.isfile(args.data_path) else args.data_path
+    data_path = data_dir(args)
     use_cache = bool(args.audio_feature_cache) and not args.no_audio
     return DataConfig(
         datatype=args.datatype, data_path=data_path, features_path=args.features_path,
@@ -423,7 +540,9 @@ def data_config(args: argparse.Namespace, image_size: int, eval_file: Optional[s
         frames=FrameSamplingConfig(max_frames=args.max_frames, framerate=args.feature_framerate,
                                    slice_framepos=args.slice_framepos, image_size=image_size,
                                    decoder=args.decoder),
-        on_bad_audio=args.on_bad_audio, skip_bad_videos=args.skip_bad_videos,
+        frame_cache_dir=args.frame_cache,
+        on_bad_audio=args.on_bad_audio, max_missing_audio=args.max_missing_audio,
+        skip_bad_videos=args.skip_bad_videos,
         expand_sentences=args.expand_msrvtt_sentences, seed=args.seed,
         audio_perturbation=audio_perturbation(args) if test_split else AudioPerturbation(),
         eval_order_seed=args.eval_order_seed if test_split else None)
@@ -475,7 +594,7 @@ def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTCon
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
     """The training objective: margins, pair selection, pair chunking."""
-    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD),
+    return ObjectiveConfig(loss=LossConfig(beta=args.beta, margin_cap=args.margin_BD, fixed=args.margin_fixed),
                            training_pairs=args.training_pairs, hardest_k=args.hardest_k,
                            pairs_per_chunk=args.train_pairs_per_chunk)
 
@@ -484,7 +603,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
                 context: Optional[CheckpointContext] = None) -> AVIGATE:
     """The model, then --init_model's weights if given.
 
-    Without a checkpoint record: CLIP + AST weights from their released files (DESIGN §7 init);
+    Without a checkpoint record: CLIP + AST weights from their released files (docs/design.md §7 init);
     missing released files are fetched into --weights_cache (modules/weights.py). With the
     record of --init_model / --resume_model (``context.record``) every weight comes from that
     checkpoint, so the model is built from the record's configuration (``args`` already agree
@@ -495,7 +614,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
     """
     context = context or CheckpointContext()
     record = context.record
-    if record is not None and not context.explicit & {"pretrained_clip_name", "ast_checkpoint"}:
+    if not uses_released_weights(context):
         model, sources = model_from_record(args, context)
     else:
         model, sources = model_from_released_weights(args)
@@ -512,12 +631,24 @@ def build_model(args: argparse.Namespace, device: torch.device,
     return model.to(device)
 
 
-def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
-    """CLIP (and AST) from their released files, new modules at their DESIGN §7 init."""
+def resolve_released_weights(args: argparse.Namespace) -> dict[str, weights.ResolvedWeights]:
+    """The CLIP (and AST) files of the flags, through the one resolver and its cache (modules/weights.py)."""
     cache, offline = args.weights_cache, args.offline or weights.offline_by_default()
-    resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline)}
+    resolved = {"clip": weights.resolve_clip_checkpoint(args.pretrained_clip_name, cache, offline,
+                                                        args.allow_unlisted_weights)}
     if not args.no_audio:
         resolved["ast"] = weights.resolve_ast_checkpoint(args.ast_checkpoint, cache, offline)
+    return resolved
+
+
+def uses_released_weights(context: CheckpointContext) -> bool:
+    """Whether build_model reads the released CLIP/AST files (not only a checkpoint's record)."""
+    return context.record is None or bool(context.explicit & {"pretrained_clip_name", "ast_checkpoint"})
+
+
+def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict]:
+    """CLIP (and AST) from their released files, new modules at their docs/design.md §7 init."""
+    resolved = resolve_released_weights(args)
     clip_state = load_clip_state_dict(resolved["clip"].path)
     ast_weights = checkpoint_to_trunk(load_audioset_checkpoint(resolved["ast"].path)) if "ast" in resolved else None
     ast_cfg = config_from_weights(ast_weights) if ast_weights is not None else ASTConfig()
@@ -531,7 +662,7 @@ def model_from_released_weights(args: argparse.Namespace) -> tuple[AVIGATE, dict
 def model_from_record(args: argparse.Namespace, context: CheckpointContext) -> tuple[AVIGATE, dict]:
     """The model of a checkpoint's record, before its weights are loaded: the recorded
     configuration, with this run's text flags in the warm start of a text-guided model from an
-    AVIGATE checkpoint (its text terms then start at their init, DESIGN §4a)."""
+    AVIGATE checkpoint (its text terms then start at their init, docs/design.md §4a)."""
     source = checkpoint_record.record_path(context.checkpoint)
     recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
     cfg = model_config(args, recorded.clip, recorded.ast)
@@ -580,13 +711,13 @@ def optim_config(args: argparse.Namespace) -> OptimConfig:
 def eval_options(args: argparse.Namespace) -> evaluation.EvalOptions:
     chunk = None if args.eval_chunk is None else (args.eval_chunk[0], args.eval_chunk[-1])
     return evaluation.EvalOptions(batch_size=args.batch_size_val, workers=args.num_thread_reader,
-                                  precision=args.precision, protocol=args.eval_protocol,
+                                  precision=args.eval_precision, protocol=args.eval_protocol,
                                   block_size=args.batch_size_val, chunk=chunk, dsl=args.dsl,
                                   rerank_topk=args.rerank_topk, dump_topk=args.dump_topk)
 
 
 def build_trainer(args, info: util.DistInfo, model: AVIGATE, total_steps: int) -> training.Trainer:
-    """Freeze, group and optimize the parameters (DESIGN §7); wrap the objective in DDP when
+    """Freeze, group and optimize the parameters (docs/design.md §7); wrap the objective in DDP when
     distributed."""
     optimizer = build_optimizer(model, optim_config(args))
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion)
@@ -634,12 +765,19 @@ def train(args, info: util.DistInfo, model: AVIGATE, recorder: util.RunRecorder,
     with training.PreemptionGuard(info) as guard:
         hooks = training.EpochHooks(recorder, save_state, args.n_display, args.save_every_steps, args.max_steps,
                                     guard)
-        return train_epochs(args, info, model, trainer, train_set, sampler, val_data, progress, hooks, recorder)
+        gates = build_gate_log(args, model, tokenizer, image_size, val_data, recorder)
+        if gates is not None:
+            if resume_state is not None:
+                gates.resume(os.path.dirname(os.path.abspath(args.resume_model)), progress.epoch)
+            if progress.step == 0:
+                record_gates(gates, model, 0, progress.step, info, recorder)
+        return train_epochs(args, info, model, trainer, train_set, sampler, val_data, progress, hooks, recorder,
+                            gates)
 
 
 def train_epochs(args, info: util.DistInfo, model: AVIGATE, trainer: training.Trainer, train_set, sampler,
                  val_data, progress: training.Progress, hooks: training.EpochHooks,
-                 recorder: util.RunRecorder) -> Optional[int]:
+                 recorder: util.RunRecorder, gates: Optional[gate_log.GateLog]) -> Optional[int]:
     """The epoch loop of ``train`` (from ``progress``); returns what ``train`` returns."""
     steps_per_epoch = sampler.micro_batches_per_epoch // args.gradient_accumulation_steps
     state_path = os.path.join(args.output_dir, util.TRAINING_STATE_FILE)
@@ -660,6 +798,8 @@ def train_epochs(args, info: util.DistInfo, model: AVIGATE, trainer: training.Tr
                                  checkpoint_record_of(args, model, epoch=epoch, step=progress.step))
         if val_data is not None:
             select_on_validation(args, info, model, val_data, progress, recorder)
+        if gates is not None:
+            record_gates(gates, model, epoch + 1, progress.step, info, recorder)
         progress.epoch, progress.epoch_step = epoch + 1, 0
         hooks.save_state()
         hooks.stop_if_preempted(progress, saved=True)
@@ -667,10 +807,43 @@ def train_epochs(args, info: util.DistInfo, model: AVIGATE, trainer: training.Tr
     return progress.best_epoch if progress.best_epoch is not None else args.epochs - 1
 
 
+def build_gate_log(args, model: AVIGATE, tokenizer, image_size: int, val_data,
+                   recorder: util.RunRecorder) -> Optional[gate_log.GateLog]:
+    """The per-epoch gate log of --gate_log_split (gate_log.py); None without the flag or when
+    the model has no gates (said in the log and train_metrics.jsonl)."""
+    if args.gate_log_split == "none":
+        return None
+    if not model.gate_names():
+        why = "--no_audio builds no fusion" if args.no_audio else "--gate none fixes every gate at 1"
+        util.logger.warning("--gate_log_split %s: no gates to log (%s); %s is not written", args.gate_log_split, why,
+                            gate_log.GATE_LOG_FILE)
+        recorder.log({"event": "gate_log", "written": False, "reason": why})
+        return None
+    data = val_data if args.gate_log_split == "val" else build_eval_datasets(
+        data_config(args, image_size, args.test_csv), tokenizer)
+    labels = args.gate_labels or os.path.join(data_dir(args), "metadata.json")
+    informative = gate_log.read_informative_labels(labels, data.split.video_ids)
+    view = "agnostic view (text := 0)" if model.text_guided else "text-agnostic model"
+    header = {"split": args.gate_log_split, "annotation": data.split.name, "labels": os.path.abspath(labels),
+              "view": view, "num_videos": int(len(informative)),
+              "counts": {gate_log.INFORMATIVE: int(informative.sum()), gate_log.NOISE: int((~informative).sum())}}
+    return gate_log.GateLog(data.videos, informative, args.output_dir, header, args.batch_size_val,
+                            args.num_thread_reader, args.precision)
+
+
+def record_gates(gates: gate_log.GateLog, model: AVIGATE, epoch: int, step: int, info: util.DistInfo,
+                 recorder: util.RunRecorder) -> None:
+    """One gate-log entry (all ranks encode), with its last-layer AUCs in train_metrics.jsonl."""
+    entry = gates.record(model, epoch, step, info)
+    if entry is not None:
+        recorder.log({"event": "gate_log", "epoch": epoch, "step": step,
+                      "last_layer_auc": {k: v["last_layer_auc"] for k, v in entry["gates"].items()}}, step=step)
+
+
 def train_loader(args, train_set, sampler, info: util.DistInfo, epoch: int) -> torch.utils.data.DataLoader:
     """Loader of one epoch; its own generator and seeded workers leave the global RNG untouched.
 
-    Batches are pinned on CUDA (``training.video_inputs`` copies them ``non_blocking``).
+    Batches are pinned on CUDA (``dataloaders.base.video_inputs`` copies them ``non_blocking``).
     Workers are deliberately not persistent: a worker holds the copy of ``train_set`` made
     when it started, so ``train_set.set_epoch`` (the per-epoch caption draw without
     --expand_msrvtt_sentences) and the per-epoch worker seeds would not reach a worker kept
@@ -729,11 +902,61 @@ def test(args, info, model: AVIGATE, recorder, tokenizer, image_size: int, check
         util.logger.warning(LEAK_LABEL)
 
 
+# Errors of the data and weight checks: each message names the file or flag at fault.
+PREFLIGHT_ERRORS = (AnnotationError, VideoReadError, MissingAudioError, weights.WeightsError, FileNotFoundError)
+PREFLIGHT_IMAGE_SIZE = 224  # frame size of the data checks' configs (no frame is decoded)
+
+
+def splits_read(args: argparse.Namespace) -> list[tuple[str, Optional[str], bool]]:
+    """(what, annotation file flag value, evaluation split?) of every split this run reads."""
+    splits = [("training split (--train_csv)", args.train_csv, False)] if args.do_train else []
+    if args.do_train and args.val_csv:
+        splits.append(("validation split (--val_csv)", args.val_csv, True))
+    if args.do_eval or (args.do_train and not args.skip_test):
+        splits.append(("test split (--test_csv)", args.test_csv, True))
+    return splits
+
+
+def check_data(args: argparse.Namespace) -> list[str]:
+    """Parse every split's annotations and find its video files and wavs (no decoding) before any
+    weight is read; returns one summary line per split. Raises one of PREFLIGHT_ERRORS."""
+    lines = []
+    for what, file, is_eval in splits_read(args):
+        cfg = data_config(args, PREFLIGHT_IMAGE_SIZE, file if is_eval else None)
+        split = build_eval_split(cfg) if is_eval else build_train_split(cfg)
+        split, _ = prepare_videos(split, cfg.features_path, cfg.skip_bad_videos, VideoIssueCounter())
+        presence = check_split_audio(cfg, split)
+        lines.append(f"{what}: {split.name}, {split.num_texts} captions, {split.num_videos} videos"
+                     + (f"; {presence.summary()}" if presence else ""))
+    return lines
+
+
+def preflight(args: argparse.Namespace, context: CheckpointContext) -> None:
+    """--check_only: the data, then the weights (fetched into the cache once, before any rank
+    starts); one error message, exit status 2."""
+    try:
+        lines = check_data(args)
+        if uses_released_weights(context):
+            lines += [f"{name} weights: {found.path} ({found.source})"
+                      for name, found in resolve_released_weights(args).items()]
+        else:
+            lines.append(f"weights: from {context.checkpoint} (its record)")
+    except PREFLIGHT_ERRORS as err:
+        print(f"main_task_retrieval.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print("preflight passed:\n  " + "\n  ".join(lines))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args, context = parse_and_check(argv)
+    if args.check_only:
+        preflight(args, context)
+        return
     info = util.setup_distributed(args.device)
     try:
         util.setup_precision(info.device, args.precision, args.tf32)
+        if args.eval_precision != args.precision:  # the device must run both (bf16/fp16 support)
+            util.setup_precision(info.device, args.eval_precision, args.tf32)
         run(args, info, context)
     except training.Preempted as stop:
         util.logger.warning("%s; exit status %d", stop, training.PREEMPTED_EXIT)
@@ -748,7 +971,11 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
     implied_padding = apply_released_padding_rule(args, context)
     resume_state, resume_entry = load_resume_state(args)
     os.makedirs(args.output_dir, exist_ok=True)
+    stale = clear_startup_files(args.output_dir) if info.is_main and not args.resume_model else []
     util.setup_logging(args.output_dir, info)
+    if stale:
+        util.logger.info("--output_dir %s held only the start-up files of a run that stopped before any result "
+                         "(%s): replaced", args.output_dir, ", ".join(stale))
     if args.do_train:
         util.check_shared_output_dir(args.output_dir, info)
     leaking = LEAK_LABEL if args.eval_protocol == "paired_block" else None
@@ -763,6 +990,8 @@ def run(args: argparse.Namespace, info: util.DistInfo, context: Optional[Checkpo
     if leaking:
         util.logger.warning("%s (every output of this run is labelled; see the LEAKING file)", leaking)
     log_record_use(context)
+    for line in check_data(args):  # annotations, videos and wavs are found before any weight is read
+        util.logger.info("data: %s", line)
     util.seed_everything(args.seed)  # same on every rank: identical model initialization
     model = build_model(args, info.device, context)
     check_cache_trunk(args, model, context)
@@ -840,7 +1069,7 @@ def log_record_use(context: CheckpointContext) -> None:
     util.logger.info("architecture from the record of %s%s", checkpoint,
                      f": {taken}" if taken else " (the flags given agree with it)")
     if context.warm_start:
-        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (DESIGN §4a): "
+        util.logger.info("warm start of a text-guided model from the text-agnostic checkpoint %s (docs/design.md §4a): "
                          "its text terms are created at their init", checkpoint)
 
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics for a text-video score matrix (DESIGN §8, §11).
+"""Retrieval metrics for a text-video score matrix (docs/design.md §8, §11).
 
 Shapes: Nt texts (rows), Nv videos (columns). Several texts may describe one video
 (VATEX-style multi-sentence evaluation); ``text_to_video_index[i]`` is the column of text
@@ -258,7 +258,7 @@ def retrieval_metrics(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequ
 
 def dual_softmax(sim: ArrayLike, temperature: float = DEFAULT_DSL_TEMPERATURE,
                  dim: int = 0) -> torch.Tensor:
-    """DSL post-processing: the scores times their softmax along ``dim`` (DESIGN §8).
+    """DSL post-processing: the scores times their softmax along ``dim`` (docs/design.md §8).
 
     The softmax runs over the axis that is *not* being ranked, acting as a prior that
     penalizes candidates scoring high for many queries: for text-to-video (ranking
@@ -279,32 +279,6 @@ def dual_softmax(sim: ArrayLike, temperature: float = DEFAULT_DSL_TEMPERATURE,
     prior = sim / temperature
     prior -= torch.logsumexp(prior, dim=dim, keepdim=True)
     return prior.exp_().mul_(sim)
-
-
-def retrieval_metrics_with_dsl(sim: ArrayLike,
-                               text_to_video_index: Union[ArrayLike, Sequence[int]],
-                               temperature: float = DEFAULT_DSL_TEMPERATURE,
-                               convention: str = DEFAULT_CONVENTION
-                               ) -> Dict[str, Dict[str, float]]:
-    """Plain metrics and DSL metrics side by side: ``{"plain": {...}, "dsl": {...}}``.
-
-    The DSL text-to-video numbers come from ``dual_softmax(sim, temperature, dim=0)`` and the
-    video-to-text ones from ``dual_softmax(sim, temperature, dim=1)`` (under "released", the
-    caption groups are scored on that matrix); both dicts have the keys of
-    ``retrieval_metrics``.
-
-    Args:
-        sim: plain scores [Nt, Nv] (numpy or torch); finite.
-        text_to_video_index: ground-truth video column of every text [Nt].
-        temperature: DSL softmax temperature.
-        convention: "released" (default) or "per_caption".
-    """
-    _check_convention(convention)
-    sim = _as_score_tensor(sim)
-    index = _as_video_index(text_to_video_index, sim)
-    return {"plain": _directional_metrics(sim, sim, index, convention),
-            "dsl": _directional_metrics(dual_softmax(sim, temperature, dim=0),
-                                        dual_softmax(sim, temperature, dim=1), index, convention)}
 
 
 def metrics_report(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequence[int]],
@@ -347,3 +321,15 @@ def metrics_report(sim: ArrayLike, text_to_video_index: Union[ArrayLike, Sequenc
     alternative = next(c for c in CONVENTIONS if c != DEFAULT_CONVENTION)
     return {"metric_convention": DEFAULT_CONVENTION, **entries(DEFAULT_CONVENTION),
             alternative: entries(alternative)}
+
+
+def roc_auc(positive: ArrayLike, negative: ArrayLike) -> Optional[float]:
+    """Area under the ROC curve of a score separating ``positive`` from ``negative`` samples:
+    P(score of a random positive > score of a random negative), ties counting one half.
+    None when either side is empty (e.g. gate values of informative vs noise clips)."""
+    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+    if positive.size == 0 or negative.size == 0:
+        return None
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The released AVIGATE recipe (DESIGN §7) under torchrun: 5 epochs, global batch 128, lr 1e-4,
-# coef_lr 1e-3, max_words 32, max_frames 12, beta 0.2, margin_BD 0.1 (VATEX 0.05).
+# The released AVIGATE recipe (docs/design.md §7) under torchrun: 5 epochs, global batch 128, lr 1e-4,
+# coef_lr 1e-3, max_words 32, max_frames 12, beta 0.2, margin_BD 0.1 (VATEX 0.05; Charades batch 64,
+# max_frames 32, max_words 64).
 # DATATYPE picks the dataset (msrvtt | vatex | charades; run_vatex.sh / run_charades.sh set it).
 # Every variable below can be overridden from the environment, e.g.
 #   NUM_GPUS=8 TEXT_GUIDED="--text_gate --text_query --query_gate" OUTPUT_DIR=ckpts/tg bash run.sh
@@ -14,20 +15,49 @@
 #   PRESET=table4-gated bash run.sh              # output in ckpts/<datatype>_<preset>
 #   STAGE1_CHECKPOINT=ckpts/msrvtt_avigate/pytorch_model.bin.4 PRESET=tg-two-stage bash run.sh
 #   PRESET=table11a-depth2 bash run.sh --dry-run # print the command instead of running it
-# The table4/5/11 presets reproduce paper rows and use the released code's padding rule
-# (--padding_rule released, README "Fidelity to the released code"); the text-guided ones keep
-# the default masked rule, as plain `bash run.sh` (AVIGATE) does, so the two compare directly.
+# The table4/5/11 presets reproduce paper rows with the released recipe in full: fp32, global
+# gradient clipping, the released weight-decay rule and padding rule (README "Fidelity to the
+# released code"); the text-guided ones keep the defaults of plain `bash run.sh` (AVIGATE), so the
+# two compare directly. docs/presets.md puts the paper's numbers beside each row.
+#
+# Before any rank starts, run.sh looks for GPUs (nvidia-smi, CUDA_VISIBLE_DEVICES): with none and
+# NUM_GPUS unset it trains as ONE CPU process (said so); NUM_GPUS above the GPUs found is refused.
+# Then `main_task_retrieval.py --check_only` checks the flags, the data files and the weights
+# (fetched into the weights cache once) and prints one error if any is wrong.
+#
+# Variables (default in brackets; docs/first_hour.md walks through a first run):
+#   DATATYPE [msrvtt]      msrvtt | vatex | charades
+#   DATA_PATH [data/$DATATYPE]  annotation files;  TRAIN_CSV, TEST_CSV [the datatype's]; VAL_CSV [none]
+#   VIDEO_PATH [data/$DATATYPE/videos]  <video_id>.mp4;  AUDIO_PATH [data/$DATATYPE/audio]  <video_id>.wav
+#   NUM_GPUS [4, or the GPUs found when fewer]  processes per node;  NUM_WORKERS [8] loader workers
+#   NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1], MASTER_PORT [29500]   multi-node
+#   PRECISION [bf16]       training autocast: bf16 | fp32 (released) | fp16
+#   EVAL_PRECISION [fp32]  precision of the validation/test evaluation (fp32 reproduces published numbers)
+#   CLIP_NAME [ViT-B/32], AST_CHECKPOINT [modules/audioset_10_10_0.4593.pth]   weights (resolved through
+#                          the weights cache, modules/weights.py)
+#   TEXT_GUIDED [""], GATE [soft], FUSION_RESIDUAL [0.05], MARGIN_BD [0.1; VATEX 0.05], BETA [0.2]
+#   PRESET [""], STAGE1_CHECKPOINT    see --list-presets
+#   OUTPUT_DIR [ckpts/<datatype>_<preset or avigate>]
+# Options: --help, --list-presets, --dry-run (print the command), then main_task_retrieval.py flags.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PAPER_ROW=(--padding_rule released)
+if [[ ${1:-} == --help || ${1:-} == -h ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    echo "Flags of main_task_retrieval.py: python main_task_retrieval.py --help"
+    exit 0
+fi
+
+PAPER_ROW=(--precision fp32 --grad_clip_scope global --weight_decay_rule released --padding_rule released)
 TEXT_ALL=(--text_gate --text_query --query_gate)
-# The listed sweeps of Table 11 (a)-(c); any other value works too (e.g. table11b-beta0.25).
+# The listed sweeps of Table 11 (a)-(c): the paper's values (1 2 4 6; 0 0.1 0.2 0.3; 0 0.05 0.1 0.15 0.2)
+# and ours around them; any other value works too (e.g. table11b-beta0.25).
 DEPTHS=(1 2 3 4 5 6)
-BETAS=(0.1 0.2 0.3 0.4 0.5)
-DELTAS=(0.05 0.1 0.15 0.2)
-FIXED_PRESETS=(table4-clip table4-fusion table4-gated table4-margin table5-global table5-local table5-both)
-AFTER_SWEEPS=(table11d-hard table11e-train-ast table11f-freeze-clip
+BETAS=(0 0.1 0.2 0.3 0.4 0.5)
+DELTAS=(0 0.05 0.1 0.15 0.2)
+FIXED_PRESETS=(table1-avigate table4-clip table4-fusion table4-fusion-margin table4-gated table4-gated-fixed table4-margin
+               table5-global table5-local table5-both)
+AFTER_SWEEPS=(table11d-hard table11e-frozen-ast table11e-train-ast table11f-freeze-clip
               tg-gate tg-query tg-qgate tg-all tg-two-stage)
 
 preset_names() {
@@ -55,12 +85,18 @@ preset() {
     preset_from_checkpoint=0
     local value
     case "$1" in
+        table1-avigate) preset_help="Tables 1-3: AVIGATE with the released recipe in full, on DATATYPE's settings"
+                        preset_args=("${PAPER_ROW[@]}") ;;
         table4-clip)    preset_help="Table 4: CLIP baseline (visual only, no audio, plain contrastive loss)"
                         preset_args=(--no_audio --beta 0 "${PAPER_ROW[@]}") ;;
         table4-fusion)  preset_help="Table 4: + audio fusion without gates (gates fixed at 1), plain loss"
                         preset_args=(--gate none --beta 0 "${PAPER_ROW[@]}") ;;
+        table4-fusion-margin) preset_help="Table 4: audio fusion without gates + adaptive margin"
+                        preset_args=(--gate none "${PAPER_ROW[@]}") ;;
         table4-gated)   preset_help="Table 4: + gated fusion (soft gates), plain loss"
                         preset_args=(--gate soft --beta 0 "${PAPER_ROW[@]}") ;;
+        table4-gated-fixed) preset_help="Table 4: gated fusion + fixed margin (every negative's margin = delta = 0.1)"
+                        preset_args=(--gate soft --margin_fixed --margin_BD 0.1 "${PAPER_ROW[@]}") ;;
         table4-margin)  preset_help="Table 4: + adaptive margin = AVIGATE (beta 0.2)"
                         preset_args=(--gate soft "${PAPER_ROW[@]}") ;;
         table5-global)  preset_help="Table 5: global alignment only"
@@ -80,6 +116,8 @@ preset() {
                         preset_args=(--margin_BD "$value" "${PAPER_ROW[@]}") ;;
         table11d-hard)  preset_help="Table 11 (d): hard gates (open/closed) instead of soft"
                         preset_args=(--gate hard "${PAPER_ROW[@]}") ;;
+        table11e-frozen-ast) preset_help="Table 11 (e): AST trunk frozen (as always), global batch 32 like the fine-tuned row"
+                        preset_args=(--batch_size 32 "${PAPER_ROW[@]}") ;;
         table11e-train-ast) preset_help="Table 11 (e): AST trunk fine-tuned (lr x coef_lr), global batch 32"
                         preset_args=(--train_ast --batch_size 32 "${PAPER_ROW[@]}") ;;
         table11f-freeze-clip) preset_help="Table 11 (f): both CLIP towers frozen"
@@ -123,14 +161,17 @@ fi
 DRY_RUN=0
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 
-# ---- dataset (DESIGN §9): annotation files and margin cap per dataset
+# ---- dataset (docs/design.md §9): annotation files and the paper's per-dataset settings (Table 7:
+# margin cap; Charades: batch 64, 32 frames, 64 words)
 DATATYPE=${DATATYPE:-msrvtt}
+batch=128; frames=12; words=32
 case "$DATATYPE" in
     msrvtt)   train_file=MSRVTT_train.9k.csv; test_file=MSRVTT_JSFUSION_test.csv; margin=0.1
               every_caption=--expand_msrvtt_sentences ;;
     vatex)    train_file=train_list.txt; test_file=test_list.txt; margin=0.05
               every_caption=--expand_msrvtt_sentences ;;     # multi-sentence evaluation
     charades) train_file=charades_train.csv; test_file=charades_test.csv; margin=0.1
+              batch=64; frames=32; words=64
               every_caption= ;;                             # one caption per video
     *) echo "run.sh: DATATYPE must be msrvtt, vatex or charades (got '$DATATYPE')" >&2; exit 2 ;;
 esac
@@ -141,15 +182,51 @@ preset_from_checkpoint=0
 if [[ -n $PRESET ]]; then preset "$PRESET"; fi
 
 # ---- machines
-NUM_GPUS=${NUM_GPUS:-4}              # processes (GPUs) per node
+# GPUs this node can use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES when set.
+gpus_found() {
+    local count=0
+    if command -v nvidia-smi > /dev/null 2>&1; then
+        count=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
+    fi
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} && $count -gt 0 ]]; then
+        local visible
+        visible=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c '[^[:space:]]' || true)
+        if ((visible < count)); then count=$visible; fi
+    fi
+    echo "$count"
+}
+GPUS_FOUND=$(gpus_found)
+device_args=()
+if [[ -z ${NUM_GPUS:-} ]]; then
+    if ((GPUS_FOUND == 0)); then
+        NUM_GPUS=1
+        device_args=(--device cpu)
+        echo "run.sh: no GPU found (nvidia-smi): training as ONE CPU process (--device cpu); this is slow." \
+             "On a GPU machine set NUM_GPUS to the GPUs to use." >&2
+    elif ((GPUS_FOUND < 4)); then
+        NUM_GPUS=$GPUS_FOUND
+        echo "run.sh: $GPUS_FOUND GPU(s) found, the recipe assumes 4: NUM_GPUS=$GPUS_FOUND (the global batch" \
+             "stays 128)" >&2
+    else
+        NUM_GPUS=4
+    fi
+elif ((GPUS_FOUND == 0)); then
+    device_args=(--device cpu)
+    echo "run.sh: no GPU found (nvidia-smi): NUM_GPUS=$NUM_GPUS CPU processes (gloo), as asked" >&2
+elif ((NUM_GPUS > GPUS_FOUND)); then
+    echo "run.sh: NUM_GPUS=$NUM_GPUS but this node has $GPUS_FOUND GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES):" \
+         "set NUM_GPUS=$GPUS_FOUND or less" >&2
+    exit 2
+fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_WORKERS=${NUM_WORKERS:-8}        # DataLoader workers per process
 PRECISION=${PRECISION:-bf16}         # bf16 (README "Precision"; Ampere or newer) | fp32 (released) | fp16
+EVAL_PRECISION=${EVAL_PRECISION:-fp32}  # validation/test evaluation (fp32 reproduces published numbers)
 
-# ---- data (DESIGN §9); videos may be compressed first (preprocess/compress_video.py)
+# ---- data (docs/design.md §9); videos may be compressed first (preprocess/compress_video.py)
 DATA_PATH=${DATA_PATH:-data/$DATATYPE}                # annotation files
 VIDEO_PATH=${VIDEO_PATH:-data/$DATATYPE/videos}       # <video_id>.mp4
 AUDIO_PATH=${AUDIO_PATH:-data/$DATATYPE/audio}        # <video_id>.wav (preprocess/extract_audio.py)
@@ -179,29 +256,32 @@ args=(
     --data_path "$DATA_PATH" --features_path "$VIDEO_PATH" --audio_path "$AUDIO_PATH"
     --train_csv "$TRAIN_CSV" --test_csv "$TEST_CSV"
     --output_dir "$OUTPUT_DIR"
-    --epochs 5 --batch_size 128 --batch_size_val 16 --lr 1e-4 --coef_lr 1e-3
-    --max_words 32 --feature_framerate 1 --slice_framepos 2 --freeze_layer_num 0
+    --epochs 5 --batch_size "$batch" --batch_size_val 16 --lr 1e-4 --coef_lr 1e-3
+    --max_words "$words" --feature_framerate 1 --slice_framepos 2 --freeze_layer_num 0
     --margin_BD "$MARGIN_BD" --beta "$BETA"
-    --precision "$PRECISION" --num_thread_reader "$NUM_WORKERS" --save_every_steps 500
+    --precision "$PRECISION" --eval_precision "$EVAL_PRECISION" --num_thread_reader "$NUM_WORKERS" --save_every_steps 500
 )
 # The architecture and its weights; a preset that starts from a checkpoint takes them from the
 # checkpoint's record instead (an explicit flag there must agree with it).
 if [[ $preset_from_checkpoint == 0 ]]; then
     args+=(--pretrained_clip_name "$CLIP_NAME" --ast_checkpoint "$AST_CHECKPOINT"
-           --max_frames 12 --cross_num_hidden_layers 4 --audio_query_layers 4
+           --max_frames "$frames" --cross_num_hidden_layers 4 --audio_query_layers 4
            --gate "$GATE" --fusion_residual "$FUSION_RESIDUAL")
 fi
 if [[ -n "$every_caption" ]]; then args+=("$every_caption"); fi
 if [[ -n "$VAL_CSV" ]]; then args+=(--val_csv "$VAL_CSV"); fi
 read -r -a text_guided <<< "$TEXT_GUIDED"
 
+flags=("${args[@]}" ${device_args[@]+"${device_args[@]}"} ${preset_args[@]+"${preset_args[@]}"}
+       ${text_guided[@]+"${text_guided[@]}"} "$@")
 command=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
          --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-         main_task_retrieval.py "${args[@]}" ${preset_args[@]+"${preset_args[@]}"}
-         ${text_guided[@]+"${text_guided[@]}"} "$@")
+         main_task_retrieval.py "${flags[@]}")
 if [[ $DRY_RUN == 1 ]]; then
     printf '%q ' "${command[@]}"
     echo
     exit 0
 fi
+# One process checks flags, data and weights before the ranks start: one error, printed once.
+WORLD_SIZE=$((NNODES * NUM_GPUS)) python main_task_retrieval.py "${flags[@]}" --check_only
 "${command[@]}"

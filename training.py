@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dataloaders.video import normalize_frames
+from dataloaders.base import video_inputs
 from util import DistInfo, RunRecorder, autocast, gather_objects, logger, rng_state, set_rng_state, unwrap
 
 
@@ -71,20 +71,6 @@ class PreemptionGuard:
         flag = torch.tensor([int(self.signal_name is not None)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
-
-
-def video_inputs(batch: dict, device: torch.device) -> dict:
-    """Collated video keys (dataloaders.base) -> keyword arguments of ``AVIGATE.encode_video``.
-
-    The uint8 frames [B, F, 3, S, S] are moved and CLIP-normalized on ``device`` (fp32). Copies
-    are ``non_blocking``: asynchronous from the pinned batches of a CUDA loader (kernels
-    on the same stream wait for them), ordinary copies otherwise. The audio is the fbank
-    (wav files), the cached AST tokens, or None (no audio source).
-    """
-    audio = batch.get("fbank", batch.get("audio_tokens"))
-    return {"frames": normalize_frames(batch["frames"], batch["frame_mask"], device),
-            "frame_mask": batch["frame_mask"].to(device, non_blocking=True),
-            "audio": None if audio is None else audio.to(device, non_blocking=True)}
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -148,7 +134,7 @@ def train_step(trainer: Trainer, micro_batches: list[dict]) -> dict:
 
     Gradients are synchronized over ranks only on the last micro-batch. The loss is the
     global (all-gathered) batch loss, identical on every rank. After the update the logit
-    scale is clamped at ln 100 (DESIGN §5).
+    scale is clamped at ln 100 (docs/design.md §5).
     """
     objective, info = trainer.objective, trainer.info
     objective.train()

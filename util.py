@@ -16,7 +16,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 import checkpoint_record
+from atomic_io import save_torch, stale_temporaries, write_json
 from modules import released_checkpoint
 
 
@@ -332,14 +332,6 @@ def setup_logging(output_dir: Optional[str], info: DistInfo) -> None:
         logger.addHandler(handler)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-    os.replace(tmp, path)
-
-
 class RunRecorder:
     """Writes what a run needs to be understood later; a no-op on ranks other than 0.
 
@@ -463,23 +455,12 @@ def autocast(device: torch.device, precision: str):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same directory, then rename over ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-TEMPORARY_PATTERN = re.compile(r"\.tmp\d+(\.\w+)?$")  # what atomic writers leave when killed mid-write
-
-
 def remove_stale_temporaries(output_dir: str) -> None:
     """Delete the temporary files of atomic writes a killed run left in ``output_dir`` (the
     files they were to replace are intact)."""
-    for name in sorted(os.listdir(output_dir)):
-        if TEMPORARY_PATTERN.search(name):
-            os.remove(os.path.join(output_dir, name))
-            logger.info("removed %s, left by an interrupted write", name)
+    for name in stale_temporaries(output_dir):
+        os.remove(os.path.join(output_dir, name))
+        logger.info("removed %s, left by an interrupted write", name)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -501,7 +482,7 @@ def save_model_file(model: torch.nn.Module, path: str, record: Optional[dict] = 
     """Model-only checkpoint: a plain state dict (``torch.load(path, weights_only=True)`` ->
     {name: tensor}, loadable by ``--init_model`` and by ``load_state_dict``), and its record
     ``<path>.json`` (checkpoint_record) when given."""
-    atomic_save({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path)
+    save_torch({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path)
     if record is not None:
         checkpoint_record.write_record(path, {**record, "file": os.path.basename(path)})
 
@@ -512,7 +493,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
     the parameters that the file lacks and that were created instead.
 
     The one tolerated difference is the warm start of a text-guided model from a checkpoint
-    with fewer text terms (e.g. text-agnostic AVIGATE, DESIGN §4a): the missing text terms keep
+    with fewer text terms (e.g. text-agnostic AVIGATE, docs/design.md §4a): the missing text terms keep
     their initialization and are reported. Anything else missing or unexpected, and any shape
     mismatch, is an error naming the keys.
     """
@@ -561,7 +542,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> list[str]:
 def save_training_state(path: str, state: dict) -> None:
     """Atomic write of a full training state dict (see ``training.training_state``); its
     ``"record"`` (checkpoint_record), when present, is also written beside it as ``<path>.json``."""
-    atomic_save(state, path)
+    save_torch(state, path)
     if state.get("record") is not None:
         checkpoint_record.write_record(path, {**state["record"], "file": os.path.basename(path)})
 

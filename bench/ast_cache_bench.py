@@ -1,4 +1,4 @@
-"""What the AST feature cache saves per training step (DESIGN §10).
+"""What the AST feature cache saves per training step (docs/design.md §10).
 
 At the real AST size (random weights: speed does not depend on the values) it measures,
 on the chosen device: the frozen trunk's time per clip, the fbank time of one clip

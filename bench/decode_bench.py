@@ -12,7 +12,7 @@ processes at once (every core busy, as in a DataLoader).
 The ``loader`` section runs the training input pipeline as ``main_task_retrieval.py``
 does: the real ``PairDataset`` (MSR-VTT layout, every caption an item, 224 px frames, audio
 from wav files unless ``--audio none``) in a ``DataLoader`` with ``collate_items``, each
-batch handed to ``training.video_inputs`` (uint8 frames normalized on the device). Per
+batch handed to ``dataloaders.base.video_inputs`` (uint8 frames normalized on the device). Per
 worker count it reports frames/s over a pass of ``--batches`` batches (worker start
 included) and the seconds to the first batch; the former path (frames normalized in the
 workers, shipped as float32) runs beside it with the bytes each ships per batch; on a CUDA
@@ -44,7 +44,7 @@ the clip's time; it now stops at uint8):
 OpenCV's sequential grab is the default decoder: ~10% more loader throughput than PyAV and
 no more CPU per clip. Seeking before each frame costs 1.6-6x more (every seek decodes from
 the previous keyframe). decord is not faster overall (less CPU on 30 fps, more on the 3 fps
-files DESIGN §9 recommends), so it is not a dependency.
+files docs/design.md §9 recommends), so it is not a dependency.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ from dataloaders.registry import DataConfig, build_train_dataset  # noqa: E402
 from dataloaders.video import (DECODERS, DEFAULT_DECODER, FrameSamplingConfig, decode_opencv,  # noqa: E402
                                decode_pyav, normalize_frames, read_frames, sample_frame_indices)
 from tests.datagen import make_msrvtt, write_video, write_wav  # noqa: E402
-from training import video_inputs  # noqa: E402
+from dataloaders.base import video_inputs  # noqa: E402
 
 CLIP_SIZE = (320, 240)
 CLIPS = {"30fps": 30, "3fps": 3}
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     parser.add_argument("--loader_videos", type=int, default=8, help="distinct clips of the loader section")
     parser.add_argument("--loader_seconds", type=float, default=15.0, help="their duration")
     parser.add_argument("--loader_fps", type=float, default=3.0,
-                        help="their frame rate (3: the compressed files of DESIGN §9; 30: raw)")
+                        help="their frame rate (3: the compressed files of docs/design.md §9; 30: raw)")
     parser.add_argument("--audio", choices=("wav", "none"), default="wav",
                         help="items carry the fbank of a wav file (the --audio_path recipe) or no audio")
     parser.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER)

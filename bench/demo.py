@@ -10,7 +10,8 @@ noise, and that text-guided scores are measured honestly. Stages, each cached un
    (synthetic/make_tiny_checkpoints.py), then the AST trunk pre-trained on the labelled
    clips (synthetic/pretrain_audio_trunk.py), standing in for AudioSet pre-training.
 3. ``ast_cache/``: the frozen trunk's tokens of every benchmark clip
-   (preprocess/cache_audio_features.py); ``zero_cache/``: all-zero tokens for the control row.
+   (preprocess/cache_audio_features.py); ``zero_cache/``: all-zero tokens for the control row;
+   ``frame_cache/``: every clip's frames decoded once (preprocess/cache_frames.py, --frame_cache).
 4. ``runs/<row>_seed<s>/``: training with main_task_retrieval.py under torchrun (gloo) for
    every row (ROWS; a warm-started row starts from another row's checkpoint of the same seed),
    then its evaluations in this process (``main_task_retrieval.main``: no process start-up per
@@ -45,18 +46,25 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, ROOT)
 
 import main_task_retrieval  # noqa: E402
+from atomic_io import write_json  # noqa: E402
 from bench import demo_results  # noqa: E402
 from dataloaders.audio_cache import AudioCacheWriter  # noqa: E402
 from modules.ast import AST  # noqa: E402
-from preprocess import cache_audio_features  # noqa: E402
+from preprocess import cache_audio_features, cache_frames  # noqa: E402
 from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
 from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
                                              make_tiny_checkpoints)
+from synthetic.category_audio_cache import build_category_cache  # noqa: E402
+from synthetic.make_val_split import make_val_split  # noqa: E402
+from synthetic.make_val_split import split_files as val_split_files  # noqa: E402
 from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
-from tools import robustness_table  # noqa: E402
+from synthetic.pretrain_clip import ClipPretrainConfig, pretrain_clip  # noqa: E402
+from tools import probe_sound, robustness_table  # noqa: E402
 
 STAMP = "stamp.json"
+PROBE_FILE = "probe.json"
 PRETRAINED_AST_FILE = "ast_pretrained.pth"
+PRETRAINED_CLIP_FILE = "clip_pretrained.pt"
 TRAIN_CSV, TEST_CSV = "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv"
 ZERO_CACHE_BATCH = 64
 # A shuffled re-evaluation reorders texts and videos and uses another encoding batch and
@@ -83,7 +91,9 @@ class RowSpec:
     Args:
         name: run folder / key; label: table label.
         flags: main_task_retrieval.py flags of this row (on top of the common recipe).
-        audio: "none" (visual-only), "real" (the AST token cache) or "zero" (all-zero tokens).
+        audio: "none" (visual-only), "real" (the AST token cache), "zero" (all-zero tokens) or
+            "category" (each clip's tokens replaced by one fixed exemplar of its audio category:
+            the category-shortcut control, synthetic/category_audio_cache.py).
         text_guided: also evaluate under paired_block and with texts and videos reordered.
         warm_start: name of the row whose checkpoint (same seed) initializes this one.
         epochs: training epochs (None: the recipe's).
@@ -100,13 +110,14 @@ class RowSpec:
     robustness: bool = False
 
 
-# The public implementation's random start of the text terms (before DESIGN §4a).
+# The public implementation's random start of the text terms (before docs/design.md §4a).
 EARLIER_TEXT_INIT = ("--text_init", "normal")
 ROWS = (
     RowSpec("visual_only", "visual-only (--no_audio)", ("--no_audio",), audio="none", robustness=True),
     RowSpec("zero_audio", "fusion, zeroed audio (control)", audio="zero"),
     RowSpec("ungated", "+audio, ungated (--gate none)", ("--gate", "none"), robustness=True),
     RowSpec("avigate", "AVIGATE (gated + adaptive margin)", robustness=True),
+    RowSpec("category_audio", "AVIGATE, category-exemplar audio (shortcut control)", audio="category"),
     RowSpec("gated_no_margin", "gated, no margin (--beta 0)", ("--beta", "0")),
     RowSpec("text_guided", "text-guided from scratch, honest training", TEXT_GUIDED_FLAGS + EARLIER_TEXT_INIT,
             text_guided=True),
@@ -119,10 +130,12 @@ ROWS = (
             TEXT_GUIDED_FLAGS + EARLIER_TEXT_INIT + ("--training_pairs", "own_caption"), text_guided=True),
 )
 ROW_BY_NAME = {row.name: row for row in ROWS}
-# What `make demo` runs (the other rows on request, --rows): every acceptance check, the
+# What `make demo` runs (the other rows on request, --rows): every acceptance check (the sound
+# gains measured against the zero-audio control, the same architecture without sound), the
 # residual text-guided variant the study found best (bench/text_guidance.py) and the
 # robustness rows. The study runs the text-guided comparison in full, over three seeds.
-DEFAULT_ROWS = ("visual_only", "ungated", "avigate", "tg_residual_all", "seed_style")
+DEFAULT_ROWS = ("visual_only", "zero_audio", "ungated", "avigate", "category_audio", "tg_residual_all",
+                "seed_style")
 
 
 @dataclass
@@ -137,11 +150,18 @@ class DemoConfig:
         workers: processes generating data / computing fbanks.
         num_train_clips, num_test_clips, train_renders, audio_pretrain_clips: benchmark size
             (synthetic/make_synthetic_av.py).
+        num_val_clips: training clips held out as the validation split (synthetic/make_val_split.py)
+            on which every row selects its epoch; 0 = none (the last epoch is kept).
         width, clip_layers, image_resolution, patch_size, ast_width, ast_depth: tiny towers.
         pretrain_steps: audio-trunk pre-training steps.
+        clip_pretrain_steps: CLIP stand-in pre-training steps (synthetic/pretrain_clip.py); 0 =
+            the towers stay random. clip_pretrain_images: its training stills (and at most as
+            many held-out ones).
         epochs, batch_size, lr, coef_lr, warmup_proportion: retrieval training (global batch;
             every caption a sample).
-        max_frames, fusion_layers, resampler_layers, fusion_residual: model recipe.
+        max_frames, fusion_layers, resampler_layers, fusion_residual, padding_rule,
+            grad_clip_scope, weight_decay_rule: model and optimizer recipe (the released values
+            by default; README "Synthetic benchmark: recipe").
         eval_block: --batch_size_val of the evaluations, i.e. the paired_block block length.
     """
 
@@ -157,6 +177,7 @@ class DemoConfig:
     num_test_clips: int = 100
     train_renders: int = 3
     audio_pretrain_clips: int = 400
+    num_val_clips: int = 60
     width: int = 64
     clip_layers: int = 2
     image_resolution: int = 32
@@ -164,20 +185,31 @@ class DemoConfig:
     ast_width: int = 64
     ast_depth: int = 2
     pretrain_steps: int = 100
-    epochs: int = 3
+    clip_pretrain_steps: int = ClipPretrainConfig.steps
+    clip_pretrain_images: int = ClipPretrainConfig.num_images
+    epochs: int = 5
     batch_size: int = 32
-    lr: float = 1e-3
-    coef_lr: float = 1.0
+    lr: float = 1e-3  # bench/recipe_selection.py (validation rule): bench/results/recipe_selection.md
+    coef_lr: float = 1e-3
     warmup_proportion: float = 0.1
     max_frames: int = 5
     fusion_layers: int = 2
     resampler_layers: int = 2
-    fusion_residual: float = 1.0
+    fusion_residual: float = 0.05
+    padding_rule: str = "released"
+    grad_clip_scope: str = "global"
+    weight_decay_rule: str = "released"
     eval_block: int = 16
 
 
 QUICK = dict(num_train_clips=300, num_test_clips=60, train_renders=2, audio_pretrain_clips=200,
-             pretrain_steps=60, epochs=2)
+             num_val_clips=30, pretrain_steps=60, clip_pretrain_steps=200, epochs=2)
+# The recipe before issue 17 (README, "previous recipe"): random tiny CLIP towers trained at the
+# full learning rate, the paper's plain fusion output, no validation split; kept to reproduce the
+# earlier tables (--previous_recipe).
+PREVIOUS_RECIPE = dict(num_val_clips=0, clip_pretrain_steps=0, epochs=3, lr=1e-3, coef_lr=1.0,
+                       fusion_residual=1.0, padding_rule="masked", grad_clip_scope="group",
+                       weight_decay_rule="ndim")
 
 
 @dataclass(frozen=True)
@@ -203,8 +235,28 @@ class Paths:
         return os.path.join(self.out_dir, "zero_cache")
 
     @property
+    def frame_cache(self) -> str:
+        return os.path.join(self.out_dir, "frame_cache")
+
+    @property
     def runs(self) -> str:
         return os.path.join(self.out_dir, "runs")
+
+    @property
+    def category_cache(self) -> str:
+        return os.path.join(self.out_dir, "category_cache")
+
+    @property
+    def val_split(self) -> str:
+        return os.path.join(self.out_dir, "val_split")
+
+    @property
+    def clip_pretrain(self) -> str:
+        return os.path.join(self.out_dir, "clip_pretrain")
+
+    @property
+    def clip_pretrained(self) -> str:
+        return os.path.join(self.clip_pretrain, PRETRAINED_CLIP_FILE)
 
     @property
     def clip(self) -> str:
@@ -239,9 +291,7 @@ def read_stamp(directory: str) -> Optional[dict]:
 
 def write_stamp(directory: str, spec: dict, seconds: float) -> None:
     path = os.path.join(directory, STAMP)
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"spec": spec, "seconds": round(seconds, 1)}, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, {"spec": spec, "seconds": round(seconds, 1)}, indent=1)
 
 
 def cached_stage(label: str, directory: str, spec: dict, build: Callable[[], None]) -> float:
@@ -276,6 +326,51 @@ def checkpoint_spec(cfg: DemoConfig) -> dict:
             "seed": cfg.data_seed}
 
 
+def clip_spec(cfg: DemoConfig) -> dict:
+    """What the CLIP stand-in depends on: the tiny towers' file and its pre-training settings."""
+    return {"checkpoints": checkpoint_spec(cfg), "pretrain": asdict(clip_pretrain_config(cfg))}
+
+
+def clip_pretrain_config(cfg: DemoConfig) -> ClipPretrainConfig:
+    return ClipPretrainConfig(steps=cfg.clip_pretrain_steps, num_images=cfg.clip_pretrain_images,
+                              held_out=min(ClipPretrainConfig.held_out, cfg.clip_pretrain_images), seed=cfg.data_seed)
+
+
+def clip_file(cfg: DemoConfig, paths: Paths) -> str:
+    """The CLIP weights every row starts from: the pre-trained stand-in, or the random towers
+    when --clip_pretrain_steps is 0 (the previous recipe)."""
+    return paths.clip_pretrained if cfg.clip_pretrain_steps > 0 else paths.clip
+
+
+def val_spec(cfg: DemoConfig) -> dict:
+    return {"data": data_spec(cfg), "num_val_clips": cfg.num_val_clips}
+
+
+def split_csvs(cfg: DemoConfig, paths: Paths) -> dict:
+    """--train_csv / --val_csv of every training run: the training list without the held-out
+    clips and the validation list, or the full training list without validation."""
+    if cfg.num_val_clips <= 0:
+        return {"train_csv": os.path.join(paths.data, TRAIN_CSV), "val_csv": None}
+    files = val_split_files(paths.val_split, cfg.num_val_clips)
+    return {"train_csv": files["train_csv"], "val_csv": files["val_csv"]}
+
+
+def run_inputs(cfg: DemoConfig) -> dict:
+    """Everything a training run reads besides its flags (stage specs), for its cache stamp."""
+    return {"checkpoints": checkpoint_spec(cfg), "clip": clip_spec(cfg) if cfg.clip_pretrain_steps > 0 else None,
+            "val": val_spec(cfg) if cfg.num_val_clips > 0 else None}
+
+
+def build_clip(cfg: DemoConfig, paths: Paths) -> None:
+    report = pretrain_clip(paths.clip, paths.clip_pretrained, clip_pretrain_config(cfg))
+    zero_shot = report["held_out_after"]["zero_shot"]
+    language = report["held_out_after"]["language"]
+    log("CLIP stand-in: held-out zero-shot " + ", ".join(f"{k} {v['accuracy']:.0f}% (chance {v['chance']:.0f}%)"
+                                                        for k, v in zero_shot.items())
+        + f"; paraphrase top-1 {language['paraphrase_top1']:.0f}%, named sound "
+          f"{language['named_sound_nearest_centroid']:.0f}% (chance {language['named_sound_chance']:.0f}%)")
+
+
 def build_data(cfg: DemoConfig, paths: Paths) -> None:
     generate(paths.data, SyntheticAVConfig(**data_spec(cfg), workers=cfg.workers))
 
@@ -303,6 +398,12 @@ def build_ast_cache(cfg: DemoConfig, paths: Paths) -> None:
                                "--num_workers", str(cfg.workers)])
 
 
+def build_frame_cache(cfg: DemoConfig, paths: Paths) -> None:
+    cache_frames.main(["--video_list", *split_lists(paths), "--features_path", os.path.join(paths.data, "videos"),
+                       "--cache_dir", paths.frame_cache, "--max_frames", str(cfg.max_frames),
+                       "--image_size", str(cfg.image_resolution), "--num_workers", str(cfg.workers)])
+
+
 def build_zero_cache(paths: Paths) -> None:
     """All-zero AST tokens for every clip (flagged as without soundtrack): the fusion runs
     but its audio carries nothing."""
@@ -324,6 +425,22 @@ def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
                                           spec, lambda: build_checkpoints(cfg, paths))
     seconds["ast_cache"] = cached_stage("AST token cache", paths.ast_cache, spec,
                                         lambda: build_ast_cache(cfg, paths))
+    seconds["frame_cache"] = cached_stage("frame cache", paths.frame_cache,
+                                          {"data": data_spec(cfg), "max_frames": cfg.max_frames,
+                                           "image_resolution": cfg.image_resolution},
+                                          lambda: build_frame_cache(cfg, paths))
+    if cfg.clip_pretrain_steps > 0:
+        seconds["clip_pretrain"] = cached_stage("CLIP stand-in pre-training", paths.clip_pretrain, clip_spec(cfg),
+                                                lambda: build_clip(cfg, paths))
+    if cfg.num_val_clips > 0:
+        seconds["val_split"] = cached_stage(
+            "validation split", paths.val_split, val_spec(cfg),
+            lambda: make_val_split(paths.data, cfg.num_val_clips, cfg.data_seed, paths.val_split))
+    if any(ROW_BY_NAME[name].audio == "category" for name in cfg.rows):
+        seconds["category_cache"] = cached_stage(
+            "category-exemplar cache", paths.category_cache, spec,
+            lambda: build_category_cache(paths.ast_cache, os.path.join(paths.data, "metadata.json"),
+                                         paths.category_cache, seed=cfg.data_seed))
     if any(ROW_BY_NAME[name].audio == "zero" for name in cfg.rows):
         seconds["zero_cache"] = cached_stage("zero-token cache", paths.zero_cache, spec,
                                              lambda: build_zero_cache(paths))
@@ -336,18 +453,31 @@ def common_flags(cfg: DemoConfig, paths: Paths, eval_batch: Optional[int] = None
     """The demo recipe shared by every row (README, "Synthetic benchmark"); ``eval_batch``
     overrides the evaluation batch (cfg.eval_block)."""
     return ["--datatype", "msrvtt", "--data_path", paths.data,
-            "--features_path", os.path.join(paths.data, "videos"),
-            "--pretrained_clip_name", paths.clip, "--ast_checkpoint", paths.ast_pretrained,
+            "--features_path", os.path.join(paths.data, "videos"), "--frame_cache", paths.frame_cache,
+            "--pretrained_clip_name", clip_file(cfg, paths), "--ast_checkpoint", paths.ast_pretrained,
             "--max_frames", str(cfg.max_frames), "--cross_num_hidden_layers", str(cfg.fusion_layers),
             "--audio_query_layers", str(cfg.resampler_layers), "--fusion_residual", str(cfg.fusion_residual),
+            "--padding_rule", cfg.padding_rule,
             "--batch_size_val", str(eval_batch or cfg.eval_block), "--device", cfg.device,
             "--num_thread_reader", "0"]
 
 
+def audio_cache(row: RowSpec, paths: Paths) -> Optional[str]:
+    """The AST-token cache a row trains and is tested with (None: visual-only)."""
+    return {"none": None, "real": paths.ast_cache, "zero": paths.zero_cache,
+            "category": paths.category_cache}[row.audio]
+
+
 def audio_flags(row: RowSpec, paths: Paths) -> list:
-    if row.audio == "none":
-        return []
-    return ["--audio_feature_cache", paths.zero_cache if row.audio == "zero" else paths.ast_cache]
+    cache = audio_cache(row, paths)
+    return [] if cache is None else ["--audio_feature_cache", cache]
+
+
+def has_gates(row: RowSpec) -> bool:
+    """Whether the row's model has fusion gates (not visual-only, not --gate none)."""
+    flags = list(row.flags)
+    ungated = "--gate" in flags and flags[flags.index("--gate") + 1] == "none"
+    return row.audio != "none" and "--no_audio" not in flags and not ungated
 
 
 def selected_checkpoint(run_dir: str) -> str:
@@ -359,10 +489,16 @@ def train_command(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, run_di
                   warm_start: Optional[str] = None) -> list:
     """Training only (--skip_test): the evaluations run in this process afterwards."""
     init = ["--init_model", warm_start] if warm_start else []
+    csvs = split_csvs(cfg, paths)
+    validation = ["--val_csv", csvs["val_csv"]] if csvs["val_csv"] else []
+    if csvs["val_csv"] and has_gates(row):  # gates per epoch, informative vs noise validation clips
+        validation += ["--gate_log_split", "val"]
     return (["--do_train", "--skip_test", *common_flags(cfg, paths), *audio_flags(row, paths), *row.flags, *init,
+             "--train_csv", csvs["train_csv"], *validation,
              "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs), "--batch_size", str(cfg.batch_size),
              "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
-             "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50",
+             "--warmup_proportion", str(cfg.warmup_proportion), "--grad_clip_scope", cfg.grad_clip_scope,
+             "--weight_decay_rule", cfg.weight_decay_rule, "--n_display", "50",
              "--seed", str(seed), "--output_dir", run_dir])
 
 
@@ -394,7 +530,7 @@ def cached_run(label: str, out_dir: str, args: list, cfg: DemoConfig, in_process
     """One training (torchrun) or evaluation (this process), skipped when ``out_dir`` holds its
     outputs for the same arguments and the same inputs (data and checkpoints)."""
     run = (lambda: evaluate_here(cfg, args)) if in_process else (lambda: torchrun(cfg, args))
-    return cached_stage(label, out_dir, {"args": args, "inputs": checkpoint_spec(cfg)}, run)
+    return cached_stage(label, out_dir, {"args": args, "inputs": run_inputs(cfg)}, run)
 
 
 def row_evaluations(row: RowSpec, seed: int) -> list:
@@ -426,8 +562,19 @@ def run_row(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, trained: dic
                               in_process=True)
         out[name] = out_dir
     out["honest"] = out.pop("test")
+    out["probe"] = os.path.join(run_dir, "probe")
+    seconds += cached_stage(f"probe {row.name}", out["probe"], {"checkpoint": checkpoint, "inputs": run_inputs(cfg)},
+                            lambda: write_probe(row, paths, checkpoint, out["probe"]))
     out["seconds"] = seconds
     return out
+
+
+def write_probe(row: RowSpec, paths: Paths, checkpoint: str, out_dir: str) -> None:
+    """Linear probes of the sound at every stage of the row's selected checkpoint, on the test
+    split (tools/probe_sound.py); a visual-only row reads the real tokens for the data's AST line."""
+    data = probe_sound.ProbeData(data_path=paths.data, features_path=os.path.join(paths.data, "videos"),
+                                 audio_feature_cache=audio_cache(row, paths) or paths.ast_cache)
+    write_json(os.path.join(out_dir, PROBE_FILE), probe_sound.probe_checkpoint(checkpoint, data), indent=1)
 
 
 # ----------------------------------------------------------------------------- results
@@ -435,13 +582,34 @@ def run_row(cfg: DemoConfig, paths: Paths, row: RowSpec, seed: int, trained: dic
 def summarize_row(row: RowSpec, seed: int, dirs: dict, metadata: dict) -> dict:
     honest = demo_results.load_eval_run(dirs["honest"])
     entry = {"row": row.name, "label": row.label, "seed": seed, "flags": list(row.flags),
-             "summary": demo_results.row_summary(honest, metadata), "seconds": round(dirs["seconds"], 1)}
+             "summary": demo_results.row_summary(honest, metadata), "seconds": round(dirs["seconds"], 1),
+             "probe": probe_summary(demo_results.read_json(os.path.join(dirs["probe"], PROBE_FILE))),
+             "gates_per_epoch": gates_per_epoch(os.path.dirname(dirs["honest"]))}
     if row.text_guided:
         leak = demo_results.load_eval_run(dirs["paired_block"])
         entry["paired_block"] = {"metrics": leak.metrics["plain"], "LEAKING": leak.metrics.get("LEAKING")}
         entry["shuffle_max_abs_diff"] = demo_results.max_pair_difference(
             honest, demo_results.load_eval_run(dirs["shuffled"]))
     return entry
+
+
+PROBE_COLUMNS = ("ast_tokens", "resampled_audio", "fused_frames", "video_embedding", "caption_embedding")
+
+
+def probe_summary(result: dict) -> dict:
+    """Accuracy (%) of each probed representation: the sound event (video side, informative clips)
+    and the named sound (caption embeddings); None where the model lacks the stage."""
+    return {name: (result["representations"][name]["accuracy"] if name in result["representations"] else None)
+            for name in PROBE_COLUMNS}
+
+
+def gates_per_epoch(run_dir: str) -> Optional[list]:
+    """Last-layer |g_att| AUC (informative vs noise validation clips) before training and after
+    each epoch, from the run's gates_per_epoch.json; None for a model without gates."""
+    path = os.path.join(run_dir, "gates_per_epoch.json")
+    if not os.path.isfile(path):
+        return None
+    return [entry["gates"]["att"]["last_layer_auc"] for entry in demo_results.read_json(path)["epochs"]]
 
 
 def target(value: Optional[float], goal: float, description: str, at_most: bool = False) -> dict:
@@ -452,22 +620,31 @@ def target(value: Optional[float], goal: float, description: str, at_most: bool 
 
 
 def acceptance(entries: list, seed: int) -> dict:
-    """Issue 6's targets, measured on the rows of the main seed that ran."""
+    """Issue 6's targets, measured on the rows of the main seed that ran. The gains that measure
+    sound are taken over the zero-audio control (same fusion transformer, all-zero audio tokens):
+    over visual-only they would also count the fusion's frame-order modelling, which visual-only
+    (V = v0, order-free) lacks (issue 17)."""
     rows = {e["row"]: e for e in entries if e["seed"] == seed}
     checks = {}
 
-    def t2v(name: str, subset: Optional[str] = None) -> float:
+    def t2v(name: str, subset: Optional[str] = None) -> Optional[float]:
         summary = rows[name]["summary"]
-        return summary["metrics"]["t2v_R@1"] if subset is None else summary["subsets"]["t2v_R@1"][subset]
+        return summary["metrics"]["t2v_R@1"] if subset is None else summary["subsets"]["t2v_R@1"].get(subset)
 
-    if {"avigate", "visual_only"} <= rows.keys():
-        checks["avigate_gain_overall"] = target(t2v("avigate") - t2v("visual_only"), TARGET_GAIN_OVERALL,
-                                                "AVIGATE minus visual-only, t2v R@1")
-        sound = (None if t2v("avigate", "sound") is None
-                 else t2v("avigate", "sound") - t2v("visual_only", "sound"))
-        checks["avigate_gain_informative"] = target(sound, TARGET_GAIN_INFORMATIVE,
-                                                    "AVIGATE minus visual-only, t2v R@1, captions that describe "
-                                                    "the sound (the queries that need audio)")
+    def gain(name: str, subset: Optional[str] = None) -> Optional[float]:
+        a, b = t2v(name, subset), t2v("zero_audio", subset)
+        return None if a is None or b is None else a - b
+
+    if {"avigate", "zero_audio"} <= rows.keys():
+        checks["avigate_gain_overall"] = target(gain("avigate"), TARGET_GAIN_OVERALL,
+                                                "AVIGATE minus the zero-audio control, t2v R@1")
+        checks["avigate_gain_informative"] = target(gain("avigate", "sound_twin"), TARGET_GAIN_INFORMATIVE,
+                                                    "AVIGATE minus the zero-audio control, t2v R@1, twins' sound "
+                                                    "captions (the queries only the sound answers)")
+    if {"ungated", "zero_audio"} <= rows.keys():
+        checks["ungated_gain_informative"] = target(gain("ungated", "sound_twin"), TARGET_GAIN_INFORMATIVE,
+                                                    "ungated fusion minus the zero-audio control, t2v R@1, "
+                                                    "twins' sound captions (audio gets through)")
     if "avigate" in rows:
         att = rows["avigate"]["summary"]["gates"]["att"]
         checks["gate_auc"] = target(att["last_layer_auc"], TARGET_GATE_AUC,
@@ -486,6 +663,27 @@ def acceptance(entries: list, seed: int) -> dict:
             f"honest text-guided models ({', '.join(honest)}): max |score change| after reordering and "
             "re-batching", at_most=True)
     return checks
+
+
+def shortcut_split(entries: list, seed: int) -> dict:
+    """Audio's gain of AVIGATE over the zero-audio control split into the category bit
+    (category-exemplar audio minus zero audio) and the sound itself (real minus category-exemplar
+    audio), overall and per caption subset, t2v R@1 points (docs/diagnostics.md, section 3)."""
+    rows = {e["row"]: e for e in entries if e["seed"] == seed}
+    if not {"avigate", "category_audio", "zero_audio"} <= rows.keys():
+        return {}
+
+    def r1(name: str, subset: Optional[str]) -> Optional[float]:
+        summary = rows[name]["summary"]
+        return summary["metrics"]["t2v_R@1"] if subset is None else summary["subsets"]["t2v_R@1"].get(subset)
+
+    out = {}
+    for subset in (None, "sound_twin", "sound_solo", "visual_informative", "visual_noise"):
+        real, category, zero = (r1(n, subset) for n in ("avigate", "category_audio", "zero_audio"))
+        if None in (real, category, zero):
+            continue
+        out[subset or "all"] = {"gain": real - zero, "category_bit": category - zero, "sound": real - category}
+    return out
 
 
 def robustness(jobs: list, dirs: dict, seed: int) -> dict:
@@ -561,6 +759,24 @@ def markdown(results: dict) -> str:
                   "Expectation stated before the runs: gated fusion loses less than ungated fusion under noise; "
                   "the visual-only model does not change.", "", *results["robustness"]["lines"], "",
                   f"Settings: {results['robustness']['settings']}"]
+    if results.get("shortcut"):
+        lines += ["", "## The category shortcut: AVIGATE's audio gain over the zero-audio control, split", "",
+                  "category bit = category-exemplar audio minus zero audio; the sound = real audio minus "
+                  "category-exemplar audio (t2v R@1 points).", "",
+                  "| captions | gain | category bit | the sound |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['gain']:+.1f} | {v['category_bit']:+.1f} | {v['sound']:+.1f} |"
+                  for k, v in results["shortcut"].items()]
+    lines += ["", "## Where the sound is lost: linear probes (tools/probe_sound.py, test split)", "",
+              "Sound event of the clips with informative audio from each stage (video side), and the sound "
+              "named by each sound caption from its embedding; 5-fold logistic regression, accuracy in %.", "",
+              "| model | " + " | ".join(PROBE_COLUMNS) + " |", "|---|" + "---|" * len(PROBE_COLUMNS)]
+    for e in entries:
+        lines.append(f"| {e['label']} | " + " | ".join("–" if e["probe"][c] is None else f"{e['probe'][c]:.0f}"
+                                                       for c in PROBE_COLUMNS) + " |")
+    lines += ["", "Last layer's |g_att| AUC, informative vs noise validation clips, before training and after each "
+              "epoch (gates_per_epoch.json in each run folder):", ""]
+    lines += [f"- {e['label']}: " + " → ".join(f"{a:.2f}" if a is not None else "–" for a in e["gates_per_epoch"])
+              for e in entries if e.get("gates_per_epoch")]
     lines += ["", "## Gates (|g| per layer, informative / noise clips)", "", *demo_results.gate_table(rows),
               "", "## Acceptance (issue 6)", ""]
     if results["profile"] != "full":
@@ -595,6 +811,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[DemoConfig, Optional[str]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"reduced run: {QUICK}")
+    parser.add_argument("--previous_recipe", action="store_true",
+                        help=f"the recipe before issue 17, to reproduce its tables: {PREVIOUS_RECIPE}")
     parser.add_argument("--compare_to", default=None, help="an earlier results.json to compare every number with")
     for f in fields(DemoConfig):
         default = f.default
@@ -605,6 +823,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[DemoConfig, Optional[str]
             parser.add_argument(f"--{f.name}", type=type(default), default=None, help=f"default: {default}")
     args = parser.parse_args(argv)
     cfg = replace(DemoConfig(), **QUICK) if args.quick else DemoConfig()
+    if args.previous_recipe:
+        cfg = replace(cfg, **PREVIOUS_RECIPE)
     overrides = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     cfg = replace(cfg, **overrides)
@@ -646,6 +866,7 @@ def run_demo(cfg: DemoConfig, compare_to: Optional[str] = None, profile: str = "
     if compare_to:
         results["acceptance"]["reproduction"] = compare_results(entries, compare_to)
     results["robustness"] = robustness(jobs, dirs, cfg.seed)
+    results["shortcut"] = shortcut_split(entries, cfg.seed)
     results["figures"] = write_gate_figures(entries, metadata, dirs, paths.out_dir)
     with open(os.path.join(paths.out_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)

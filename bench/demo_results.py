@@ -19,7 +19,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from metrics import text_to_video_ranks, video_to_text_ranks
+from metrics import roc_auc, text_to_video_ranks, video_to_text_ranks
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,6 +78,9 @@ def informative_flags(metadata: dict, video_ids: list) -> np.ndarray:
 
 
 CAPTION_KINDS = ("sound", "visual_informative", "visual_noise")
+# Sound captions split by their clip's category: a twin's sound caption fits 3 identical-looking
+# videos (only the sound tells them apart), a solo's names visuals that already identify the clip.
+SOUND_SPLITS = ("sound_twin", "sound_solo")
 
 
 def caption_kinds(metadata: dict, rows: list) -> np.ndarray:
@@ -91,13 +94,21 @@ def caption_kinds(metadata: dict, rows: list) -> np.ndarray:
     return np.array([kind_of[(r["video_id"], r["caption"])] for r in rows])
 
 
-def kind_recalls(sim: np.ndarray, caption_video: np.ndarray, kinds: np.ndarray, k: int = 1) -> dict:
-    """t2v R@k (percent) of the captions of each kind, every caption ranking its video among
-    all videos: {"t2v_R@k": {kind: x}} (None for a kind without captions)."""
+def sound_splits(kinds: np.ndarray, caption_video: np.ndarray, metadata: dict, video_ids: list) -> np.ndarray:
+    """str [Nt]: "sound_twin" / "sound_solo" for sound captions (by their video's category), the
+    caption's kind otherwise."""
+    category = np.array([metadata["videos"][v]["category"] for v in video_ids])[caption_video]
+    return np.where(kinds == "sound", np.char.add("sound_", category.astype(str)), kinds)
+
+
+def kind_recalls(sim: np.ndarray, caption_video: np.ndarray, kinds: np.ndarray, k: int = 1,
+                 names: tuple = CAPTION_KINDS) -> dict:
+    """t2v R@k (percent) of the captions of each kind in ``names``, every caption ranking its
+    video among all videos: {"t2v_R@k": {kind: x}} (None for a kind without captions)."""
     hits = (text_to_video_ranks(torch.as_tensor(sim, dtype=torch.float64), torch.as_tensor(caption_video))
             <= k).numpy()
     return {f"t2v_R@{k}": {kind: (float(PERCENT * hits[kinds == kind].mean()) if (kinds == kind).any() else None)
-                           for kind in CAPTION_KINDS}}
+                           for kind in names}}
 
 
 def subset_recalls(sim: np.ndarray, caption_video: np.ndarray, video_informative: np.ndarray,
@@ -127,18 +138,6 @@ def subset_recalls(sim: np.ndarray, caption_video: np.ndarray, video_informative
                            "noise": mean(t2v_hit, ~text_informative)},
             f"v2t_R@{k}": {"informative": mean(v2t_hit, video_informative),
                            "noise": mean(v2t_hit, ~video_informative)}}
-
-
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
-    """Area under the ROC curve of a score separating ``positive`` from ``negative`` samples:
-    P(score of a random positive > score of a random negative), ties counting one half.
-    None when either side is empty."""
-    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
-    if positive.size == 0 or negative.size == 0:
-        return None
-    greater = (positive[:, None] > negative[None, :]).mean()
-    ties = (positive[:, None] == negative[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 def video_gate_values(gates: dict, video_ids: list) -> dict:
@@ -191,7 +190,10 @@ def row_summary(run: EvalRun, metadata: dict) -> dict:
     video_informative = informative_flags(metadata, run.cols)
     plain = run.metrics["plain"]
     subsets = subset_recalls(run.sim, run.caption_video, video_informative)
-    subsets["t2v_R@1"].update(kind_recalls(run.sim, run.caption_video, caption_kinds(metadata, run.rows))["t2v_R@1"])
+    kinds = caption_kinds(metadata, run.rows)
+    subsets["t2v_R@1"].update(kind_recalls(run.sim, run.caption_video, kinds)["t2v_R@1"])
+    splits = sound_splits(kinds, run.caption_video, metadata, run.cols)
+    subsets["t2v_R@1"].update(kind_recalls(run.sim, run.caption_video, splits, names=SOUND_SPLITS)["t2v_R@1"])
     summary = {"metrics": {key: plain[key] for key in
                            ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "v2t_R@1", "v2t_R@5", "v2t_R@10")},
                "subsets": subsets,
@@ -210,14 +212,15 @@ def retrieval_table(rows: list) -> list:
     """Markdown lines of the main table. ``rows``: dicts with "label", "summary" (row_summary)
     and optionally "paired_block" (R@1 t2v under the leaking protocol)."""
     lines = ["| model | t2v R@1 | R@5 | R@10 | v2t R@1 | R@5 | R@10 | t2v R@1 sound captions | "
-             "visual captions, informative audio | visual captions, noise clips | t2v R@1 paired_block (LEAKING) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "visual captions, informative audio | visual captions, noise clips | sound captions, twins | "
+             "sound captions, solos | t2v R@1 paired_block (LEAKING) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, sub = row["summary"]["metrics"], row["summary"]["subsets"]["t2v_R@1"]
         leak = row.get("paired_block")
         lines.append(f"| {row['label']} | {_fmt(m['t2v_R@1'])} | {_fmt(m['t2v_R@5'])} | {_fmt(m['t2v_R@10'])} | "
                      f"{_fmt(m['v2t_R@1'])} | {_fmt(m['v2t_R@5'])} | {_fmt(m['v2t_R@10'])} | "
-                     + " | ".join(_fmt(sub.get(kind)) for kind in CAPTION_KINDS) + f" | {_fmt(leak)} |")
+                     + " | ".join(_fmt(sub.get(kind)) for kind in CAPTION_KINDS + SOUND_SPLITS) + f" | {_fmt(leak)} |")
     return lines
 
 

@@ -139,7 +139,7 @@ def text_batch(cfg: AVIGATEConfig, n: int, length: int, device: torch.device, se
 
 def loader_frames(pixels: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
     """uint8 frames [B, F, 3, S, S] in the form the training loader hands to
-    ``training.video_inputs``: uint8 where the inputs are normalized on the device
+    ``dataloaders.base.video_inputs``: uint8 where the inputs are normalized on the device
     (``dataloaders.video.normalize_frames``), else CLIP-normalized fp32 with padded frames 0."""
     if hasattr(video_io, "normalize_frames"):
         return pixels

@@ -1,4 +1,4 @@
-"""Scoring speed on the CPU (DESIGN §10), checked against what the machine can do.
+"""Scoring speed on the CPU (docs/design.md §10), checked against what the machine can do.
 
 Measures, on this machine:
 - the memory read bandwidth (best streaming reduction over a 1 GiB tensor) and the fp32

@@ -14,12 +14,19 @@ Rows, each trained with seeds 0, 1, 2:
 - ``visual_only`` (--no_audio); ``avigate`` (gated fusion, adaptive margin);
 - ``tg_scratch``: text-guided from scratch, today's method: --text_gate --text_query
   --query_gate with the earlier random start of the text terms (--text_init normal), one stage;
-- ``tg_residual_frozen``: the residual start (DESIGN §4a) warm-started from the ``avigate``
+- ``tg_residual_frozen``: the residual start (docs/design.md §4a) warm-started from the ``avigate``
   checkpoint of the same seed, --freeze_agnostic, FINETUNE_EPOCHS epochs;
 - ``tg_residual_all``: the same warm start, every parameter trains, FINETUNE_EPOCHS epochs.
 - ``avigate_continued`` (control, added after a smoke run on the --quick data, before any run
   on the benchmark): the same warm start and FINETUNE_EPOCHS epochs WITHOUT text flags, so a
   warm-started row's gain over ``avigate`` can be told apart from the effect of training longer.
+- Amendment (issue 17, committed before any run on the new recipe, docs/synthetic_recipe.md):
+  the recipe becomes the released-shaped one (pre-trained CLIP stand-in, the released values,
+  --lr chosen on the validation split, each row's best validation epoch), and three rows are
+  added: ``zero_audio`` (the fusion fed all-zero audio: the baseline that isolates sound),
+  ``ungated`` (--gate none: the paper's "+Audio") and ``category_audio`` (AVIGATE on
+  category-exemplar audio: how much of audio's gain is the category bit). The sound-caption
+  subset is also to be reported split into twin and solo sound captions.
 Ablations: the best text-guided variant (highest mean overall t2v R@1 in full scoring) is
 re-run with each text flag alone (--text_gate / --text_query / --query_gate; --query_gate
 implies the injection), otherwise unchanged, seeds 0, 1, 2.
@@ -63,12 +70,14 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
 
 import main_task_retrieval  # noqa: E402
 import util  # noqa: E402
+from atomic_io import write_json, write_text  # noqa: E402
 from bench import demo  # noqa: E402
 from dataloaders.base import collate_items  # noqa: E402
 from dataloaders.registry import build_eval_datasets  # noqa: E402
-from evaluation import encode_dataset, rerank_split, score_split, split_metrics  # noqa: E402
+from evaluation import encode_dataset, rerank_split, score_split  # noqa: E402
 from metrics import metrics_report, text_to_video_ranks  # noqa: E402
 from modules.tokenization_clip import ClipTokenizer  # noqa: E402
+from tools.packed_results import pack_bits, read_npz, unpack_bits, write_npz  # noqa: E402
 
 SEEDS = (0, 1, 2)
 RERANK_KS = (5, 10, 20, 50)
@@ -81,6 +90,7 @@ TEXT_FLAGS = ("--text_gate", "--text_query", "--query_gate")
 KINDS = ("sound", "visual_informative", "visual_noise")
 CATEGORIES = ("twin", "solo", "noise")
 RECALLS = (1, 5, 10)
+HITS = "t2v_hits_R@1"  # per-query t2v hits at R@1 (paired goal test), stored bit-packed
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 
 
@@ -91,7 +101,9 @@ class StudyRow:
     Args:
         name, label: key and table label.
         flags: main_task_retrieval.py flags on top of the demo recipe.
-        audio: "none" (visual-only) or "real" (the AST token cache).
+        audio: "none" (visual-only), "real" (the AST token cache), "zero" (all-zero tokens: the
+            control that isolates sound) or "category" (category-exemplar tokens: the shortcut
+            control); bench/demo.py audio_cache.
         warm_start: name of the row (same seed) whose checkpoint initializes this one.
         epochs: training epochs (None = the recipe's).
     """
@@ -110,7 +122,10 @@ class StudyRow:
 
 ROWS = (
     StudyRow("visual_only", "visual-only (--no_audio)", ("--no_audio",), audio="none"),
+    StudyRow("zero_audio", "fusion, zeroed audio (control)", audio="zero"),
+    StudyRow("ungated", "+audio, ungated (--gate none)", ("--gate", "none")),
     StudyRow("avigate", "AVIGATE"),
+    StudyRow("category_audio", "AVIGATE, category-exemplar audio (shortcut control)", audio="category"),
     StudyRow("tg_scratch", "text-guided from scratch (--text_init normal)", TEXT_FLAGS + ("--text_init", "normal")),
     StudyRow("tg_residual_frozen", "residual text-guided, frozen agnostic (from AVIGATE)",
              TEXT_FLAGS + ("--freeze_agnostic",), warm_start="avigate", epochs=FINETUNE_EPOCHS),
@@ -133,19 +148,9 @@ def ablations(best: StudyRow) -> list[StudyRow]:
 
 def train_args(cfg: demo.DemoConfig, paths: demo.Paths, row: StudyRow, seed: int, run_dir: str,
                runs: dict) -> list:
-    """main_task_retrieval.py flags of one training run (no test: evaluated in-process)."""
-    extra = []
-    if row.warm_start:
-        extra = ["--init_model", selected_checkpoint(runs[(row.warm_start, seed)])]
-    return ["--do_train", "--skip_test", *demo.common_flags(cfg, paths), *demo.audio_flags(row, paths),
-            *row.flags, *extra, "--expand_msrvtt_sentences", "--epochs", str(row.epochs or cfg.epochs),
-            "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr), "--coef_lr", str(cfg.coef_lr),
-            "--warmup_proportion", str(cfg.warmup_proportion), "--n_display", "50", "--seed", str(seed),
-            "--output_dir", run_dir]
-
-
-def selected_checkpoint(run_dir: str) -> str:
-    return demo.demo_results.read_json(os.path.join(run_dir, "selected_checkpoint.json"))["checkpoint"]
+    """main_task_retrieval.py flags of one training run: the demo's (no test: evaluated in-process)."""
+    warm_start = demo.selected_checkpoint(runs[(row.warm_start, seed)]) if row.warm_start else None
+    return demo.train_command(cfg, paths, row, seed, run_dir, warm_start)
 
 
 def train_row(cfg, paths, row: StudyRow, seed: int, runs: dict) -> float:
@@ -222,7 +227,7 @@ def subset_report(t2v: np.ndarray, v2t: np.ndarray, query: Query) -> dict:
             entry[f"t2v_R@{k}_ci95"] = bootstrap_recall(t_hits, rng)
             entry[f"v2t_R@{k}"] = float(100 * v_hits.mean()) if v_hits.size else None
             entry[f"v2t_R@{k}_ci95"] = bootstrap_recall(v_hits, rng)
-        entry["t2v_hits_R@1"] = (t2v_ranks[selected] <= 1).astype(int).tolist()
+        entry[HITS] = (t2v_ranks[selected] <= 1).astype(int).tolist()
         out[name] = entry
     return out
 
@@ -260,7 +265,7 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
     torch.set_num_threads(threads)
     util.setup_logging(None, util.DistInfo())
     args = main_task_retrieval.build_parser().parse_args(
-        eval_args(cfg, paths, row, selected_checkpoint(run_dir), os.path.join(run_dir, "study_eval")))
+        eval_args(cfg, paths, row, demo.selected_checkpoint(run_dir), os.path.join(run_dir, "study_eval")))
     info = util.DistInfo()
     util.seed_everything(args.seed)
     model = main_task_retrieval.build_model(args, info.device).eval()
@@ -275,12 +280,12 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
     start = time.time()
     scored = score_split(model, texts, videos, query.caption_video, info)
     out["full"] = {"seconds": time.time() - start, "pairs_fused": len(texts) * len(videos) if row.text_guided else 0,
-                   "metrics": split_metrics(scored.sim, query.caption_video, dsl=False),
+                   "metrics": metrics_report(scored.sim, query.caption_video),
                    "subsets": subset_report(scored.sim, scored.sim, query)}
     out["gates"] = gate_report(scored, query)
     if row.text_guided:
         stage1 = model.agnostic_scores(texts, videos).scores.numpy()
-        out["stage1"] = {"metrics": split_metrics(stage1, query.caption_video, dsl=False),
+        out["stage1"] = {"metrics": metrics_report(stage1, query.caption_video),
                          "subsets": subset_report(stage1, stage1, query)}
         for k in RERANK_KS:
             start = time.time()
@@ -328,8 +333,8 @@ def goal_test(rows: dict, candidate: str, reference: str = "avigate", protocol: 
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     out = {}
     for subset in ("all", *KINDS):
-        a = np.array([rows[candidate][s][protocol]["subsets"][subset]["t2v_hits_R@1"] for s in seeds], dtype=float)
-        b = np.array([rows[reference][s]["full"]["subsets"][subset]["t2v_hits_R@1"] for s in seeds], dtype=float)
+        a = np.array([rows[candidate][s][protocol]["subsets"][subset][HITS] for s in seeds], dtype=float)
+        b = np.array([rows[reference][s]["full"]["subsets"][subset][HITS] for s in seeds], dtype=float)
         diff = 100 * (a - b)                                       # [seeds, queries]
         boot = diff[:, rng.integers(0, diff.shape[1], (BOOTSTRAP, diff.shape[1]))].mean(-1).mean(0)
         d, se = float(diff.mean()), float(boot.std(ddof=1))
@@ -482,19 +487,28 @@ def figures(results: dict, out_prefix: str) -> list:
 
 
 def write_results(results: dict, prefix: str) -> None:
-    """Draw the figures, then write ``<prefix>.json`` (naming them) and the ``<prefix>.md`` page."""
+    """Draw the figures, then write ``<prefix>.json`` (naming them), the per-query hits
+    bit-packed in ``<prefix>_hits.npz`` (the JSON refers to them) and the ``<prefix>.md`` page."""
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     results["figures"] = figures(results, prefix)
-    with open(f"{prefix}.json", "w") as handle:
-        json.dump(results, handle, indent=1, default=float)
-    with open(f"{prefix}.md", "w") as handle:
-        handle.write(markdown(results))
+    compact, hits = pack_bits(results, HITS)
+    write_json(f"{prefix}.json", compact, indent=1, default=float)
+    write_npz(f"{prefix}_hits.npz", hits)
+    write_text(f"{prefix}.md", markdown(results))
+
+
+def read_results(prefix: str) -> dict:
+    """``<prefix>.json`` with its per-query hits back in place (from ``<prefix>_hits.npz``;
+    results written before the hits moved there carry them inline)."""
+    with open(f"{prefix}.json") as handle:
+        results = json.load(handle)
+    hits_path = f"{prefix}_hits.npz"
+    return unpack_bits(results, read_npz(hits_path), HITS) if os.path.exists(hits_path) else results
 
 
 def replot(prefix: str) -> None:
     """Redraw the figures and rewrite the Markdown page from ``<prefix>.json`` (no training)."""
-    with open(f"{prefix}.json") as handle:
-        write_results(json.load(handle), prefix)
+    write_results(read_results(prefix), prefix)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -531,7 +545,7 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = study_config(args)
     paths = demo.Paths(os.path.abspath(cfg.out_dir))
     os.makedirs(paths.out_dir, exist_ok=True)
-    seconds = demo.prepare_inputs(replace(cfg, rows=("visual_only", "avigate")), paths)
+    seconds = demo.prepare_inputs(replace(cfg, rows=tuple(r.name for r in ROWS if r.name in demo.ROW_BY_NAME)), paths)
     metadata = demo.demo_results.read_json(os.path.join(paths.data, "metadata.json"))
     runs, evals, specs = {}, {}, {}
     query_of = lambda split: split_queries(split, metadata)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Audio front-end: waveform loading, Kaldi log-mel filterbank and the AST input (DESIGN §1).
+"""Audio front-end: waveform loading, Kaldi log-mel filterbank and the AST input (docs/design.md §1).
 
 ``kaldi_fbank`` is a vectorized torch port of the Kaldi ``compute-fbank-feats`` recipe
 with the options AST was trained with; ``ast_input`` adds the AVIGATE recipe around it
@@ -42,7 +42,7 @@ BAD_AUDIO_POLICIES = ("error", "zero")
 
 @dataclass
 class FbankConfig:
-    """Settings of the AST input (DESIGN §1); the defaults are the released recipe.
+    """Settings of the AST input (docs/design.md §1); the defaults are the released recipe.
 
     Args:
         sample_rate: rate the waveform is resampled to before the filterbank (Hz).
@@ -172,7 +172,7 @@ def _log_mel_frames(frames: torch.Tensor, window: torch.Tensor, banks: torch.Ten
 
 def ast_frame_shift_ms(num_samples: int, sample_rate: int,
                        target_frames: int = FbankConfig.target_frames) -> float:
-    """Frame shift that spreads the clip over ``target_frames`` frames (DESIGN §1).
+    """Frame shift that spreads the clip over ``target_frames`` frames (docs/design.md §1).
 
     shift = duration / target_frames, rounded down to whole samples and never 0 samples.
     """
@@ -189,7 +189,7 @@ def resample(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
 def ast_input(waveform: torch.Tensor, sample_rate: int,
               cfg: Optional[FbankConfig] = None) -> torch.Tensor:
-    """The full AST input recipe of DESIGN §1: waveform -> normalized fbank [1024, 128].
+    """The full AST input recipe of docs/design.md §1: waveform -> normalized fbank [1024, 128].
 
     Args:
         waveform: mono samples [T] in [-1, 1]; resampled to ``cfg.sample_rate`` if needed.
@@ -221,7 +221,7 @@ def ast_input(waveform: torch.Tensor, sample_rate: int,
 def zero_ast_input(cfg: Optional[FbankConfig] = None) -> torch.Tensor:
     """AST input of a video without (usable) audio: all zeros [target_frames, bins].
 
-    DESIGN §1 gives such a video "an all-zero fbank (paper: zero vector)"; the zeros are
+    docs/design.md §1 gives such a video "an all-zero fbank (paper: zero vector)"; the zeros are
     the tensor AST receives (the normalized input), i.e. the dataset-mean spectrogram.
     """
     cfg = cfg or FbankConfig()

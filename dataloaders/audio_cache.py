@@ -1,4 +1,4 @@
-"""Cache of the frozen AST trunk's tokens, one row per video (DESIGN §1, §10).
+"""Cache of the frozen AST trunk's tokens, one row per video (docs/design.md §1, §10).
 
 The AST trunk never trains, so ``AST.tokens`` is computed once per clip by
 preprocess/cache_audio_features.py and training reads it back. A cache directory holds:
@@ -21,6 +21,8 @@ import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from atomic_io import write_json
 
 TOKENS_FILE = "tokens.npy"
 DONE_FILE = "done.npy"
@@ -88,16 +90,6 @@ def check_cache_trunk(directory: str, trunk_path: str) -> None:
                          f"model's trunk is {trunk_path} ({actual}): its tokens are another trunk's. Pass the "
                          f"cache of this trunk, or --audio_path (the wavs), or {BUILD_HINT} --checkpoint "
                          f"{trunk_path}")
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write a JSON file so that readers see the old or the new file, never half of one."""
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
 
 
 class AudioFeatureCache:
@@ -189,7 +181,7 @@ class AudioCacheWriter:
             os.makedirs(directory, exist_ok=True)
             self._open("w+", shape)
             # Written last: an index marks a fully allocated cache.
-            write_json_atomic(os.path.join(directory, INDEX_FILE), {
+            write_json(os.path.join(directory, INDEX_FILE), indent=None, obj={
                 "format_version": FORMAT_VERSION,
                 "rows": {vid: row for row, vid in enumerate(self.video_ids)},
                 "shape": list(shape),

@@ -1,15 +1,17 @@
-"""Dataset machinery shared by MSR-VTT, VATEX and Charades (DESIGN §8, §9).
+"""Dataset machinery shared by MSR-VTT, VATEX and Charades (docs/design.md §8, §9).
 
 Each dataset module only parses its annotation files into a ``RetrievalSplit`` (captions,
 the video of each caption, unique video ids). Everything else lives here once:
 
 - ``prepare_videos``: finds ``<video_id>.{mp4,webm,mkv,avi}`` files, drops (with
   ``skip_bad_videos``) or reports missing / unreadable ones, naming them;
-- ``MediaLoader``: frames of one video (``dataloaders.video``) plus its audio, either the
-  AST input computed from ``<video_id>.wav`` or AST tokens from a feature cache;
+- ``MediaLoader``: frames of one video (decoded by ``dataloaders.video``, or read from a frame
+  cache, ``dataloaders.frame_cache``) plus its audio, either the AST input computed from
+  ``<video_id>.wav`` or AST tokens from a feature cache;
 - ``PairDataset`` (training: one item per caption, or one per video per epoch),
   ``TextDataset`` and ``VideoDataset`` (evaluation: every caption and every video once);
-- ``collate_items``: stacks item dicts into batch dicts.
+- ``collate_items``: stacks item dicts into batch dicts; ``video_inputs``: a batch's video
+  keys -> the model's keyword arguments, on the device.
 
 Item dicts (S = image_size, F = max_frames, L = max_words, A audio tokens, W AST width):
     text_ids  int64 [L]      text_mask int64 [L]      text_index  int64 []
@@ -20,7 +22,7 @@ Item dicts (S = image_size, F = max_frames, L = max_words, A audio tokens, W AST
 ``frames`` are RGB after resize and center crop, zeros at padded frames, not yet
 normalized: workers ship uint8 (a quarter of the float bytes) and the training process
 normalizes the batch on its device (``dataloaders.video.normalize_frames``, called by
-``training.video_inputs``).
+``video_inputs``).
 PairDataset items hold all keys, TextDataset items the text keys plus video_index,
 VideoDataset items the video keys. Batches add a leading B dimension.
 
@@ -42,7 +44,8 @@ from torch.utils.data import Dataset
 
 from dataloaders.audio import AudioIssueCounter, FbankConfig, load_ast_input
 from dataloaders.audio_cache import AudioFeatureCache
-from dataloaders.video import FrameSamplingConfig, VideoReadError, decode_frames, read_frames
+from dataloaders.frame_cache import FrameCache
+from dataloaders.video import FrameSamplingConfig, VideoReadError, decode_frames, normalize_frames, read_frames
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,10 @@ def read_csv_columns(path: str, columns: Sequence[str]) -> pd.DataFrame:
     """A CSV as strings (empty cells stay "", ids like "NA" stay text), checking ``columns``."""
     if not os.path.isfile(path):
         raise AnnotationError(f"annotation file {path!r} not found")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path!r} is not a readable CSV ({type(err).__name__}: {err})") from err
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise AnnotationError(f"{path!r} lacks column(s) {missing}; it has {list(table.columns)}")
@@ -186,7 +192,7 @@ class VideoIssueCounter:
 
     def summary(self) -> str:
         return ("videos: " + ", ".join(f"{self.count(k)} {k}" for k in self.KINDS)
-                + " (skip_bad_videos)")
+                + " (--skip_bad_videos)")
 
 
 def _names(paths: Sequence[str]) -> str:
@@ -225,13 +231,13 @@ def prepare_videos(split: RetrievalSplit, features_path: str, skip_bad_videos: b
     if missing and not skip_bad_videos:
         paths = [os.path.join(features_path, v + VIDEO_EXTENSIONS[0]) for v in missing]
         raise VideoReadError(paths[0], f"file not found ({len(missing)} videos of {split.name} are "
-                                       f"missing: {_names(paths)}); pass skip_bad_videos to drop them")
+                                       f"missing: {_names(paths)}); pass --skip_bad_videos to drop them")
     unreadable = []
     if probe_decoder is not None:
         for video_id in split.video_ids:
             reason = _probe(files[video_id], probe_decoder) if video_id in files else None
             if reason is not None and not skip_bad_videos:
-                raise VideoReadError(files[video_id], reason + "; pass skip_bad_videos to drop it")
+                raise VideoReadError(files[video_id], reason + "; pass --skip_bad_videos to drop it")
             if reason is not None:
                 unreadable.append(video_id)
     if missing or unreadable:
@@ -286,20 +292,23 @@ class MediaLoader:
         video_files: video_id -> file (from ``prepare_videos``).
         frames: frame sampling and transform settings.
         audio: where the audio comes from.
+        frame_cache: frames decoded once (built with ``frames``' settings), read instead of
+            decoding; None decodes every time.
     """
 
-    def __init__(self, video_files: Dict[str, str], frames: FrameSamplingConfig, audio: AudioSource):
+    def __init__(self, video_files: Dict[str, str], frames: FrameSamplingConfig, audio: AudioSource,
+                 frame_cache: Optional[FrameCache] = None):
         self.video_files = video_files
         self.frames = frames
         self.audio = audio
-
-    def issue_summary(self, counter: VideoIssueCounter) -> str:
-        """One log line: videos dropped/replaced (``counter``) and audio zero-filled, all workers."""
-        return f"{counter.summary()}; {self.audio.counter.summary()}"
+        self.frame_cache = frame_cache
 
     def load(self, video_id: str) -> Dict[str, torch.Tensor]:
         """Video keys of an item (without video_index); raises VideoReadError naming the file."""
-        frames, frame_mask = read_frames(self.video_files[video_id], self.frames)
+        if self.frame_cache is not None:
+            frames, frame_mask = self.frame_cache.read(video_id)
+        else:
+            frames, frame_mask = read_frames(self.video_files[video_id], self.frames)
         return {"frames": frames, "frame_mask": frame_mask, **self.audio.load(video_id)}
 
 
@@ -325,7 +334,7 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, split: RetrievalSplit, media: MediaLoader, tokenizer, max_words: int,
-                 expand_sentences: bool = True, seed: int = 0, skip_bad_videos: bool = False,
+                 expand_sentences: bool = False, seed: int = 0, skip_bad_videos: bool = False,
                  counter: Optional[VideoIssueCounter] = None):
         if split.num_texts == 0:
             raise ValueError(f"{split.name}: no training captions left")
@@ -352,10 +361,6 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return self.split.num_texts if self.expand_sentences else self.split.num_videos
 
-    def issue_summary(self) -> str:
-        """Skipped videos and audio fallbacks so far, summed over DataLoader workers (log once)."""
-        return self.media.issue_summary(self.counter)
-
     def _caption_index(self, index: int) -> int:
         return index if self.expand_sentences else int(self._epoch_caption[index])
 
@@ -378,7 +383,7 @@ class PairDataset(Dataset):
             try:
                 item = self._load(candidate)
             except VideoReadError as err:
-                logger.warning("%s; replacing its training samples (skip_bad_videos)", err)
+                logger.warning("%s; replacing its training samples (--skip_bad_videos)", err)
                 self._bad_videos.add(video_index)
                 continue
             if step:
@@ -424,3 +429,17 @@ def collate_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
     """Stack a list of item dicts (same keys) into a batch dict with a leading B dimension
     (dtypes kept: frames stay uint8 [B, F, 3, S, S])."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def video_inputs(batch: dict, device: torch.device) -> dict:
+    """Collated video keys (``collate_items``) -> keyword arguments of ``AVIGATE.encode_video``.
+
+    The uint8 frames [B, F, 3, S, S] are moved and CLIP-normalized on ``device`` (fp32). Copies
+    are ``non_blocking``: asynchronous from the pinned batches of a CUDA loader (kernels
+    on the same stream wait for them), ordinary copies otherwise. The audio is the fbank
+    (wav files), the cached AST tokens, or None (no audio source).
+    """
+    audio = batch.get("fbank", batch.get("audio_tokens"))
+    return {"frames": normalize_frames(batch["frames"], batch["frame_mask"], device),
+            "frame_mask": batch["frame_mask"].to(device, non_blocking=True),
+            "audio": None if audio is None else audio.to(device, non_blocking=True)}

@@ -1,4 +1,4 @@
-"""Charades annotations (DESIGN §9): train/test CSVs with columns ``video_id, sentence``.
+"""Charades annotations (docs/design.md §9): train/test CSVs with columns ``video_id, sentence``.
 
 Each row is one caption (one per video in the usual retrieval split); rows sharing a
 video_id become captions of the same video.

@@ -1,4 +1,4 @@
-"""MSR-VTT annotations (DESIGN §9): 9k training videos, 1k-A test pairs.
+"""MSR-VTT annotations (docs/design.md §9): 9k training videos, 1k-A test pairs.
 
 - ``MSRVTT_data.json``: ``{"sentences": [{"video_id", "caption"}, ...], ...}``, the 20
   captions of each of the 10k videos;

@@ -25,8 +25,10 @@ import numpy as np
 from dataloaders import charades, msrvtt, vatex
 from dataloaders.audio import FbankConfig
 from dataloaders.audio_cache import read_index
+from dataloaders.audio_presence import DEFAULT_MAX_MISSING, AudioPresence, check_audio_presence
 from dataloaders.base import (AudioSource, MediaLoader, PairDataset, RetrievalSplit, TextDataset,
                               VideoDataset, VideoIssueCounter, prepare_videos)
+from dataloaders.frame_cache import FrameCache
 from dataloaders.perturb import AudioPerturbation, PerturbedAudio
 from dataloaders.video import FrameSamplingConfig
 from modules.tokenization_clip import ClipTokenizer
@@ -65,7 +67,8 @@ class DataConfig:
         datatype: a key of ``DATASETS``.
         data_path: directory of the annotation files.
         features_path: directory of the ``<video_id>.<ext>`` video files.
-        audio_path: directory of ``<video_id>.wav`` files (missing file = no soundtrack).
+        audio_path: directory of ``<video_id>.wav`` files (missing file = the zero input; more
+            than ``max_missing_audio`` of a split missing stops the build, dataloaders.audio_presence).
         audio_cache_dir: AST feature cache to read tokens from instead of wav files.
             With neither, items carry no audio (the visual-only baseline).
         train_file: training annotation file, default the dataset's (e.g. a reduced
@@ -73,11 +76,16 @@ class DataConfig:
         eval_file: evaluation annotation file, default the dataset's test file.
         max_words: L, tokens per caption including start and end.
         frames: frame sampling, transform and decoder.
+        frame_cache_dir: frame cache (preprocess/cache_frames.py, built with ``frames``) to read
+            frames from instead of decoding; checked when the datasets are built.
         fbank: AST input settings (wav audio).
         on_bad_audio: "error" or "zero" for unreadable wav files.
+        max_missing_audio: largest fraction of a split's videos whose wav may be missing
+            (videos listed as without soundtrack excepted).
         skip_bad_videos: drop missing/unreadable videos (training: replace failing
             samples) and count them, instead of raising.
-        expand_sentences: training item per caption (else one per video per epoch).
+        expand_sentences: training item per caption (else one per video per epoch, the
+            default, as ``--expand_msrvtt_sentences`` off).
         seed: seed of the per-epoch caption draw when not expanding sentences.
         audio_perturbation: what replaces the audio of every evaluation video
             (dataloaders.perturb; evaluation datasets only).
@@ -94,10 +102,12 @@ class DataConfig:
     eval_file: Optional[str] = None
     max_words: int = 32
     frames: FrameSamplingConfig = field(default_factory=FrameSamplingConfig)
+    frame_cache_dir: Optional[str] = None
     fbank: FbankConfig = field(default_factory=FbankConfig)
     on_bad_audio: str = "error"
+    max_missing_audio: float = DEFAULT_MAX_MISSING
     skip_bad_videos: bool = False
-    expand_sentences: bool = True
+    expand_sentences: bool = False
     seed: int = 0
     audio_perturbation: AudioPerturbation = field(default_factory=AudioPerturbation)
     eval_order_seed: Optional[int] = None
@@ -118,10 +128,6 @@ class EvalDatasets:
     texts: TextDataset
     videos: VideoDataset
     counter: VideoIssueCounter
-
-    def issue_summary(self) -> str:
-        """Dropped videos and audio fallbacks, summed over DataLoader workers (log once)."""
-        return self.videos.media.issue_summary(self.counter)
 
     def audio_perturbation(self) -> dict:
         """The audio perturbation of the videos (``PerturbedAudio.record``), {"kind": "none"} without."""
@@ -173,9 +179,18 @@ def _perturbed(media: MediaLoader, cfg: DataConfig, video_ids: list) -> MediaLoa
     return media
 
 
+def check_split_audio(cfg: DataConfig, split: RetrievalSplit) -> Optional[AudioPresence]:
+    """Count the split's wavs before any work; too many missing stops here (audio_presence).
+    None when the split reads no wavs."""
+    if not cfg.audio_path:
+        return None
+    return check_audio_presence(split.video_ids, cfg.audio_path, cfg.max_missing_audio, split.name)
+
+
 def _media(cfg: DataConfig, video_files) -> MediaLoader:
     audio = AudioSource(cfg.audio_path, cfg.audio_cache_dir, cfg.fbank, cfg.on_bad_audio)
-    return MediaLoader(video_files, cfg.frames, audio)
+    frame_cache = FrameCache(cfg.frame_cache_dir, cfg.frames, video_files) if cfg.frame_cache_dir else None
+    return MediaLoader(video_files, cfg.frames, audio, frame_cache)
 
 
 def build_train_dataset(cfg: DataConfig, tokenizer=None) -> PairDataset:
@@ -187,6 +202,7 @@ def build_train_dataset(cfg: DataConfig, tokenizer=None) -> PairDataset:
     """
     counter = VideoIssueCounter()
     split, files = prepare_videos(build_train_split(cfg), cfg.features_path, cfg.skip_bad_videos, counter)
+    check_split_audio(cfg, split)
     return PairDataset(split, _media(cfg, files), tokenizer or ClipTokenizer(), cfg.max_words,
                        cfg.expand_sentences, cfg.seed, cfg.skip_bad_videos, counter)
 
@@ -201,6 +217,7 @@ def build_eval_datasets(cfg: DataConfig, tokenizer=None) -> EvalDatasets:
     counter = VideoIssueCounter()
     split, files = prepare_videos(build_eval_split(cfg), cfg.features_path, cfg.skip_bad_videos,
                                   counter, probe_decoder=cfg.frames.decoder)
+    check_split_audio(cfg, split)
     if cfg.eval_order_seed is not None:
         split = permuted_split(split, cfg.eval_order_seed)
     media = _perturbed(_media(cfg, files), cfg, split.video_ids)

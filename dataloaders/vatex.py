@@ -1,9 +1,9 @@
-"""VATEX annotations (DESIGN §9): id lists plus a caption file, multi-sentence evaluation.
+"""VATEX annotations (docs/design.md §9): id lists plus a caption file, multi-sentence evaluation.
 
 - ``train_list.txt`` / ``test_list.txt``: one video id per line;
 - ``ref_captions.json``: ``{video_id: [caption, ...]}`` (about 10 English captions each).
 Both splits use every caption of every listed video; at evaluation a video therefore has
-several captions (DESIGN §8: multi-sentence video-to-text).
+several captions (docs/design.md §8: multi-sentence video-to-text).
 """
 from __future__ import annotations
 

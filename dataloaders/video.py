@@ -1,4 +1,4 @@
-"""Video frame reading: sampling plan, decoding, CLIP image transform (DESIGN §1 Frames).
+"""Video frame reading: sampling plan, decoding, CLIP image transform (docs/design.md §1 Frames).
 
 A clip is read in three steps that can be tested on their own:
 

@@ -1,6 +1,6 @@
 """The frozen Audio Spectrogram Transformer (AST) that turns a log-mel fbank into audio tokens.
 
-DESIGN §1: a DeiT-base distilled trunk over the 128 x 1024 spectrogram cut into 16 x 16
+docs/design.md §1: a DeiT-base distilled trunk over the 128 x 1024 spectrogram cut into 16 x 16
 patches with frequency and time stride 10 (12 x 101 = 1212 patches), plus CLS and
 distillation tokens. ``AST.tokens`` returns the mean of the CLS and distillation outputs
 followed by the 1212 patch outputs (1213 tokens) *before* the final LayerNorm: the trunk

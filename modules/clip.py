@@ -1,4 +1,4 @@
-"""OpenAI CLIP's image and text towers, and loading of OpenAI's released weights (DESIGN §1, §11).
+"""OpenAI CLIP's image and text towers, and loading of OpenAI's released weights (docs/design.md §1, §11).
 
 Parameter names are exactly OpenAI's (``visual.conv1.weight``, ``transformer.resblocks.N.*``,
 ``ln_final``, ``text_projection``, ``logit_scale`` ...), so a released state dict loads with

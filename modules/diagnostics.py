@@ -4,7 +4,7 @@
 and videos are cut in blocks of ``block_size`` in the given order and, within (text block a,
 video block c), the k-th video is fused with the k-th text of block a (k modulo the block's
 length). On the diagonal blocks a video is thus fused with its own caption, and every score
-depends on the order and batching of the evaluation: a LEAK (DESIGN §4). Evaluation calls it
+depends on the order and batching of the evaluation: a LEAK (docs/design.md §4). Evaluation calls it
 by name (``--eval_protocol paired_block``) and labels everything it writes LEAKING.
 
 Shapes: Nt / Nv texts / videos, F frames, D width, L layers.

@@ -1,4 +1,4 @@
-"""Gated fusion transformer (DESIGN §3), its text-guided extension (§4) and residual text
+"""Gated fusion transformer (docs/design.md §3), its text-guided extension (§4) and residual text
 guidance (§4a).
 
 Block l on frames x (start x = v0 = frames + P[0:F]) and resampled audio Â:
@@ -57,7 +57,7 @@ TEXT_TERM_SUFFIXES = (".fc1_text.weight", ".text_scale")
 
 def is_text_term(name: str) -> bool:
     """Whether a parameter name (of the fusion or of a model holding it) is a text term: it
-    exists only because the fusion sees the text (DESIGN §4a)."""
+    exists only because the fusion sees the text (docs/design.md §4a)."""
     return name.endswith(TEXT_TERM_SUFFIXES) or f".gates.{GATE_Q}." in name
 
 
@@ -86,7 +86,7 @@ class FusionConfig:
         query_gate: g_q = tanh(MLP_q([mean x ; mean Â ; t])) instead of a learned scalar.
             Gating the text injection implies the injection, so query_gate alone behaves as
             text_query + query_gate.
-        text_init: "zero" (DESIGN §4a residual start: every text-dependent term starts at 0,
+        text_init: "zero" (docs/design.md §4a residual start: every text-dependent term starts at 0,
             so the fusion starts as the text-agnostic one) or "normal" (the earlier init: text
             columns and the query gate normal(0, 0.02), injection scale 1).
         padding_rule: "masked" (padded frames excluded from the gate input means and masked
@@ -146,11 +146,13 @@ class FusionOutput:
     """Fused frames and gate values.
 
     fused [B, F, D] (B rows or P pairs); gates: name ("att", "ff", "q") -> [B, L] values
-    (empty without gates).
+    (empty without gates); unblended [B, F, D]: x_L before the residual blend (``forward``
+    only, for diagnostics such as tools/probe_sound.py; None without fusion blocks).
     """
 
     fused: torch.Tensor
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    unblended: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -433,7 +435,7 @@ class FusionTransformer(nn.Module):
         for block in self.blocks:
             x, gates = block(x, mask, audio, text)
             per_layer.append(gates)
-        return FusionOutput(self._blend(x, v0), self._stack_gates(per_layer))
+        return FusionOutput(self._blend(x, v0), self._stack_gates(per_layer), x)
 
     fuse_reference = forward
 
@@ -446,7 +448,7 @@ class FusionTransformer(nn.Module):
         if not self.text_guided:
             return self(frames, frame_mask, audio)
         out = self(frames, frame_mask, audio, frames.new_zeros(frames.shape[0], self.cfg.width))
-        return FusionOutput(out.fused, {k: v for k, v in out.gates.items() if k != GATE_Q})
+        return FusionOutput(out.fused, {k: v for k, v in out.gates.items() if k != GATE_Q}, out.unblended)
 
     # ----- fast text-guided paths -----------------------------------------------------
     def prepare_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor,

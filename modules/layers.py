@@ -2,7 +2,7 @@
 
 Every block uses OpenAI CLIP's parameter names (``attn.in_proj_weight``, ``ln_1``,
 ``mlp.c_fc`` ...), so CLIP weights load into the towers unchanged and CLIP's text layers
-copy into the new blocks by name (DESIGN §7). Attention goes through
+copy into the new blocks by name (docs/design.md §7). Attention goes through
 ``F.scaled_dot_product_attention`` so CUDA picks fused kernels.
 
 Shapes: B batch, L query length, K key length, D width, H heads, Dh = D / H.
@@ -17,7 +17,7 @@ from torch import nn
 
 CLIP_LN_EPS = 1e-5
 # The released AVIGATE recipe uses a TF-style LayerNorm (epsilon inside the square root)
-# with this epsilon in the resampler and fusion transformer (DESIGN §2).
+# with this epsilon in the resampler and fusion transformer (docs/design.md §2).
 TF_LN_EPS = 1e-12
 
 
@@ -55,7 +55,7 @@ class MultiheadAttention(nn.Module):
 
     The projections are exposed separately (``project_query``, ``project_key_value``,
     ``attend``) so a caller can compute the key/value projection of one input once and
-    reuse it for many queries (text-guided scoring, DESIGN §10).
+    reuse it for many queries (text-guided scoring, docs/design.md §10).
 
     Args:
         dim: model width D.
@@ -160,7 +160,7 @@ class ResidualAttentionBlock(nn.Module):
 
 
 # Names of the parameters a ResidualAttentionBlock shares with a CLIP text resblock; the
-# resampler and fusion blocks copy exactly these from CLIP (DESIGN §7).
+# resampler and fusion blocks copy exactly these from CLIP (docs/design.md §7).
 SELF_ATTENTION_PARAM_PREFIXES = ("ln_1.", "attn.", "ln_2.", "mlp.")
 
 
@@ -170,12 +170,12 @@ def copy_clip_layer(clip_block_state: dict[str, torch.Tensor]) -> dict[str, torc
             if k.startswith(SELF_ATTENTION_PARAM_PREFIXES)}
 
 
-# Standard deviation of the normal init of new linear and embedding weights (DESIGN §7).
+# Standard deviation of the normal init of new linear and embedding weights (docs/design.md §7).
 NEW_WEIGHT_STD = 0.02
 
 
 def init_new_weights(module: nn.Module) -> None:
-    """DESIGN §7 init of newly added layers, applied to every submodule of ``module``.
+    """docs/design.md §7 init of newly added layers, applied to every submodule of ``module``.
 
     Linear weights ~ normal(0, 0.02) with zero biases, LayerNorm weight 1 / bias 0;
     attention input projections keep their xavier-uniform init (zero bias). Parameters

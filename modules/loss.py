@@ -1,4 +1,4 @@
-"""Adaptive-margin contrastive loss and the all-gathers that span it over ranks (DESIGN §6).
+"""Adaptive-margin contrastive loss and the all-gathers that span it over ranks (docs/design.md §6).
 
 Shapes: B batch (Bl local to a rank, Bg gathered over ranks), D width, Bt/Bv rows/columns
 of a logit matrix.
@@ -27,15 +27,18 @@ import torch.nn.functional as F
 
 @dataclass
 class LossConfig:
-    """Adaptive-margin settings.
+    """Margin settings.
 
     Args:
         beta: margin slope ``--beta``; 0 gives the plain symmetric InfoNCE.
         margin_cap: upper bound on every margin, ``--margin_BD`` (0.1 MSR-VTT, 0.05 VATEX,
             0.1 Charades); 0 gives the plain symmetric InfoNCE.
+        fixed: ``--margin_fixed``: every off-diagonal margin equals ``margin_cap`` (the
+            paper's fixed-margin row of Table 4; ``beta`` is then unused).
     """
     beta: float = 0.2
     margin_cap: float = 0.1
+    fixed: bool = False
 
 
 def _distributed_world_size() -> int:
@@ -149,7 +152,7 @@ def adaptive_margins(text: torch.Tensor, video_mean: torch.Tensor, beta: float,
 
     Args:
         text: text embeddings [B, D] (normalized here).
-        video_mean: per-video mean embeddings [B, D], DESIGN's v-bar (normalized here).
+        video_mean: per-video mean embeddings [B, D], the v-bar of docs/design.md §6 (normalized here).
         beta: margin slope ``--beta``.
         margin_cap: margin upper bound ``--margin_BD``.
 
@@ -167,6 +170,16 @@ def adaptive_margins(text: torch.Tensor, video_mean: torch.Tensor, beta: float,
     return margins.fill_diagonal_(0.0)
 
 
+def pair_margins(text: torch.Tensor, video_mean: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Margins [B, B] of ``cfg``: ``margin_cap`` off the diagonal (``cfg.fixed``) or the
+    adaptive margins of text [B, D] and video_mean [B, D]; the diagonal is zero."""
+    if not cfg.fixed:
+        return adaptive_margins(text, video_mean, cfg.beta, cfg.margin_cap)
+    margins = torch.full((text.shape[0], text.shape[0]), cfg.margin_cap, device=text.device,
+                         dtype=_at_least_fp32(text).dtype)
+    return margins.fill_diagonal_(0.0)
+
+
 def margin_contrastive_loss(logits: torch.Tensor, margins: Optional[torch.Tensor],
                             logit_scale: Union[torch.Tensor, float]) -> torch.Tensor:
     """Symmetric cross-entropy over logits + s * margins, the diagonal being the positives.
@@ -177,12 +190,12 @@ def margin_contrastive_loss(logits: torch.Tensor, margins: Optional[torch.Tensor
     under autocast.
 
     Args:
-        logits: scores [Bt, Bv] with Bt = Bv, already scaled by s (DESIGN §5).
+        logits: scores [Bt, Bv] with Bt = Bv, already scaled by s (docs/design.md §5).
         margins: adaptive margins [Bt, Bv] (only the off-diagonal entries are used), or None
             for plain InfoNCE.
         logit_scale: CLIP's log scale (tensor or float); s = exp(logit_scale), the same s as in
             the similarity, so gradients reach it through s * m too (the parameter itself is
-            clamped at ln 100 after each optimizer step, DESIGN §5).
+            clamped at ln 100 after each optimizer step, docs/design.md §5).
 
     Returns:
         scalar loss: mean of the row-wise (text->video) and column-wise (video->text) CE.

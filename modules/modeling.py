@@ -1,11 +1,11 @@
 """The AVIGATE retrieval model: encoders, audio resampler, (text-guided) gated fusion and its
-scores (DESIGN §1-§5, §10, §11). The training objective lives in ``modules.objective``.
+scores (docs/design.md §1-§5, §10, §11). The training objective lives in ``modules.objective``.
 
 Public API:
 - ``encode_text(ids, mask) -> TextFeatures`` and ``encode_video(frames, frame_mask, audio)
   -> VideoFeatures``: independent of each other, cacheable (``cat``, ``to``, ``detach``).
   Every model's VideoFeatures carry the text-agnostic scoring index (for a text-guided model,
-  its agnostic view with t := 0, DESIGN §4a).
+  its agnostic view with t := 0, docs/design.md §4a).
 - ``score(text_feats, video_feats) -> [Nt, Nv]``: the same call for every model. A
   text-agnostic model scores by matrix products over the cached video index; a text-guided
   model fuses every (text, video) pair under that pair's own text, in memory-bounded
@@ -68,7 +68,7 @@ class AVIGATEConfig:
         fusion: fusion transformer (width D; text flags make the model text-guided).
         temperature: tau of the local (log-sum-exp) similarity (``--temperature``).
         alignment: the similarity's alignment scheme (``--alignment``): "both" (the mean of
-            the global and local terms, DESIGN §5), "global" or "local" alone (the paper's
+            the global and local terms, docs/design.md §5), "global" or "local" alone (the paper's
             Table 5). It adds no weights; every score of the model (training logits, pair
             scores, the cached index) uses it.
     """
@@ -235,7 +235,7 @@ class AVIGATE(nn.Module):
         return self.clip.logit_scale
 
     def text_term_names(self) -> list[str]:
-        """Parameters that exist only because the fusion sees the text (DESIGN §4a): what a
+        """Parameters that exist only because the fusion sees the text (docs/design.md §4a): what a
         text-guided model has beyond a text-agnostic one, and all that --freeze_agnostic trains."""
         return self.fusion.text_term_names(prefix="fusion.")
 
@@ -246,14 +246,14 @@ class AVIGATE(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Keep exp(logit_scale) <= 100 by clamping the parameter (after each optimizer step, as
-        released; DESIGN §5)."""
+        released; docs/design.md §5)."""
         self.logit_scale.clamp_(max=MAX_LOG_LOGIT_SCALE)
 
     # ----- building from released weights ----------------------------------------------
     @classmethod
     def from_pretrained(cls, cfg: AVIGATEConfig, clip_state_dict: dict[str, torch.Tensor],
                         ast_state_dict: Optional[dict] = None) -> "AVIGATE":
-        """Build the model with CLIP (and optionally AST) weights and the DESIGN §7 init.
+        """Build the model with CLIP (and optionally AST) weights and the docs/design.md §7 init.
 
         Args:
             cfg: AVIGATEConfig; ``cfg.clip`` must describe ``clip_state_dict``.
@@ -273,7 +273,7 @@ class AVIGATE(nn.Module):
 
     def copy_clip_text_layers(self) -> None:
         """Resampler and fusion blocks l take ln_1/attn/ln_2/mlp of CLIP text block l; the frame
-        position embeddings take CLIP's text positional embedding [0:F] (DESIGN §7)."""
+        position embeddings take CLIP's text positional embedding [0:F] (docs/design.md §7)."""
         clip_cfg = self.cfg.clip
         if clip_cfg.transformer_width != clip_cfg.embed_dim:
             raise ValueError(f"CLIP text width {clip_cfg.transformer_width} differs from the joint width "
@@ -377,7 +377,7 @@ class AVIGATE(nn.Module):
         return VideoFeatures(emb, mask, audio_q, index, fused.gates)
 
     def video_summary(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """DESIGN §6's v-bar: frames [B, F, D] -> normalize(masked mean of normalized v0) [B, D]."""
+        """docs/design.md §6's v-bar: frames [B, F, D] -> normalize(masked mean of normalized v0) [B, D]."""
         with exact_fp32(frames.device):
             return unit_frames(self.fusion.embed_frames(frames).float(), frame_mask)[1]
 
@@ -465,7 +465,7 @@ class AVIGATE(nn.Module):
     @torch.no_grad()
     def agnostic_scores(self, text_feats: TextFeatures, video_feats: VideoFeatures,
                         chunk: Optional[tuple[int, int]] = None) -> ScoreOutput:
-        """Scores [Nt, Nv] of the text-agnostic view (DESIGN §4a; for a text-agnostic model its
+        """Scores [Nt, Nv] of the text-agnostic view (docs/design.md §4a; for a text-agnostic model its
         scores) from the cached index: stage 1 of shortlist re-ranking."""
         if video_feats.index is None:
             raise ValueError("agnostic scores need VideoFeatures.index (encode_video(..., with_index=True))")

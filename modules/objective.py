@@ -1,10 +1,10 @@
 """The training objective: in-batch adaptive-margin contrastive loss over the global batch
-(DESIGN §4, §6). ``ContrastiveObjective`` wraps an ``AVIGATE`` model and owns everything that
+(docs/design.md §4, §6). ``ContrastiveObjective`` wraps an ``AVIGATE`` model and owns everything that
 is about training rather than about the model: the all-gathers, the margins, which (text,
 video) pairs a text-guided model fuses, the chunking of that fusion and the loss. It is the
 module DistributedDataParallel wraps; the model stays a plain encoder + scorer.
 
-Rule (DESIGN §4): the logit of text i and video j equals ``AVIGATE.score`` of that pair, so a
+Rule (docs/design.md §4): the logit of text i and video j equals ``AVIGATE.score`` of that pair, so a
 text-guided model fuses video j under text i for every in-batch (i, j) it scores.
 
 Shapes: Bl local batch of a rank, Bg global (gathered) batch, F frames, D width, L layers,
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modules.loss import LossConfig, adaptive_margins, all_gather_no_grad, all_gather_with_grad, \
-    margin_contrastive_loss
+from modules.loss import LossConfig, all_gather_no_grad, all_gather_with_grad, margin_contrastive_loss, \
+    pair_margins
 from modules.modeling import (MEASURED_PAIR_SIZE, AVIGATE, PairContext, PairScores, device_memory_bytes,
                               grid_chunk)
 from modules.similarity import exact_fp32, video_index
@@ -46,9 +46,9 @@ class ObjectiveConfig:
     """Training objective settings.
 
     Args:
-        loss: adaptive margins (``--beta``, ``--margin_BD``).
+        loss: margins (``--beta``, ``--margin_BD``, ``--margin_fixed``).
         training_pairs: which (text, video) pairs a text-guided model fuses: "all" (every
-            in-batch pair, the rule of DESIGN §4), "hardest_k" (the positive and the
+            in-batch pair, the rule of docs/design.md §4), "hardest_k" (the positive and the
             ``hardest_k`` hardest negatives of each text by the unfused frames' score; the
             other entries are excluded) or "own_caption" (DIAGNOSTIC, leaks: every video is
             fused only with its own caption, as the public implementation trains).
@@ -159,7 +159,7 @@ class ContrastiveObjective(nn.Module):
         text_g = all_gather_with_grad(text)
         mask_g = all_gather_no_grad(mask)
         summary_g = all_gather_no_grad(model.video_summary(feats.frames.detach(), mask))
-        margins = adaptive_margins(text_g, summary_g, self.cfg.loss.beta, self.cfg.loss.margin_cap)
+        margins = pair_margins(text_g, summary_g, self.cfg.loss)
         if not model.text_guided:
             logits = model.similarity(text_g, all_gather_with_grad(feats.index), mask_g)
             gate_stats = _gate_stats([feats.gates])

@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and parameter groups of the training recipe (DESIGN §7).
+"""Optimizer, learning-rate schedule and parameter groups of the training recipe (docs/design.md §7).
 
 * ``BertAdam``: the released recipe's Adam variant: no bias correction, decoupled weight
   decay (``p -= lr * (m / (sqrt(v) + eps) + wd * p)``), and the gradients of each
@@ -25,7 +25,7 @@ Parameter roles (``parameter_role``):
     query   the resampler's learned query tokens (lr x query_lr_scale, ``--query_lr_scale``).
     new     everything else, including ``audio_projection`` and ``ast.norm`` (lr).
 With ``freeze_agnostic`` every parameter but the text terms of a text-guided fusion
-(``modules.fusion.is_text_term``) is frozen: only the text guidance learns (DESIGN §4a).
+(``modules.fusion.is_text_term``) is frozen: only the text guidance learns (docs/design.md §4a).
 ``freeze_parameters`` sets ``requires_grad`` from the role, for every parameter (trainable
 roles on, frozen off), so it alone decides what trains.
 Weight decay rule: tensors with fewer than two dimensions (biases, LayerNorm weights and
@@ -45,10 +45,10 @@ from torch import nn
 from modules.fusion import is_text_term
 
 OPTIMIZERS = ("bertadam", "adamw")
-# Gradient clipping: each parameter group on its own (DESIGN §7) or the global norm of every
+# Gradient clipping: each parameter group on its own (docs/design.md §7) or the global norm of every
 # gradient at once (the released CLIP4Clip/AVIGATE training loop).
 CLIP_SCOPES = ("group", "global")
-# Which tensors get weight decay: those with >= 2 dimensions (DESIGN §7) or every tensor whose
+# Which tensors get weight decay: those with >= 2 dimensions (docs/design.md §7) or every tensor whose
 # name lacks "bias" (the released code's no-decay list, which matches none of CLIP's LayerNorms).
 DECAY_RULES = ("ndim", "released")
 ROLES = ("clip", "ast", "new", "query")

@@ -156,7 +156,7 @@ def file_is_released_layout(path: str) -> bool:
 
 def check_padding_rule(padding_rule: str, source: str) -> None:
     """A released-layout checkpoint was trained under the released padding rule (blank-frame
-    embeddings in padded slots, means over all F frames, no key mask; DESIGN §3): refuse a
+    embeddings in padded slots, means over all F frames, no key mask; docs/design.md §3): refuse a
     model that treats padded frames otherwise, whose scores on short clips would not be the
     release's."""
     if padding_rule != PADDING_RULE:

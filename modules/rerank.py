@@ -1,4 +1,4 @@
-"""Shortlist re-ranking for text-guided models (DESIGN §4a, §10).
+"""Shortlist re-ranking for text-guided models (docs/design.md §4a, §10).
 
 Stage 1 ranks every (text, video) pair with the model's text-agnostic view (t := 0, cached
 video index, matrix products). Stage 2 fuses, under the pair's own text, the union of each

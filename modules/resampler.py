@@ -1,11 +1,11 @@
-"""Audio resampler: Q learned queries read the projected AST tokens (DESIGN §2).
+"""Audio resampler: Q learned queries read the projected AST tokens (docs/design.md §2).
 
 Each block runs, on queries x and audio tokens a:
 
     x += MHSA(ln_1(x));  x += MHA(q=ln_3(x), k=v=ln_3(a));  x += FFN(ln_2(x))
 
 ``ln_1``/``attn``/``ln_2``/``mlp`` carry CLIP's names so CLIP's text layers copy into them
-(DESIGN §7); ``ln_3`` is one LayerNorm shared by the query and the audio side.
+(docs/design.md §7); ``ln_3`` is one LayerNorm shared by the query and the audio side.
 
 Shapes: B batch, A audio tokens, Q queries, D width.
 """

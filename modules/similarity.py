@@ -1,4 +1,4 @@
-"""Multi-grained text-video similarity (DESIGN §5).
+"""Multi-grained text-video similarity (docs/design.md §5).
 
     s            = exp(logit_scale)     (the parameter is clamped at ln 100 after each step)
     global(t, V) = s * cos(t, normalize(masked_mean_f normalize(V_f)))
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 # CLIP keeps its learned temperature exp(logit_scale) at most 100: the parameter is clamped at
-# ln 100 after each optimizer step (DESIGN §5; a clamp in the forward would stop its gradient).
+# ln 100 after each optimizer step (docs/design.md §5; a clamp in the forward would stop its gradient).
 LOGIT_SCALE_MAX = 100.0
 MAX_LOG_LOGIT_SCALE = math.log(LOGIT_SCALE_MAX)
 # Rows of a video index before the frames: the global vector.
@@ -42,7 +42,7 @@ GLOBAL_ROWS = 1
 # enough to stay in a CPU core's L2 / L3 share while the log-sum-exp passes over it (1-4 MiB
 # measured best on an AVX-512 EPYC, bench/score_bench.py).
 SCORE_TILE_BYTES = 4 << 20
-# Alignment schemes (DESIGN §5): the global term, the local (log-sum-exp) term, or their mean.
+# Alignment schemes (docs/design.md §5): the global term, the local (log-sum-exp) term, or their mean.
 ALIGNMENTS = ("both", "global", "local")
 # Floor of the max-subtracted exponents in the in-place log-sum-exp: exp(-80) ~ 2e-35 is
 # nothing next to the maximum term exp(0) = 1, and inputs below about -87 (masked entries,

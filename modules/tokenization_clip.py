@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer (DESIGN §1 Text).
+"""CLIP's byte-level BPE tokenizer (docs/design.md §1 Text).
 
 Text is cleaned the way CLIP was trained (ftfy repair, HTML unescaped twice, whitespace
 collapsed, lower-cased), split into words by CLIP's regular expression, and each word's

@@ -1,4 +1,4 @@
-"""Released weights: found locally, or fetched into a cache and verified (DESIGN §1, §11).
+"""Released weights: found locally, or fetched into a cache and verified (docs/design.md §1, §11).
 
 Where a released file is looked for, in order:
 
@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Mapping, Optional, Union
 
 from tqdm import tqdm
+
+from atomic_io import write_json
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,10 +162,7 @@ def write_sha256_record(path: PathLike, sha256: str, url: Optional[str]) -> None
     """Record a verified file's SHA-256 (with its size and mtime) next to it, atomically."""
     path = os.fspath(path)
     payload = {"file": os.path.basename(path), "sha256": sha256, "url": url, **_stamp(path)}
-    tmp = f"{record_path(path)}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(tmp, record_path(path))
+    write_json(record_path(path), payload, indent=1)
 
 
 def checked_sha256(path: PathLike) -> Optional[str]:
@@ -326,22 +325,37 @@ def fetch_release(release: Release, cache_dir: Optional[PathLike] = None, offlin
         return ResolvedWeights(dest, sha256, "cache", release.url)
 
 
+def check_published_sha256(found: ResolvedWeights, release: Release, allow_unlisted: bool) -> ResolvedWeights:
+    """A local file presented as ``release`` (its name) must have the published SHA-256, unless
+    ``allow_unlisted`` (--allow_unlisted_weights) accepts another file under that name."""
+    if release.sha256 is None or found.sha256 == release.sha256 or allow_unlisted:
+        return found
+    raise WeightsError(f"{found.path} has SHA-256 {found.sha256}, but {release.url} publishes {release.sha256}: "
+                       f"it is not the released {release.file_name}. Delete or rename it to use the release "
+                       f"(fetched into the weights cache), or pass --allow_unlisted_weights to use this file anyway.")
+
+
 def resolve_clip_checkpoint(name_or_path: PathLike, cache_dir: Optional[PathLike] = None,
-                            offline: bool = False) -> ResolvedWeights:
+                            offline: bool = False, allow_unlisted: bool = False) -> ResolvedWeights:
     """``--pretrained_clip_name``: "ViT-B/32" / "ViT-B/16" or a file path.
 
     A released name is ``modules/<file>`` when that exists, else the cached (or freshly
-    downloaded, SHA-256-checked) release. A path is used as given.
+    downloaded, SHA-256-checked) release. A path is used as given. A local file carrying a
+    release's file name (``modules/ViT-B-32.pt``, ``/any/ViT-B-16.pt``) must have its published
+    SHA-256 unless ``allow_unlisted``.
     """
     name = os.fspath(name_or_path)
     release = CLIP_RELEASES.get(name)
     if release is None:
-        return _given(name, "CLIP checkpoint", f"Pass one of {sorted(CLIP_RELEASES)} to use OpenAI's release "
-                      "(found in modules/ or the weights cache, else downloaded), or the path of a CLIP "
-                      "archive or state dict.")
+        found = _given(name, "CLIP checkpoint", f"Pass one of {sorted(CLIP_RELEASES)} to use OpenAI's release "
+                       "(found in modules/ or the weights cache, else downloaded), or the path of a CLIP "
+                       "archive or state dict.")
+        named = [r for r in CLIP_RELEASES.values() if r.file_name == os.path.basename(name)]
+        return check_published_sha256(found, named[0], allow_unlisted) if named else found
     local = os.path.join(MODULES_DIR, release.file_name)
     if os.path.isfile(local):
-        return ResolvedWeights(local, file_sha256(local), "path", release.url)
+        return check_published_sha256(ResolvedWeights(local, file_sha256(local), "path", release.url), release,
+                                      allow_unlisted)
     return fetch_release(release, cache_dir, offline)
 
 
@@ -377,7 +391,7 @@ def expected_audioset_shapes(cfg=None) -> dict:
     """Every key of the released AudioSet checkpoint the trunk needs, with its shape.
 
     The released trunk (``cfg`` None) is DeiT-base 384 distilled over a 128 x 1024 fbank with
-    stride 10 (DESIGN §1): ``module.v.*`` of ``AST(ASTConfig())`` built on the meta device,
+    stride 10 (docs/design.md §1): ``module.v.*`` of ``AST(ASTConfig())`` built on the meta device,
     plus the AudioSet classifier ``module.mlp_head.1.weight`` [527, 768].
     """
     import torch  # lazily: resolving a path must not pay for torch/timm at import time

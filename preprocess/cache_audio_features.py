@@ -1,28 +1,38 @@
 """Compute the frozen AST trunk's tokens once per video into a memory-mapped cache.
 
-    python -m preprocess.cache_audio_features --checkpoint modules/audioset_10_10_0.4593.pth \
+    python -m preprocess.cache_audio_features \
         --video_list MSRVTT_train.9k.csv MSRVTT_JSFUSION_test.csv \
         --audio_dir data/msrvtt/audio --cache_dir data/msrvtt/ast_cache --device cuda
 
-Audio is read as ``<audio_dir>/<video_id>.<audio_ext>``; a video without that file is
-cached from the zero input and flagged (``has_audio`` False). Rerunning the same command
-resumes an interrupted run; a cache built from another checkpoint or other fbank settings
-is refused. The reader is ``dataloaders.audio_cache.AudioFeatureCache``.
+The AST weights are resolved as main_task_retrieval.py resolves them (modules/weights.py):
+``--checkpoint`` defaults to the released ``audioset_10_10_0.4593.pth``, looked for in modules/
+and the weights cache and downloaded when missing (not with ``--offline``: the error names the
+URL and the exact path to put the file at). Audio is read as
+``<audio_dir>/<video_id>.<audio_ext>``; a video without that file is cached from the zero
+input and flagged (``has_audio`` False). The wavs are counted first
+(dataloaders/audio_presence.py): an audio folder where no listed video has its file, or where
+more than ``--max_missing_audio`` of them are missing (videos the extraction listed as without
+soundtrack excepted), is refused. Rerunning the same command resumes an interrupted run; a
+cache built from another checkpoint or other fbank settings is refused. The reader is
+``dataloaders.audio_cache.AudioFeatureCache``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 from typing import Optional, Sequence
 
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataloaders.audio import BAD_AUDIO_POLICIES, AudioIssueCounter, FbankConfig, load_ast_input
 from dataloaders.audio_cache import AudioCacheWriter, cache_fingerprint
+from dataloaders.audio_presence import DEFAULT_MAX_MISSING, MissingAudioError, check_audio_presence
+from dataloaders.base import read_csv_columns
+from modules import weights
 from modules.ast import AST
 
 logger = logging.getLogger("cache_audio_features")
@@ -38,11 +48,7 @@ def read_video_ids(paths: Sequence[str]) -> list[str]:
     ids: dict[str, None] = {}
     for path in paths:
         if path.endswith(".csv"):
-            frame = pd.read_csv(path, dtype=str)
-            if VIDEO_ID_COLUMN not in frame.columns:
-                raise ValueError(f"{path}: no '{VIDEO_ID_COLUMN}' column "
-                                 f"(found {list(frame.columns)})")
-            listed = frame[VIDEO_ID_COLUMN].tolist()
+            listed = read_csv_columns(path, [VIDEO_ID_COLUMN])[VIDEO_ID_COLUMN].tolist()
         else:
             with open(path) as handle:
                 listed = [line.strip() for line in handle if line.strip()]
@@ -93,8 +99,17 @@ def cache_audio_features(model: AST, writer: AudioCacheWriter, loader: DataLoade
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="AST AudioSet checkpoint (audioset_10_10_0.4593.pth)")
+    parser.add_argument("--checkpoint", default=weights.AST_RELEASE.file_name,
+                        help="AST AudioSet checkpoint; the default released file is taken from modules/ or the "
+                             "weights cache, else downloaded (default: %(default)s)")
+    parser.add_argument("--weights_cache", default=None,
+                        help=f"where released weights are downloaded (default: ${weights.CACHE_ENV}, else "
+                             "$XDG_CACHE_HOME/avigate, else ~/.cache/avigate)")
+    parser.add_argument("--offline", action="store_true",
+                        help=f"never download weights (also ${weights.OFFLINE_ENV}=1)")
+    parser.add_argument("--max_missing_audio", type=float, default=DEFAULT_MAX_MISSING,
+                        help="refuse the audio folder when more than this fraction of the videos have no file "
+                             "(default: %(default)s; 1 = only when none has one)")
     parser.add_argument("--video_list", nargs="+", required=True,
                         help=".csv files with a video_id column or text files with one id per line")
     parser.add_argument("--audio_dir", required=True, help="folder of <video_id>.<audio_ext> files")
@@ -115,15 +130,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     video_ids = read_video_ids(args.video_list)
+    check_audio_presence(video_ids, args.audio_dir, args.max_missing_audio, "the --video_list files",
+                         flag="--audio_dir", extension=f".{args.audio_ext}")
+    checkpoint = weights.resolve_ast_checkpoint(args.checkpoint, args.weights_cache,
+                                                args.offline or weights.offline_by_default()).path
     fbank_cfg = FbankConfig()
-    model = AST.from_checkpoint(args.checkpoint).to(device).eval()
+    model = AST.from_checkpoint(checkpoint).to(device).eval()
     if (model.cfg.target_frames, model.cfg.num_mel_bins) != (fbank_cfg.target_frames,
                                                              fbank_cfg.num_mel_bins):
-        raise ValueError(f"{args.checkpoint}: the AST reads {model.cfg.target_frames} x "
+        raise ValueError(f"{checkpoint}: the AST reads {model.cfg.target_frames} x "
                          f"{model.cfg.num_mel_bins} fbanks, FbankConfig gives "
                          f"{fbank_cfg.target_frames} x {fbank_cfg.num_mel_bins}")
     writer = AudioCacheWriter(args.cache_dir, video_ids,
-                              cache_fingerprint(args.checkpoint, fbank_cfg),
+                              cache_fingerprint(checkpoint, fbank_cfg),
                               model.cfg.num_output_tokens, model.cfg.embed_dim)
     pending = writer.pending_rows()
     logger.info("%d videos, %d already cached in %s", len(video_ids),
@@ -139,4 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (weights.WeightsError, MissingAudioError) as err:  # messages name the flag, URL and path
+        sys.exit(f"cache_audio_features: error: {err}")

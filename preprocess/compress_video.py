@@ -1,4 +1,4 @@
-"""Re-encode videos at 3 fps with the shorter side 224, keeping the soundtrack (DESIGN §9).
+"""Re-encode videos at 3 fps with the shorter side 224, keeping the soundtrack (docs/design.md §9).
 
 Writes ``<output_dir>/<video_id>.mp4`` with PyAV in-process (no ffmpeg binary needed):
 H.264 (libx264; mpeg4 where this PyAV build lacks libx264), yuv420p, bicubic resize,
@@ -21,7 +21,8 @@ import av
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from preprocess.media import MediaJob, Outcome, atomic_output, base_parser, run_batch  # noqa: E402
+from atomic_io import atomic_path  # noqa: E402
+from preprocess.media import MediaJob, Outcome, base_parser, run_batch  # noqa: E402
 
 DEFAULT_FPS = 3
 DEFAULT_SHORT_SIDE = 224
@@ -113,7 +114,7 @@ def transcode(source: av.container.InputContainer, target: av.container.OutputCo
 
 def compress_one(job: MediaJob) -> Outcome:
     """Write ``job.target`` (atomic) from ``job.source``."""
-    with atomic_output(job.target) as tmp:
+    with atomic_path(job.target) as tmp:
         with av.open(job.source) as source, av.open(tmp, "w") as target:
             has_audio = transcode(source, target, int(job.options["fps"]),
                                   int(job.options["short_side"]))

@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataloaders.audio import FbankConfig, resample  # noqa: E402
-from preprocess.media import MediaJob, Outcome, atomic_output, base_parser, run_batch  # noqa: E402
+from atomic_io import atomic_path  # noqa: E402
+from preprocess.media import MediaJob, Outcome, base_parser, run_batch  # noqa: E402
 
 WAV_SUBTYPE = "PCM_16"
 DECODE_FORMAT = "fltp"  # planar float32: to_ndarray() gives [channels, samples]
@@ -64,7 +65,7 @@ def extract_one(job: MediaJob) -> Outcome:
         return Outcome(written=False, has_audio=False)
     # libsndfile wraps (not clips) out-of-range floats when writing PCM.
     samples = np.clip(samples, -1.0, 1.0)
-    with atomic_output(job.target) as tmp:
+    with atomic_path(job.target) as tmp:
         sf.write(tmp, samples, sample_rate, subtype=WAV_SUBTYPE)
     return Outcome(written=True, has_audio=True)
 

@@ -3,24 +3,23 @@
 Each script supplies one conversion function ``convert(job) -> Outcome``; this module
 finds the videos, skips outputs that already exist (resumable), runs the conversions in
 a process pool with a progress bar, turns exceptions into "failed" entries, and writes a
-JSON report. Outputs are written under a temporary name and renamed into place, so an
-interrupted run never leaves a half-written file under a final name.
+JSON report. Outputs are written through ``atomic_io.atomic_path``, so an interrupted run
+never leaves a half-written file under a final name.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import json
 import multiprocessing
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from tqdm import tqdm
 
+from atomic_io import write_json
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv")
-TEMP_MARKER = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -78,25 +77,6 @@ def find_videos(video_dir: str) -> List[Tuple[str, str]]:
     return sorted(found.items())
 
 
-def temp_path(final_path: str) -> str:
-    """Hidden per-process temporary name next to ``final_path``, keeping its extension."""
-    folder, name = os.path.split(final_path)
-    stem, ext = os.path.splitext(name)
-    return os.path.join(folder, f".{stem}.{os.getpid()}{TEMP_MARKER}{ext}")
-
-
-@contextlib.contextmanager
-def atomic_output(final_path: str) -> Iterator[str]:
-    """Yield a temporary path; on success rename it to ``final_path``, else delete it."""
-    tmp = temp_path(final_path)
-    try:
-        yield tmp
-        os.replace(tmp, final_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _run_one(convert: Callable[[MediaJob], Outcome], job: MediaJob) -> JobResult:
     """Run one conversion; a failure becomes a report entry instead of stopping the batch."""
     if os.path.exists(job.target):
@@ -133,14 +113,6 @@ def build_report(results: List[JobResult], settings: Dict[str, object]) -> Dict[
     }
 
 
-def write_json_atomic(path: str, payload: Dict[str, object]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2)
-
-
 def base_parser(description: str, output_flag: str, output_help: str) -> argparse.ArgumentParser:
     """Flags every preprocessing script has: input folder, output folder, workers, report."""
     parser = argparse.ArgumentParser(description=description)
@@ -165,6 +137,6 @@ def run_batch(convert: Callable[[MediaJob], Outcome], video_dir: str, output_dir
             for video_id, path in find_videos(video_dir)]
     results = run_jobs(convert, jobs, workers, desc)
     report = build_report(results, {"video_dir": video_dir, "output_dir": output_dir, **options})
-    write_json_atomic(report_path, report)
+    write_json(report_path, report)
     print(f"{desc}: {report['counts']}, {len(report['no_audio'])} without audio; report: {report_path}")
     return report

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from preprocess.media import atomic_output
+from atomic_io import atomic_path
 
 COPY_CHUNK_BYTES = 1 << 20
 NAMES_SHOWN = 5
@@ -134,7 +134,7 @@ def extract_flat(archive: zipfile.ZipFile, path: str, members: Sequence[zipfile.
             counts["kept"] += 1
             continue
         try:
-            with atomic_output(target) as tmp, archive.open(info) as source, open(tmp, "wb") as sink:
+            with atomic_path(target) as tmp, archive.open(info) as source, open(tmp, "wb") as sink:
                 shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:
             raise PrepareError(f"{path}: member {info.filename} is corrupt ({err}). Delete the archive and "
@@ -158,6 +158,7 @@ class Layout:
         compressed: 3 fps / short side 224 copies (``root/videos_3fps``, with --compress).
         audio: ``<video_id>.wav`` files (``--audio_path``): ``root/audio``.
         ast_cache: AST token cache (``--audio_feature_cache``): ``root/ast_cache``.
+        frame_cache: decoded frames (``--frame_cache``): ``root/frame_cache``.
     """
 
     root: str
@@ -168,6 +169,7 @@ class Layout:
     compressed: str
     audio: str
     ast_cache: str
+    frame_cache: str
 
     @classmethod
     def under(cls, root: str, archives: Optional[str] = None, videos: Optional[str] = None) -> "Layout":
@@ -176,7 +178,7 @@ class Layout:
                    annotations=root,
                    videos=os.path.abspath(videos or os.path.join(root, "videos")), videos_given=videos is not None,
                    compressed=os.path.join(root, "videos_3fps"), audio=os.path.join(root, "audio"),
-                   ast_cache=os.path.join(root, "ast_cache"))
+                   ast_cache=os.path.join(root, "ast_cache"), frame_cache=os.path.join(root, "frame_cache"))
 
 
 @dataclass(frozen=True)

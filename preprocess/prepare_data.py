@@ -17,6 +17,9 @@ files.
   ast_cache    frozen-AST tokens in <root>/ast_cache (preprocess/cache_audio_features.py), when an
                AST checkpoint is available (``--ast_checkpoint``; the released file is looked for
                in modules/ and the weights cache, and downloaded with ``--download``)
+  frame_cache  every used video decoded once into <root>/frame_cache (preprocess/cache_frames.py),
+               with run.sh's frame flags (``--max_frames``, 1 fps, uniform, 224 px, OpenCV);
+               ``--no_frame_cache`` skips it (about 1.7 MiB per clip at 12 frames)
   val_split    a held-out slice of the training videos (preprocess/make_val_split.py)
   check        what came out against what the dataset should have
 
@@ -34,7 +37,7 @@ source_charades.py. Bad input, and what happens:
 - a video id in the annotations without a video: MSR-VTT and Charades error (their archives
   ship every video); VATEX counts and reports the skip (YouTube clips disappear);
 - a video whose soundtrack cannot be decoded: counted, listed in the report, and the check
-  fails; a video without an audio stream: listed as without soundtrack (the loaders feed AST
+  fails; likewise a video whose frames cannot be decoded (recorded in the frame cache); a video without an audio stream: listed as without soundtrack (the loaders feed AST
   the zero input for it).
 """
 from __future__ import annotations
@@ -47,12 +50,14 @@ from typing import Callable, Dict, Optional, Sequence
 
 from tqdm import tqdm
 
+from atomic_io import write_json
 from dataloaders.audio import FbankConfig
 from dataloaders.base import find_video_files
 from modules import weights
-from preprocess import (cache_audio_features, compress_video, extract_audio, make_val_split, source_charades,
+from dataloaders.video import FrameSamplingConfig
+from preprocess import (cache_audio_features, cache_frames, compress_video, extract_audio, make_val_split, source_charades,
                         source_msrvtt, source_vatex)
-from preprocess.media import MediaJob, build_report, run_jobs, write_json_atomic
+from preprocess.media import MediaJob, build_report, run_jobs
 from preprocess.prepare_common import AnnotationResult, DatasetOptions, Layout, PrepareError, require_source
 
 SOURCES = {"msrvtt": source_msrvtt, "vatex": source_vatex, "charades": source_charades}
@@ -126,7 +131,7 @@ def media_stage(run: Run, convert: Callable, out_dir: str, ext: str, options: di
     files = find_video_files(run.layout.videos)
     jobs = [MediaJob(v, files[v], os.path.join(out_dir, v + ext), options) for v in run.annotations.video_ids]
     report = build_report(run_jobs(convert, jobs, run.args.workers, desc), {"output_dir": out_dir, **options})
-    write_json_atomic(os.path.join(out_dir, f"{desc}_report.json"), report)
+    write_json(os.path.join(out_dir, f"{desc}_report.json"), report)
     return report
 
 
@@ -166,10 +171,24 @@ def ast_cache(run: Run) -> dict:
     try:
         cache_audio_features.main(["--checkpoint", checkpoint.path, "--video_list", *lists,
                                    "--audio_dir", run.layout.audio, "--cache_dir", run.layout.ast_cache,
-                                   "--num_workers", str(workers), "--device", run.args.device])
+                                   "--num_workers", str(workers), "--device", run.args.device,
+                                   # the check stage reports videos without audio; cache them all
+                                   "--max_missing_audio", "1"])
     except ValueError as err:  # e.g. a cache started for other videos or from another checkpoint
         raise PrepareError(f"AST token cache {run.layout.ast_cache}: {err}") from err
     return {"cache_dir": run.layout.ast_cache, "checkpoint": checkpoint.record()}
+
+
+def frame_cache(run: Run) -> dict:
+    if run.args.no_frame_cache:
+        return {"skipped": "not asked (--no_frame_cache)"}
+    cfg = FrameSamplingConfig(max_frames=run.args.max_frames, image_size=run.args.image_size)
+    video_files, missing = cache_frames.locate_videos(run.annotations.video_ids, run.features_path)
+    try:
+        summary = cache_frames.build_frame_cache(run.layout.frame_cache, video_files, cfg, run.args.workers, missing)
+    except (ValueError, OSError) as err:  # a cache built with other flags; a full disk
+        raise PrepareError(f"frame cache {run.layout.frame_cache}: {err}") from err
+    return {**summary, "settings": asdict(cfg)}
 
 
 def val_split(run: Run) -> dict:
@@ -201,6 +220,10 @@ def check(run: Run) -> dict:
         if failed is not None:
             checks.append({"name": f"{stage}_failures", "expected": 0, "found": len(failed), "ok": not failed,
                            "video_ids": [f["video_id"] for f in failed]})
+    unreadable = stages["frame_cache"].get("unreadable")
+    if unreadable is not None:
+        checks.append({"name": "frame_decode_failures", "expected": 0, "found": len(unreadable),
+                       "ok": not unreadable, "video_ids": sorted(unreadable)})
     silent = stages["audio"]["no_audio"]
     with open(os.path.join(run.layout.root, NO_AUDIO_LIST), "w") as handle:
         handle.writelines(f"{v}\n" for v in silent)
@@ -210,7 +233,8 @@ def check(run: Run) -> dict:
 
 
 STAGES = (("fetch", fetch), ("unpack", unpack), ("annotations", annotations), ("compress", compress),
-          ("audio", audio), ("ast_cache", ast_cache), ("val_split", val_split), ("check", check))
+          ("audio", audio), ("ast_cache", ast_cache), ("frame_cache", frame_cache), ("val_split", val_split),
+          ("check", check))
 
 
 # ----------------------------------------------------------------------------- report
@@ -222,6 +246,8 @@ def loader_paths(run: Run) -> dict:
              "audio_path": run.layout.audio, **(run.annotations.files if run.annotations else {})}
     if stages.get("ast_cache", {}).get("cache_dir"):
         paths["audio_feature_cache"] = run.layout.ast_cache
+    if stages.get("frame_cache", {}).get("cache_dir"):
+        paths["frame_cache"] = run.layout.frame_cache
     if stages.get("val_split", {}).get("eval_file"):
         paths["val_train_file"] = stages["val_split"]["train_file"]
         paths["val_file"] = stages["val_split"]["eval_file"]
@@ -235,6 +261,10 @@ def run_command(run: Run, paths: dict) -> str:
     if "val_file" in paths:
         env += [f"TRAIN_CSV={paths['val_train_file']}", f"VAL_CSV={paths['val_file']}"]
     extra = [f"--audio_feature_cache {paths['audio_feature_cache']}"] if "audio_feature_cache" in paths else []
+    if "frame_cache" in paths:
+        extra.append(f"--frame_cache {paths['frame_cache']}")
+        if run.args.max_frames != FrameSamplingConfig.max_frames:  # run.sh's value
+            extra.append(f"--max_frames {run.args.max_frames}")
     return " ".join(env + ["bash run.sh"] + extra)
 
 
@@ -244,7 +274,7 @@ def write_report(run: Run) -> str:
         if "check" in run.report["stages"]:
             run.report["run"] = run_command(run, run.report["paths"])
     path = os.path.join(run.layout.root, REPORT_FILE)
-    write_json_atomic(path, run.report)
+    write_json(path, run.report)
     return path
 
 
@@ -295,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights_cache", default=None, help="weights cache (default: see modules/weights.py)")
     p.add_argument("--no_ast_cache", action="store_true", help="skip the AST token cache")
     p.add_argument("--device", default="auto", help="device of the AST cache stage (auto: cuda if available)")
+    p.add_argument("--no_frame_cache", action="store_true", help="skip the frame cache (frames decoded every epoch)")
+    p.add_argument("--max_frames", type=int, default=FrameSamplingConfig.max_frames,
+                   help="frames per video of the frame cache (run.sh: 12); training must use the same value")
+    p.add_argument("--image_size", type=int, default=FrameSamplingConfig.image_size,
+                   help="frame side of the frame cache (the CLIP input: 224 for ViT-B/32 and ViT-B/16)")
     p.add_argument("--num_val", type=int, default=DEFAULT_NUM_VAL,
                    help="training videos held out for model selection (0: none)")
     p.add_argument("--seed", type=int, default=make_val_split.DEFAULT_SEED, help="seed of the held-out draw")

@@ -28,12 +28,12 @@ from typing import Dict, List, Set, Tuple
 
 import pandas as pd
 
+from atomic_io import atomic_path
 from dataloaders import charades as loader
 from dataloaders.base import read_csv_columns
 from preprocess.prepare_common import (AnnotationResult, DatasetOptions, Layout, PrepareError, SourceFile,
                                        check_zip_crc, extract_flat, members_named, members_under, open_zip,
                                        shown)
-from preprocess.media import atomic_output
 
 BASE_URL = "https://ai2-public-datasets.s3-us-west-2.amazonaws.com/charades/"
 ANNOTATIONS = SourceFile("Charades.zip", BASE_URL + "Charades.zip",
@@ -106,7 +106,7 @@ def build_annotations(layout: Layout, options: DatasetOptions, available: Set[st
             raise PrepareError(f"{len(missing)} Charades videos of {official} have no file in {layout.videos}: "
                                f"{shown(missing)}. The video archive ships all 9,848; re-download it (or point "
                                f"--videos at a complete folder)")
-        with atomic_output(os.path.join(layout.annotations, WRITTEN_FILES[key])) as tmp:
+        with atomic_path(os.path.join(layout.annotations, WRITTEN_FILES[key])) as tmp:
             rows.to_csv(tmp, index=False)
         split = "train" if key == "train_file" else "test"
         counts[f"{split}_videos"], counts[f"{split}_captions"] = len(ids), len(rows)

@@ -36,8 +36,8 @@ from typing import Dict, List, Set, Tuple
 
 import numpy as np
 
+from atomic_io import atomic_path, write_json
 from dataloaders import vatex as loader
-from preprocess.media import atomic_output, write_json_atomic
 from preprocess.prepare_common import AnnotationResult, DatasetOptions, Layout, PrepareError, SourceFile, shown
 
 DATA_URL = "https://eric-xw.github.io/vatex-website/data/"
@@ -115,7 +115,7 @@ def read_test_list(path: str) -> List[str]:
 
 
 def write_lines(path: str, lines: List[str]) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
         handle.writelines(f"{line}\n" for line in lines)
 
 
@@ -142,7 +142,7 @@ def build_annotations(layout: Layout, options: DatasetOptions, available: Set[st
     write_lines(os.path.join(layout.annotations, loader.TRAIN_FILE), train_ids)
     write_lines(os.path.join(layout.annotations, loader.EVAL_FILE), test_present)
     captions = {**train, **validation}
-    write_json_atomic(os.path.join(layout.annotations, loader.CAPTIONS_JSON),
+    write_json(os.path.join(layout.annotations, loader.CAPTIONS_JSON),
                       {v: captions[v] for v in train_ids + test_present})
     write_lines(os.path.join(layout.root, MISSING_LIST), [missing_line(v) for v in missing])
     counts = {"official_train_videos": len(train), "official_validation_videos": len(validation),

@@ -1,4 +1,5 @@
 """The synthetic audio-visual benchmark's tooling (README, "Synthetic benchmark"): the clip
 generator (make_synthetic_av), its vocabulary and sound synthesizers (vocab), tiny CLIP/AST
-checkpoints in the released formats (make_tiny_checkpoints) and the audio trunk's short
-supervised pre-training (pretrain_audio_trunk). Real data needs none of it (see preprocess/)."""
+checkpoints in the released formats (make_tiny_checkpoints), the audio trunk's short
+supervised pre-training (pretrain_audio_trunk) and the category-shortcut control cache
+(category_audio_cache). Real data needs none of it (see preprocess/)."""

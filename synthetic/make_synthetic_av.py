@@ -7,7 +7,7 @@ shows, sounds like and how it is captioned is planned in synthetic/design.py (RE
 captions that describe the sound; solo clips (unique visuals, informative sound) are queried
 both by sound captions and by captions of the visuals alone; noise clips (unique visuals)
 only by visual captions. Outputs (under --out_dir) use the MSR-VTT layout the real loaders
-read (DESIGN.md section 9):
+read (docs/design.md §9):
 
     videos/<video_id>.mp4          small silent videos (libx264 when available, else mpeg4)
     audio/<video_id>.wav           16 kHz mono PCM soundtracks

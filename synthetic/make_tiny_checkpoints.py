@@ -6,7 +6,7 @@ the AST authors' AudioSet checkpoint, so the demo goes through the real loading 
     clip_tiny.pt    a plain CLIP state dict with OpenAI's key names (``visual.conv1.weight``,
                     ``transformer.resblocks.N.*`` ...), read by ``modules.clip.load_clip_state_dict``
                     and ``CLIP.from_state_dict``; embed_dim equals the text width, so the text
-                    layers can initialize the resampler and fusion blocks (DESIGN §7).
+                    layers can initialize the resampler and fusion blocks (docs/design.md §7).
     ast_tiny.pth    the AudioSet checkpoint format (DataParallel ``module.v.*`` trunk plus the
                     ``module.mlp_head.*`` classifier), read by ``modules.ast.AST.from_checkpoint``.
 
@@ -29,6 +29,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic_io import save_torch  # noqa: E402
 from modules.ast import AST, DATAPARALLEL_PREFIX, DEIT_HEAD_DIM, DEIT_LN_EPS, TRUNK_PREFIX, ASTConfig  # noqa: E402
 from modules.clip import CLIP, HEAD_WIDTH, CLIPConfig  # noqa: E402
 
@@ -101,13 +102,6 @@ def ast_to_audioset_checkpoint(trunk_state: dict, head_state: dict) -> dict:
     return out
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save through a temporary file, so an interrupted run leaves no partial checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def make_tiny_checkpoints(out_dir: str, cfg: TinyCheckpointConfig) -> dict:
     """Write clip_tiny.pt and ast_tiny.pth under out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -116,8 +110,8 @@ def make_tiny_checkpoints(out_dir: str, cfg: TinyCheckpointConfig) -> dict:
     ast = AST(cfg.ast_config())
     head = audioset_head(cfg.ast_width, AUDIOSET_CLASSES)
     paths = {"clip": os.path.join(out_dir, CLIP_FILE), "ast": os.path.join(out_dir, AST_FILE)}
-    save_atomic(clip.state_dict(), paths["clip"])
-    save_atomic(ast_to_audioset_checkpoint(ast.state_dict(), head.state_dict()), paths["ast"])
+    save_torch(clip.state_dict(), paths["clip"])
+    save_torch(ast_to_audioset_checkpoint(ast.state_dict(), head.state_dict()), paths["ast"])
     return paths
 
 

@@ -40,10 +40,11 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic_io import save_torch  # noqa: E402
 from dataloaders.audio import FbankConfig, load_ast_input  # noqa: E402
 from modules.ast import AST  # noqa: E402
 from synthetic.make_synthetic_av import PRETRAIN_DIR, PRETRAIN_LABELS  # noqa: E402
-from synthetic.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head, save_atomic  # noqa: E402
+from synthetic.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head  # noqa: E402
 
 REPORT_SUFFIX = ".json"
 FBANK_BATCH = 16
@@ -213,7 +214,7 @@ def pretrain(data_dir: str, init_checkpoint: str, out_path: str, cfg: PretrainCo
     losses = train(model, fbanks, labels, train_idx, cfg)
     after = accuracy(model, fbanks, labels, val_idx, cfg.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_atomic(ast_to_audioset_checkpoint(model.ast.state_dict(), model.head.state_dict()), out_path)
+    save_torch(ast_to_audioset_checkpoint(model.ast.state_dict(), model.head.state_dict()), out_path)
     report = {"checkpoint": out_path, "init_checkpoint": init_checkpoint, "config": asdict(cfg),
               "classes": classes, "train_clips": len(train_idx), "held_out_clips": len(val_idx),
               "chance_accuracy": chance, "held_out_accuracy_before": before,

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+import atomic_io
 import main_task_retrieval
 import training
 import util
@@ -45,7 +46,7 @@ def inject(mode: str, n: int) -> None:
 
         training.train_step = faulty_step
     elif mode == "kill_in_save":
-        save = util.atomic_save
+        save = util.save_torch
 
         def faulty_save(obj, path):
             calls["count"] += 1
@@ -53,11 +54,11 @@ def inject(mode: str, n: int) -> None:
                 return save(obj, path)
             buffer = io.BytesIO()
             torch.save(obj, buffer)
-            with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+            with open(atomic_io.temp_path(path), "wb") as f:  # the writer's own temporary, half written
                 f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
             _kill()
 
-        util.atomic_save = faulty_save
+        util.save_torch = faulty_save
     elif mode != "none":
         raise SystemExit(f"fault mode {mode!r} is unknown; use one of {MODES}")
 

@@ -1,6 +1,6 @@
 """Move a fusion's weights off their initialization so that tests can see the fusion.
 
-DESIGN §7 starts the gates near 0 and §4a starts the text terms at exactly 0, so a fresh model
+docs/design.md §7 starts the gates near 0 and §4a starts the text terms at exactly 0, so a fresh model
 fuses almost nothing: a test of fusion, gates or text guidance would pass trivially on it.
 """
 from __future__ import annotations

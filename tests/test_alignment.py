@@ -1,5 +1,5 @@
 """Alignment schemes (``--alignment global|local|both``, the paper's Table 5): each equals its
-formula of DESIGN §5 on every scoring path (score matrices, pair scores, the cached video
+formula of docs/design.md §5 on every scoring path (score matrices, pair scores, the cached video
 index), and a model built with a scheme uses it everywhere (training logits == score, the
 agnostic index of a text-guided model, the paired_block diagnostic)."""
 import math
@@ -16,7 +16,7 @@ D, F = 16, 5
 
 
 def formula(t, frames, mask, s, tau, alignment):
-    """DESIGN §5 for one pair in float64: global = s cos(t, normalize(mean of unit frames)),
+    """docs/design.md §5 for one pair in float64: global = s cos(t, normalize(mean of unit frames)),
     local = (1/tau) log sum_f exp(tau s cos(t, V_f)), both = their mean (valid frames only)."""
     t = t.double() / t.double().norm()
     unit = frames[mask.bool()].double()

@@ -95,7 +95,7 @@ def check_parity(cfg: ASTConfig, batch: int) -> None:
     assert relative_error(tokens[:, 0], ref_pooled) <= PARITY_RTOL
     assert relative_error(tokens[:, 1:], ref_trunk[:, 2:]) <= PARITY_RTOL
     assert relative_error(normed[:, 1:], out.last_hidden_state[:, 2:]) <= PARITY_RTOL
-    # DESIGN §1 normalizes the pooled token; transformers' pooler averages the normalized
+    # docs/design.md §1 normalizes the pooled token; transformers' pooler averages the normalized
     # CLS and distillation tokens instead, so compare with its final LayerNorm of the mean.
     assert relative_error(normed[:, 0], ref.layernorm(ref_pooled)) <= PARITY_RTOL
 

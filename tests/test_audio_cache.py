@@ -1,5 +1,6 @@
 """AST feature cache: built by preprocess.cache_audio_features from real wav files, read by
 AudioFeatureCache; resume, stale fingerprints and missing ids."""
+import json
 import pickle
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 from dataloaders.audio import FbankConfig, load_ast_input
 from dataloaders.audio_cache import (DONE_FILE, TOKENS_FILE, AudioFeatureCache, cache_fingerprint,
                                      read_index)
+from dataloaders.audio_presence import EXTRACT_REPORT, MissingAudioError
+from modules import weights
 from modules.ast import AST, ASTConfig
 from preprocess.cache_audio_features import main as cache_main
 
@@ -41,6 +44,7 @@ def workspace(tmp_path):
         rate, shape = (44100, (int(44100 * seconds), 2)) if i == 2 else (
             SAMPLE_RATE, (int(SAMPLE_RATE * seconds),))
         sf.write(audio_dir / f"{vid}.wav", 0.1 * rng.standard_normal(shape), rate)
+    (audio_dir / EXTRACT_REPORT).write_text(json.dumps({"no_audio": [WITHOUT_AUDIO]}))  # as extract_audio lists it
     id_list = tmp_path / "videos.txt"
     id_list.write_text("\n".join(VIDEO_IDS + ["clip_a"]) + "\n")  # a repeated id is cached once
     return {"model": model, "checkpoint": checkpoint, "audio_dir": audio_dir,
@@ -152,3 +156,30 @@ def test_missing_id_and_missing_cache_errors(workspace, tmp_path):
     empty = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=f"'{empty}'"):
         AudioFeatureCache(empty)
+
+
+def test_misspelled_audio_dir_is_refused_before_any_work(workspace, tmp_path):
+    """A folder where no listed video has its wav (a typo, another extension) is refused, naming
+    the flag; nothing is cached from the zero input."""
+    with pytest.raises(MissingAudioError, match="--audio_dir .*audoi: no such folder"):
+        cache_main(["--checkpoint", str(workspace["checkpoint"]), "--video_list", str(workspace["id_list"]),
+                    "--audio_dir", str(tmp_path / "audoi"), "--cache_dir", str(workspace["cache_dir"]),
+                    "--device", "cpu"])
+    with pytest.raises(MissingAudioError, match="none of the 4 videos .* has its <video_id>.flac"):
+        cache_main(["--checkpoint", str(workspace["checkpoint"]), "--video_list", str(workspace["id_list"]),
+                    "--audio_dir", str(workspace["audio_dir"]), "--audio_ext", "flac",
+                    "--cache_dir", str(workspace["cache_dir"]), "--device", "cpu"])
+    assert not workspace["cache_dir"].exists()
+
+
+def test_default_checkpoint_goes_through_the_weights_resolver(workspace, tmp_path, monkeypatch):
+    """No --checkpoint: the released AST file is looked for in modules/ and the weights cache like
+    main_task_retrieval.py does; offline, the error names the URL and the exact cache path."""
+    monkeypatch.setattr(weights, "MODULES_DIR", str(tmp_path / "modules"))
+    with pytest.raises(weights.WeightsError) as err:
+        cache_main(["--video_list", str(workspace["id_list"]), "--audio_dir", str(workspace["audio_dir"]),
+                    "--cache_dir", str(workspace["cache_dir"]), "--weights_cache", str(tmp_path / "wcache"),
+                    "--offline", "--device", "cpu"])
+    message = str(err.value)
+    assert weights.AST_RELEASE.url in message
+    assert str(tmp_path / "wcache" / "ast" / weights.AST_RELEASE.file_name) in message

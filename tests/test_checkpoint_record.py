@@ -265,6 +265,7 @@ def test_help_shows_each_default_once_and_never_none():
 
 
 def test_choices_match_the_modules_that_own_them():
+    import gate_log
     import util
     from dataloaders import registry, video
     from modules import fusion, objective, optimization, similarity
@@ -276,3 +277,4 @@ def test_choices_match_the_modules_that_own_them():
     assert m.GATES == fusion.GATE_MODES and m.ALIGNMENTS == similarity.ALIGNMENTS
     assert m.TRAINING_PAIRS == objective.TRAINING_PAIRS and m.OPTIMIZERS == optimization.OPTIMIZERS
     assert m.FUSION_TEXT_FIELDS == checkpoint_record.TEXT_FLAGS
+    assert m.GATE_LOG_SPLITS == gate_log.GATE_LOG_SPLITS

@@ -22,6 +22,7 @@ import main_task_retrieval
 import training
 import util
 from bench import pair_memory
+from dataloaders.base import video_inputs
 from modules.modeling import AVIGATE
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
@@ -71,7 +72,7 @@ def test_scores_are_ieee_fp32_under_bf16_autocast_with_tf32_on():
         model.logit_scale.fill_(math.log(100.0))
     batch = _on(pair_batch(model, 64, seed=1), CUDA)
     with torch.no_grad():
-        video = model.encode_video(**training.video_inputs(batch, CUDA))
+        video = model.encode_video(**video_inputs(batch, CUDA))
         text = model.encode_text(batch["text_ids"], batch["text_mask"])
         with util.autocast(CUDA, "bf16"):
             fast = model.similarity(text.text, video.index, video.frame_mask)
@@ -95,7 +96,7 @@ def test_gpu_matches_cpu(flags):
         on = _on(batch, device)
         with torch.no_grad():
             text = model.encode_text(on["text_ids"], on["text_mask"])
-            video = model.encode_video(**training.video_inputs(on, device))
+            video = model.encode_video(**video_inputs(on, device))
             scores[device.type] = model.score(text, video).cpu()
     util.setup_precision(CUDA, "fp32", tf32=True)
     assert (scores["cpu"] - scores["cuda"]).abs().max().item() < 1e-3

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataloaders.audio_cache import AudioCacheWriter
+from dataloaders.audio_presence import NO_AUDIO_LIST
 from dataloaders.base import AnnotationError, collate_items
 from dataloaders.registry import (DataConfig, build_eval_datasets, build_eval_split, build_train_dataset,
                                   build_train_split)
@@ -64,7 +65,7 @@ def test_each_format_parses_train_and_eval(tmp_path, datatype):
 
 
 def test_train_items_and_batches_have_documented_shapes(msrvtt, tokenizer):
-    train = build_train_dataset(_config(msrvtt, "msrvtt"), tokenizer)
+    train = build_train_dataset(_config(msrvtt, "msrvtt", expand_sentences=True), tokenizer)
     assert len(train) == 4 * CAPTIONS  # every caption of the 4 training videos
     item = train[CAPTIONS + 1]  # second caption of the second video
     expected = {"text_ids": ((L,), torch.int64), "text_mask": ((L,), torch.int64),
@@ -133,10 +134,12 @@ def test_worker_processes_give_the_same_batches(msrvtt, tokenizer):
 
 def test_audio_sources(tmp_path, tokenizer):
     paths = make_charades(str(tmp_path), n_videos=3, n_test=1, with_audio=False)
+    with open(os.path.join(paths["audio_path"], NO_AUDIO_LIST), "w") as f:  # as prepare_data lists them
+        f.writelines(f"{v}\n" for v in paths["video_ids"])
     silent = build_train_dataset(_config(paths, "charades"), tokenizer)
     item = silent[0]
     assert not item["has_audio"] and item["fbank"].abs().sum() == 0  # no wav: the zero input
-    assert "audio: 1 of 1 clips used the zero fbank (1 without a soundtrack" in silent.issue_summary()
+    assert "audio: 1 of 1 clips used the zero fbank (1 without a soundtrack" in silent.media.audio.counter.summary()
     no_audio = build_train_dataset(_config(paths, "charades", audio_path=None), tokenizer)[0]
     assert "fbank" not in no_audio and "audio_tokens" not in no_audio and not no_audio["has_audio"]
 
@@ -155,7 +158,7 @@ def test_empty_caption_tokenizes_to_start_and_end(tmp_path, tokenizer):
     paths = make_charades(str(tmp_path), n_videos=3, n_test=1)
     with open(paths["train_csv"], "a") as f:
         f.write("CH000,\n")
-    train = build_train_dataset(_config(paths, "charades"), tokenizer)
+    train = build_train_dataset(_config(paths, "charades", expand_sentences=True), tokenizer)
     assert train.split.captions[-1] == ""
     item = train[len(train) - 1]
     assert item["text_mask"].sum() == 2
@@ -183,22 +186,23 @@ def test_corrupt_eval_video_raises_or_is_dropped(tmp_path, tokenizer):
     data = build_eval_datasets(_config(paths, "msrvtt", skip_bad_videos=True), tokenizer)
     assert data.split.video_ids == [paths["test_ids"][0], paths["test_ids"][2]]
     assert data.counter.count("unreadable") == 1 and len(data.texts) == 2
-    assert "1 unreadable" in data.issue_summary()
+    assert "1 unreadable" in data.counter.summary()
 
 
 def test_corrupt_training_video_is_replaced_deterministically(tmp_path, tokenizer):
     paths = make_msrvtt(str(tmp_path), n_videos=5, captions_per_video=2, n_test=1)
     write_bad_video(os.path.join(paths["features_path"], "video1.mp4"), "garbage")
-    strict = build_train_dataset(_config(paths, "msrvtt"), tokenizer)
+    strict = build_train_dataset(_config(paths, "msrvtt", expand_sentences=True), tokenizer)
     with pytest.raises(VideoReadError, match="video1.mp4"):
         strict[2]
-    train = build_train_dataset(_config(paths, "msrvtt", skip_bad_videos=True), tokenizer)
+    train = build_train_dataset(_config(paths, "msrvtt", skip_bad_videos=True, expand_sentences=True),
+                                tokenizer)
     # Samples 2 and 3 (video1) become the next sample with a readable video: 4 (video2).
     assert [int(train[i]["text_index"]) for i in range(len(train))] == [0, 1, 4, 4, 4, 5, 6, 7]
     loader = DataLoader(train, batch_size=4, num_workers=2, collate_fn=collate_items)
     assert [int(i) for b in loader for i in b["text_index"]] == [0, 1, 4, 4, 4, 5, 6, 7]
     assert train.counter.count("replaced") == 2 + 2  # in this process, then in the workers
-    assert train.issue_summary().startswith("videos: 0 missing, 0 unreadable, 4 replaced")
+    assert train.counter.summary().startswith("videos: 0 missing, 0 unreadable, 4 replaced")
 
 
 @pytest.mark.parametrize("datatype, kind, match", [

@@ -18,9 +18,10 @@ from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain, trunk_token
 # A reduced demo: a few clips, one short epoch, four rows covering the visual-only model,
 # the zero-token cache, the gated model and a residual text-guided model warm-started from it
 # (with its paired_block, reordered and audio-perturbed evaluations).
-REDUCED_ROWS = ("visual_only", "zero_audio", "avigate", "tg_residual_frozen")
+REDUCED_ROWS = ("visual_only", "zero_audio", "avigate", "category_audio", "tg_residual_frozen")
 REDUCED = dict(num_train_clips=12, num_test_clips=9, train_renders=1, audio_pretrain_clips=20,
-               pretrain_steps=2, epochs=1, batch_size=8, rows=REDUCED_ROWS)
+               pretrain_steps=2, clip_pretrain_steps=2, clip_pretrain_images=128, num_val_clips=3, epochs=1,
+               batch_size=8, rows=REDUCED_ROWS)
 # A hang guard (pytest-timeout), not a speed test.
 REDUCED_DEMO_TIMEOUT = 900
 
@@ -102,19 +103,22 @@ def test_informative_flags_reports_unknown_videos():
 
 
 def test_acceptance_checks_directions():
-    def entry(row, t2v, sound, **extra):
+    def entry(row, t2v, twin_sound, **extra):
         summary = {"metrics": {"t2v_R@1": t2v},
-                   "subsets": {"t2v_R@1": {"sound": sound, "visual_noise": t2v}}}
+                   "subsets": {"t2v_R@1": {"sound_twin": twin_sound, "visual_noise": t2v}}}
         summary.update(extra.pop("summary", {}))
         return {"row": row, "seed": 0, "summary": summary, **extra}
 
     gates = {"gates": {"att": {"last_layer_auc": 0.9, "last_layer_gap": 0.1}}}
-    entries = [entry("visual_only", 10.0, 5.0), entry("avigate", 25.0, 24.0, summary=gates),
+    # sound gains are measured over the zero-audio control, not over visual-only
+    entries = [entry("visual_only", 1.0, 1.0), entry("zero_audio", 10.0, 5.0),
+               entry("avigate", 25.0, 24.0, summary=gates), entry("ungated", 20.0, 26.0),
                entry("seed_style", 20.0, 20.0, paired_block={"metrics": {"t2v_R@1": 45.0}}),
                entry("text_guided", 30.0, 30.0, shuffle_max_abs_diff=2e-3)]
     checks = demo.acceptance(entries, seed=0)
     assert checks["avigate_gain_overall"]["value"] == 15.0 and checks["avigate_gain_overall"]["met"]
     assert checks["avigate_gain_informative"]["value"] == 19.0 and not checks["avigate_gain_informative"]["met"]
+    assert checks["ungated_gain_informative"]["value"] == 21.0 and checks["ungated_gain_informative"]["met"]
     assert checks["gate_auc"]["met"] and not checks["gate_gap"]["met"]
     assert checks["seed_style_leak"]["value"] == 25.0 and checks["seed_style_leak"]["met"]
     assert not checks["honest_shuffle_invariance"]["met"]  # 2e-3 > tolerance
@@ -212,7 +216,19 @@ def test_reduced_demo_end_to_end(reduced_demo):
     assert {visual[k]["t2v_R@1"] for k in ("none", "silence", "noise", "swap")} == {visual["none"]["t2v_R@1"]}
     assert "## Robustness" in open(os.path.join(out_dir, "results.md")).read()
     figures = results["figures"]
-    assert len(figures) == 3 and all(os.path.getsize(f) > 0 for f in figures)
+    assert len(figures) == 4 and all(os.path.getsize(f) > 0 for f in figures)
+    # diagnostics: every row probed (the visual-only row has no resampler), gated rows log their
+    # gates per epoch on the validation split (before training + each epoch), the shortcut split
+    by_row = {e["row"]: e for e in results["rows"]}
+    assert by_row["visual_only"]["probe"]["resampled_audio"] is None
+    # (on 9 test clips a probe may lack two classes with two samples each: None, with its reason)
+    assert set(by_row["avigate"]["probe"]) == set(demo.PROBE_COLUMNS)
+    assert all(v is None or 0.0 <= v <= 100.0 for v in by_row["avigate"]["probe"].values())
+    assert os.path.isfile(os.path.join(out_dir, "runs", "avigate_seed0", "probe", demo.PROBE_FILE))
+    assert len(by_row["avigate"]["gates_per_epoch"]) == REDUCED["epochs"] + 1
+    assert by_row["zero_audio"]["gates_per_epoch"] is not None and by_row["visual_only"]["gates_per_epoch"] is None
+    split = results["shortcut"]["all"]
+    assert split["gain"] == pytest.approx(split["category_bit"] + split["sound"])
     assert "| visual-only (--no_audio) |" in open(os.path.join(out_dir, "results.md")).read()
 
 
@@ -242,5 +258,11 @@ def test_kind_recalls_group_captions_by_their_tag():
     kinds = demo_results.caption_kinds(metadata, rows)
     out = demo_results.kind_recalls(sim, np.array([0, 1, 0]), kinds)["t2v_R@1"]
     assert out == {"sound": 50.0, "visual_informative": None, "visual_noise": 100.0}
+    # sound captions split by their clip's category
+    metadata["videos"] = {"a": {"category": "twin"}, "b": {"category": "noise"}}
+    splits = demo_results.sound_splits(kinds, np.array([0, 1, 0]), metadata, ["a", "b"])
+    assert splits.tolist() == ["sound_twin", "visual_noise", "sound_twin"]
+    out = demo_results.kind_recalls(sim, np.array([0, 1, 0]), splits, names=demo_results.SOUND_SPLITS)["t2v_R@1"]
+    assert out == {"sound_twin": 50.0, "sound_solo": None}
     with pytest.raises(KeyError, match="test_captions"):
         demo_results.caption_kinds(metadata, [{"video_id": "c", "caption": "x"}])

@@ -1,4 +1,4 @@
-"""Kaldi fbank and AST input (DESIGN §1): parity with torchaudio and transformers, edge cases."""
+"""Kaldi fbank and AST input (docs/design.md §1): parity with torchaudio and transformers, edge cases."""
 import importlib
 import math
 import sys

@@ -1,4 +1,4 @@
-"""Gated fusion transformer (DESIGN §3, §4): gates, masks, ablations, fast pair path == reference."""
+"""Gated fusion transformer (docs/design.md §3, §4): gates, masks, ablations, fast pair path == reference."""
 import itertools
 from dataclasses import replace
 
@@ -207,7 +207,7 @@ def _agnostic_twin(model: FusionTransformer) -> FusionTransformer:
 
 @pytest.mark.parametrize("text_gate,text_query,query_gate", [f for f in TEXT_FLAGS if any(f)])
 def test_residual_start_equals_the_agnostic_fusion(text_gate, text_query, query_gate):
-    """DESIGN §4a: with text_init "zero" every text term starts at 0, so every pair's fused video
+    """docs/design.md §4a: with text_init "zero" every text term starts at 0, so every pair's fused video
     equals the text-agnostic fusion with the same other weights (exactly: the text terms add 0)."""
     frames, mask, audio, text = inputs(nv=4, nt=3)
     model = FusionTransformer(FusionConfig(width=D, layers=L, max_frames=F, fusion_residual=0.5,

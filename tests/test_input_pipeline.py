@@ -1,4 +1,4 @@
-"""Loader -> device: uint8 batches normalized by ``training.video_inputs``, loader settings,
+"""Loader -> device: uint8 batches normalized by ``dataloaders.base.video_inputs``, loader settings,
 and per-epoch items that reach DataLoader workers."""
 import argparse
 

@@ -29,13 +29,13 @@ import evaluation
 import main_task_retrieval
 import training
 import util
+from dataloaders.base import video_inputs
 from metrics import retrieval_metrics
 from modules.ast import ASTConfig
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
 from tests.datagen import make_msrvtt
-from bench.gpu_check import loader_frames
 from tests.test_modeling import texts, videos
 from tests.test_train_e2e import read_jsonl, tiny_flags, write_tiny_checkpoints
 
@@ -57,9 +57,9 @@ def fast_config(**fusion_flags) -> AVIGATEConfig:
 
 
 def pair_batch(model: AVIGATE, n: int, seed: int, fbank: bool = False) -> dict:
-    """n (text, video) pairs in the collated layout of the training loader (frames as
-    bench.gpu_check.loader_frames gives them; video 1 has padded frames), audio as AST tokens
-    or (``fbank``) as fbanks."""
+    """n (text, video) pairs in the collated layout of the training loader (uint8 frames,
+    normalized on the device by ``video_inputs``; video 1 has padded frames), audio as AST
+    tokens or (``fbank``) as fbanks."""
     ids, mask = texts(n, seed=seed)
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +68,7 @@ def pair_batch(model: AVIGATE, n: int, seed: int, fbank: bool = False) -> dict:
     if n > 1:
         frame_mask[1, f // 2:] = 0
     pixels = torch.randint(0, 256, (n, f, 3, res, res), generator=g, dtype=torch.uint8)
-    batch = {"text_ids": ids, "text_mask": mask, "frames": loader_frames(pixels, frame_mask), "frame_mask": frame_mask}
+    batch = {"text_ids": ids, "text_mask": mask, "frames": pixels, "frame_mask": frame_mask}
     if fbank:
         batch["fbank"] = torch.randn(n, cfg.ast.target_frames, cfg.ast.num_mel_bins, generator=g)
     else:
@@ -82,7 +82,7 @@ def t2v_r1(model: AVIGATE, batch: dict, precision: str = "fp32") -> float:
     model.eval()
     with util.autocast(torch.device("cpu"), precision):
         text = model.encode_text(batch["text_ids"], batch["text_mask"])
-        video = model.encode_video(**training.video_inputs(batch, torch.device("cpu")))
+        video = model.encode_video(**video_inputs(batch, torch.device("cpu")))
     scores = model.score(text.to(dtype=torch.float32), video.to(dtype=torch.float32))
     return retrieval_metrics(scores.numpy(), np.arange(len(text)))["t2v_R@1"]
 

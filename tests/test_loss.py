@@ -1,4 +1,4 @@
-"""Adaptive margins and the margin contrastive loss (DESIGN §6), as one process."""
+"""Adaptive margins and the margin contrastive loss (docs/design.md §6), as one process."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.loss import (LossConfig, adaptive_margins, all_gather_no_grad,
-                          all_gather_with_grad, margin_contrastive_loss)
+                          all_gather_with_grad, margin_contrastive_loss, pair_margins)
 
 
 def _plain_infonce(logits):
@@ -37,6 +37,18 @@ def test_margins_hand_worked_3x3():
     margins = adaptive_margins(text, video, beta, cap)
     torch.testing.assert_close(margins, want)
     assert torch.equal(margins.diagonal(), torch.zeros(3))
+
+
+def test_fixed_margin_is_the_cap_off_the_diagonal():
+    # Table 4's fixed-margin row: m_ij = delta for every i != j, whatever the features.
+    # Near-identical features: adaptive margins far below the cap, fixed ones at it.
+    text, video = 1 + 0.1 * torch.randn(5, 8), 1 + 0.1 * torch.randn(5, 8)
+    fixed = pair_margins(text, video, LossConfig(beta=0.2, margin_cap=0.1, fixed=True))
+    want = torch.full((5, 5), 0.1).fill_diagonal_(0.0)
+    torch.testing.assert_close(fixed, want)
+    adaptive = pair_margins(text, video, LossConfig(beta=0.2, margin_cap=0.1))
+    torch.testing.assert_close(adaptive, adaptive_margins(text, video, 0.2, 0.1))
+    assert adaptive.max() < 0.05
 
 
 def test_margins_carry_no_gradient():

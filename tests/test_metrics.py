@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metrics
-from metrics import dual_softmax, metrics_report, retrieval_metrics, retrieval_metrics_with_dsl
+from metrics import dual_softmax, metrics_report, retrieval_metrics
 
 CONVENTIONS = ("released", "per_caption")
 
@@ -33,6 +33,16 @@ def _assert_metrics(got, want):
     assert set(got) == set(want)
     for key in want:
         assert got[key] == pytest.approx(want[key]), key
+
+
+def _dsl_reference(sim, index, temperature, convention):
+    """DSL metrics written out: t2v ranks on the softmax over texts (dim 0), v2t on the softmax
+    over videos (dim 1)."""
+    t2v = retrieval_metrics(dual_softmax(sim, temperature, dim=0), index, convention=convention)
+    v2t = retrieval_metrics(dual_softmax(sim, temperature, dim=1), index, convention=convention)
+    out = {k: (t2v if k.startswith("t2v") else v2t)[k] for k in t2v if k != "RSum"}
+    out["RSum"] = sum(v for k, v in out.items() if "R@" in k)
+    return out
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
@@ -326,8 +336,8 @@ def test_dsl_demotes_a_hub_video():
     sim = np.array([[0.5, 0.6, 0.1],
                     [0.1, 0.6, 0.2],
                     [0.2, 0.6, 0.5]])
-    both = retrieval_metrics_with_dsl(sim, [0, 1, 2], temperature=0.1)
-    assert set(both) == {"plain", "dsl"}
+    both = metrics_report(sim, [0, 1, 2], dsl=True, temperature=0.1)
+    assert set(both) == {"metric_convention", "per_caption", "plain", "dsl"}
     _assert_metrics(both["plain"], retrieval_metrics(sim, [0, 1, 2]))
     assert both["plain"]["t2v_R@1"] == pytest.approx(100 / 3)
     assert both["dsl"]["t2v_R@1"] == pytest.approx(100.0)
@@ -348,9 +358,9 @@ def test_metrics_report_carries_both_conventions(dsl):
     assert report["metric_convention"] == "released"
     assert set(report["per_caption"]) == names
     for convention, entries in (("released", report), ("per_caption", report["per_caption"])):
-        both = retrieval_metrics_with_dsl(EVEN_SIM, EVEN_INDEX, temperature=0.5, convention=convention)
-        for name in names:
-            _assert_metrics(entries[name], both[name])
+        _assert_metrics(entries["plain"], retrieval_metrics(EVEN_SIM, EVEN_INDEX, convention=convention))
+        if dsl:
+            _assert_metrics(entries["dsl"], _dsl_reference(EVEN_SIM, EVEN_INDEX, 0.5, convention))
     assert report["plain"]["t2v_MdR"] == 1.0 and report["per_caption"]["plain"]["t2v_MdR"] == 1.5
 
 
@@ -360,10 +370,6 @@ def test_dsl_metrics_rank_each_direction_on_its_softmax():
     rng = np.random.default_rng(3)
     index = rng.permutation(np.repeat(np.arange(6), 3))
     sim = rng.normal(size=(len(index), 6))
-    for convention in CONVENTIONS:
-        got = retrieval_metrics_with_dsl(sim, index, temperature=0.3, convention=convention)["dsl"]
-        t2v = retrieval_metrics(dual_softmax(sim, 0.3, dim=0), index, convention=convention)
-        v2t = retrieval_metrics(dual_softmax(sim, 0.3, dim=1), index, convention=convention)
-        for key in got:
-            if key != "RSum":
-                assert got[key] == pytest.approx((t2v if key.startswith("t2v") else v2t)[key]), key
+    report = metrics_report(sim, index, dsl=True, temperature=0.3)
+    for convention, entries in (("released", report), ("per_caption", report["per_caption"])):
+        _assert_metrics(entries["dsl"], _dsl_reference(sim, index, 0.3, convention))

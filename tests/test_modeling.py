@@ -1,4 +1,4 @@
-"""AVIGATE model API (DESIGN §7, §11): encoders, pretrained init, training logits == score,
+"""AVIGATE model API (docs/design.md §7, §11): encoders, pretrained init, training logits == score,
 gradients, bad inputs. Tiny configs; audio enters as cached AST tokens except where noted."""
 from dataclasses import replace
 
@@ -178,7 +178,9 @@ def test_gradient_checkpointing_changes_nothing():
     torch.testing.assert_close(la, lb)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is not None:
-            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-4, msg=n)
+            # fp32 sums over 5 chunks instead of one: rounding grows with the gradient's scale
+            scale = max(1.0, float(pa.grad.abs().max()))
+            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6 * scale, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("name", ["agnostic", "all_flags"])

@@ -12,6 +12,7 @@ import torch
 import evaluation
 import training
 import util
+from dataloaders.base import video_inputs
 from modules.modeling import AVIGATE
 from modules.objective import CHUNK_MEMORY_SHARE, FALLBACK_CHUNK, ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
@@ -69,7 +70,7 @@ def test_evaluation_oom_names_eval_chunk_and_a_value(monkeypatch):
     batch = pair_batch(model, 6, seed=1)
     with torch.no_grad():
         text = model.encode_text(batch["text_ids"], batch["text_mask"])
-        video = model.encode_video(**training.video_inputs(batch, torch.device("cpu")))
+        video = model.encode_video(**video_inputs(batch, torch.device("cpu")))
     monkeypatch.setattr(model, "score_with_gates", _out_of_memory)
     with pytest.raises(torch.OutOfMemoryError) as error:
         evaluation.score_split(model, text, video, np.arange(6), util.DistInfo(), chunk=(3, 4))

@@ -1,4 +1,4 @@
-"""BertAdam, the warmup-cosine schedule and the parameter groups of DESIGN §7."""
+"""BertAdam, the warmup-cosine schedule and the parameter groups of docs/design.md §7."""
 import math
 
 import pytest

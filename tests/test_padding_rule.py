@@ -1,5 +1,5 @@
-"""The released code's padded-frame rule (--padding_rule released, DESIGN §3) and the logit
-scale's clamp after optimizer steps (DESIGN §5): the two numeric differences from the released
+"""The released code's padded-frame rule (--padding_rule released, docs/design.md §3) and the logit
+scale's clamp after optimizer steps (docs/design.md §5): the two numeric differences from the released
 AVIGATE code that issue 11 makes selectable / identical."""
 import math
 

@@ -1,6 +1,7 @@
 """preprocess/prepare_data.py end to end on fabricated releases in each dataset's real layout,
 served from a local HTTP server, with the result read by the real dataloaders; and bad input."""
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import zipfile
 import av
 import numpy as np
 import pytest
+import torch
 
 from dataloaders.registry import DataConfig, build_eval_datasets, build_train_dataset
 from dataloaders.video import FrameSamplingConfig
@@ -107,6 +109,15 @@ def check_loaders(datatype: str, report: dict, num_train_videos: int, num_test_v
                                                 features_path=paths["features_path"],
                                                 audio_cache_dir=paths["audio_feature_cache"], frames=FRAMES))
         assert cached.videos[0]["audio_tokens"].shape[0] == 1213
+    if "frame_cache" in paths:  # the frame cache serves exactly the decoded frames
+        frames = FrameSamplingConfig(**report["stages"]["frame_cache"]["settings"])
+        decoded = DataConfig(datatype=datatype, data_path=paths["data_path"], features_path=paths["features_path"],
+                             frames=frames)
+        cached = build_train_dataset(dataclasses.replace(decoded, frame_cache_dir=paths["frame_cache"]))
+        reference = build_train_dataset(decoded)
+        for index in range(len(cached)):
+            assert torch.equal(cached[index]["frames"], reference[index]["frames"])
+        assert f"--frame_cache {paths['frame_cache']}" in report["run"]
     if "val_file" in paths:
         reduced = build_train_dataset(DataConfig(datatype=datatype, data_path=paths["data_path"],
                                                  features_path=paths["features_path"], frames=FRAMES,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from preprocess import compress_video, extract_audio, media
+from atomic_io import atomic_path
+from preprocess import compress_video, extract_audio
 
 FPS = 10
 SECONDS = 2.0
@@ -125,12 +126,12 @@ def test_scaled_size_keeps_aspect_and_even_sides():
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "clip.wav"
     with pytest.raises(RuntimeError, match="encoder died"):
-        with media.atomic_output(str(target)) as tmp:
+        with atomic_path(str(target)) as tmp:
             with open(tmp, "wb") as handle:
                 handle.write(b"partial")
             raise RuntimeError("encoder died")
     assert os.listdir(tmp_path) == []
-    with media.atomic_output(str(target)) as tmp:
+    with atomic_path(str(target)) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(b"complete")
     assert os.listdir(tmp_path) == ["clip.wav"] and target.read_bytes() == b"complete"

@@ -1,4 +1,4 @@
-"""Audio resampler (DESIGN §2): shapes, CLIP names, init, LayerNorm epsilon, per-row independence."""
+"""Audio resampler (docs/design.md §2): shapes, CLIP names, init, LayerNorm epsilon, per-row independence."""
 import pytest
 import torch
 

@@ -51,11 +51,13 @@ def test_run_vatex_preset_then_run_eval_without_flags_reproduce_scores(tmp_path)
         args = json.load(f)
     assert args["datatype"] == "vatex" and args["margin_BD"] == 0.05   # the VATEX recipe
     assert args["alignment"] == "local" and args["padding_rule"] == "released"  # the preset
+    assert args["precision"] == "fp32" and args["grad_clip_scope"] == "global"  # the released recipe
     assert args["expand_msrvtt_sentences"] and args["text_gate"] and args["query_gate"]
     assert args["epochs"] == 1 and args["batch_size"] == 2             # extra arguments win
 
     eval_dir = tmp_path / "eval"
-    _run("run_eval.sh", {**common, "DATATYPE": "vatex", "OUTPUT_DIR": str(eval_dir),
+    # The paper preset trained and tested in fp32 (the released recipe): evaluate the same way.
+    _run("run_eval.sh", {**common, "DATATYPE": "vatex", "OUTPUT_DIR": str(eval_dir), "PRECISION": "fp32",
                          "CHECKPOINT": str(train_dir / "pytorch_model.bin.0")},
          "--max_words", "16", "--batch_size_val", "2", "--device", "cpu")
     for name in ("metrics.json", "sim_matrix.npy", "sim_rows.json", "sim_cols.json", "gates.json"):

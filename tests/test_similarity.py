@@ -1,4 +1,4 @@
-"""Multi-grained similarity (DESIGN §5) against a direct per-pair computation."""
+"""Multi-grained similarity (docs/design.md §5) against a direct per-pair computation."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ D, F = 16, 5
 
 
 def direct_score(t, frames, mask, s, tau):
-    """DESIGN §5 written out for one pair, in float64 (valid frames only)."""
+    """docs/design.md §5 written out for one pair, in float64 (valid frames only)."""
     t = t.double() / t.double().norm()
     valid = frames[mask.bool()].double()
     if valid.shape[0] == 0:
@@ -57,7 +57,7 @@ def test_padded_frames_are_ignored_and_the_scale_has_a_gradient_at_the_cap():
     torch.testing.assert_close(global_local_scores(text, noisy, mask, scale, 1.0),
                                global_local_scores(text, frames, mask, scale, 1.0))
     # CLIP's released value sits exactly at the cap ln 100: the forward does not clamp, so the
-    # parameter keeps its gradient (it is clamped after optimizer steps instead, DESIGN §5).
+    # parameter keeps its gradient (it is clamped after optimizer steps instead, docs/design.md §5).
     at_cap = torch.tensor(math.log(LOGIT_SCALE_MAX), requires_grad=True)
     global_local_scores(text, frames, mask, at_cap, 1.0).sum().backward()
     assert at_cap.grad is not None and at_cap.grad.abs() > 0

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -22,6 +23,7 @@ from synthetic.design import (CAPTION_KINDS, KIND_SOUND, KIND_VISUAL_INFORMATIVE
 from synthetic.make_synthetic_av import (AUDIO_DIR, PRETRAIN_DIR, PRETRAIN_LABELS, VIDEO_DIR,
                                          SyntheticAVConfig, generate, main, synthesize_audio,
                                          validate_config)
+from synthetic.make_val_split import make_val_split
 from synthetic.vocab import (BACKGROUNDS, COLOURS, MOTION_PHRASES, SHAPES, SOUND_BY_NAME, SOUND_EVENTS,
                              SOUND_WORDS, SYNTHESIZERS, VISUAL_ATTRIBUTES)
 
@@ -131,7 +133,7 @@ def test_formats_load_with_the_msrvtt_loaders(bench, meta):
         assert {split.captions[t] for t in split.captions_of(v)} == own and len(own) == CAPTIONS
     video = data.videos[0]
     assert video["frames"].shape == (3, 3, 32, 32) and bool(video["has_audio"])
-    training = build_train_dataset(cfg)
+    training = build_train_dataset(replace(cfg, expand_sentences=True))
     assert len(training) == SMALL["num_train_clips"] * SMALL["train_renders"] * CAPTIONS
     # metrics average t2v over every caption and v2t over every video
     scores = (split.caption_video[:, None] == np.arange(split.num_videos)[None, :]).astype(np.float32)
@@ -402,3 +404,42 @@ def test_bad_flags_are_named():
     for flag, fields in bad.items():
         with pytest.raises(ValueError, match=flag):
             validate_config(SyntheticAVConfig(**fields))
+
+
+def test_validation_split_holds_out_whole_clips_in_the_test_mix(bench, meta, tmp_path):
+    out = make_val_split(bench, num_val_clips=6, seed=0, out_dir=str(tmp_path))
+    train_ids = set(pd.read_csv(out["train_csv"])["video_id"])
+    val = pd.read_csv(out["val_csv"])
+    val_clips = {meta[v]["clip_id"] for v in val["video_id"]}
+    # no render of a held-out clip stays in training; everything else does
+    for video_id, entry in meta.items():
+        if entry["split"] == "train":
+            assert (video_id in train_ids) == (entry["clip_id"] not in val_clips), video_id
+        else:
+            assert video_id not in train_ids and video_id not in set(val["video_id"])
+    # twin groups leave whole: every clip of a held-out twin's group is held out
+    held_groups = {meta[v]["group_id"] for v in val["video_id"] if meta[v]["category"] == "twin"}
+    for entry in meta.values():
+        if entry["split"] == "train" and entry["group_id"] in held_groups:
+            assert entry["clip_id"] in val_clips
+    # every caption of a held-out clip is a row, on the clip's first render, tagged with its kind
+    tags = json.load(open(out["val_captions"]))["captions"]
+    assert len(val) == len(tags) == CAPTIONS * len(val_clips)
+    for (_, row), tag in zip(val.iterrows(), tags):
+        assert meta[row["video_id"]]["render"] == 0
+        assert {"caption": row["sentence"], "kind": tag["kind"], "mentions_sound": tag["mentions_sound"]} in \
+            meta[row["video_id"]]["captions"]
+    assert set(out["val_clips_per_category"]) == {"twin", "solo", "noise"}
+    assert min(out["val_clips_per_category"].values()) >= 1
+    # deterministic; another seed holds out other clips
+    again = make_val_split(bench, num_val_clips=6, seed=0, out_dir=str(tmp_path / "again"))
+    assert open(again["val_csv"]).read() == open(out["val_csv"]).read()
+    other = make_val_split(bench, num_val_clips=6, seed=1, out_dir=str(tmp_path / "other"))
+    assert open(other["val_csv"]).read() != open(out["val_csv"]).read()
+
+
+def test_validation_split_refuses_impossible_sizes(bench, tmp_path):
+    with pytest.raises(ValueError, match="--num_val_clips"):
+        make_val_split(bench, num_val_clips=0, out_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="metadata.json"):
+        make_val_split(str(tmp_path), num_val_clips=2)

@@ -1,4 +1,4 @@
-"""Residual text guidance and shortlist re-ranking (DESIGN §4a): a text-guided model warm-started
+"""Residual text guidance and shortlist re-ranking (docs/design.md §4a): a text-guided model warm-started
 from an AVIGATE checkpoint scores every pair as that checkpoint at step 0; --freeze_agnostic
 leaves the agnostic model untouched; re-ranked scores do not depend on order or batching, and
 re-ranking with K = gallery size is full text-guided scoring."""

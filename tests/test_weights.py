@@ -1,6 +1,7 @@
 """modules/weights.py: downloads from a local HTTP server, verification, the cache and resolvers."""
 import hashlib
 import os
+import subprocess
 
 import pytest
 import torch
@@ -318,3 +319,33 @@ def test_default_ast_name_finds_the_modules_copy(tmp_path, ast_release):
         found = weights.resolve_ast_checkpoint(name, tmp_path / "cache")
         assert (found.path, found.source) == (str(modules_dir / "audioset_10_10_0.4593.pth"), "path")
     assert server.requests == []
+
+
+def test_local_clip_copy_must_have_the_published_sha256(tmp_path, clip_release):
+    """modules/ViT-B-32.pt (or any file of that name) that is not the release is refused, naming
+    the file, both hashes and the flag that accepts it anyway."""
+    _, _, modules_dir = clip_release
+    (modules_dir / "ViT-B-32.pt").write_bytes(b"a re-saved copy")
+    with pytest.raises(weights.WeightsError) as err:
+        weights.resolve_clip_checkpoint("ViT-B/32", tmp_path / "cache")
+    message = str(err.value)
+    assert str(modules_dir / "ViT-B-32.pt") in message and "--allow_unlisted_weights" in message
+    assert weights.CLIP_RELEASES["ViT-B/32"].sha256 in message
+    accepted = weights.resolve_clip_checkpoint("ViT-B/32", tmp_path / "cache", allow_unlisted=True)
+    assert accepted.path == str(modules_dir / "ViT-B-32.pt") and accepted.sha256 == sha(b"a re-saved copy")
+    elsewhere = tmp_path / "mine" / "ViT-B-32.pt"  # a path named like the release is checked too
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"a re-saved copy")
+    with pytest.raises(weights.WeightsError, match="not the released ViT-B-32.pt"):
+        weights.resolve_clip_checkpoint(str(elsewhere), tmp_path / "cache")
+    other = tmp_path / "mine" / "finetuned_clip.pt"  # any other file name: used as given
+    other.write_bytes(b"a fine-tuned model")
+    assert weights.resolve_clip_checkpoint(str(other), tmp_path / "cache").source == "path"
+
+
+def test_gitignore_covers_every_suggested_weights_location():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    suggested = ["modules/ViT-B-32.pt", "modules/ViT-B-16.pt", f"modules/{weights.AST_RELEASE.file_name}",
+                 f"modules/{weights.AST_RELEASE.file_name}{weights.RECORD_SUFFIX}", "modules/ViT-B-32.pt.part"]
+    result = subprocess.run(["git", "check-ignore", *suggested], cwd=root, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(suggested)

@@ -2,7 +2,7 @@
 whatever the order, batching and sharding of the evaluation? (README "Is a text-conditioned
 number real?")
 
-A score may depend only on its text and its video (DESIGN §4). The audit evaluates the
+A score may depend only on its text and its video (docs/design.md §4). The audit evaluates the
 checkpoint with ``main_task_retrieval.py --do_eval`` — the code path of a user's evaluation —
 several times, changing only what must not matter:
 
@@ -49,7 +49,7 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 import main_task_retrieval  # noqa: E402
-from util import write_json  # noqa: E402
+from atomic_io import write_json  # noqa: E402
 
 # Tolerance (docs/training.md, "Audit tolerance"): a score may move by
 #     tolerance = max(TOLERANCE_FLOOR, TOLERANCE_FACTOR * u * S)

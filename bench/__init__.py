@@ -1,0 +1,1 @@
+"""Benchmarks and studies run as scripts (`python bench/<name>.py`); results in bench/results/."""
