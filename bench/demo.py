@@ -48,7 +48,7 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
 import main_task_retrieval  # noqa: E402
 from atomic_io import write_json  # noqa: E402
 from bench import demo_results  # noqa: E402
-from dataloaders.audio_cache import AudioCacheWriter  # noqa: E402
+from dataloaders.audio_cache import AudioCacheWriter, checkpoint_fingerprint  # noqa: E402
 from modules.ast import AST  # noqa: E402
 from preprocess import cache_audio_features, cache_frames  # noqa: E402
 from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
@@ -406,11 +406,12 @@ def build_frame_cache(cfg: DemoConfig, paths: Paths) -> None:
 
 def build_zero_cache(paths: Paths) -> None:
     """All-zero AST tokens for every clip (flagged as without soundtrack): the fusion runs
-    but its audio carries nothing."""
+    but its audio carries nothing. The fingerprint names the trunk the rows use, so the start-up
+    check that a cache belongs to the model's trunk accepts it."""
     ast_cfg = AST.from_checkpoint(paths.ast_pretrained).cfg
     video_ids = cache_audio_features.read_video_ids(split_lists(paths))
-    writer = AudioCacheWriter(paths.zero_cache, video_ids, {"zero_tokens": True},
-                              ast_cfg.num_output_tokens, ast_cfg.embed_dim)
+    fingerprint = {"checkpoint": checkpoint_fingerprint(paths.ast_pretrained), "zero_tokens": True}
+    writer = AudioCacheWriter(paths.zero_cache, video_ids, fingerprint, ast_cfg.num_output_tokens, ast_cfg.embed_dim)
     for start in range(0, len(video_ids), ZERO_CACHE_BATCH):
         rows = range(start, min(start + ZERO_CACHE_BATCH, len(video_ids)))
         writer.write(rows, np.zeros((len(rows), ast_cfg.num_output_tokens, ast_cfg.embed_dim), np.float16),
@@ -442,7 +443,7 @@ def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
             lambda: build_category_cache(paths.ast_cache, os.path.join(paths.data, "metadata.json"),
                                          paths.category_cache, seed=cfg.data_seed))
     if any(ROW_BY_NAME[name].audio == "zero" for name in cfg.rows):
-        seconds["zero_cache"] = cached_stage("zero-token cache", paths.zero_cache, spec,
+        seconds["zero_cache"] = cached_stage("zero-token cache", paths.zero_cache, {**spec, "records_trunk": True},
                                              lambda: build_zero_cache(paths))
     return seconds
 
