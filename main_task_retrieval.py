@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--hardest_k", type=int, default=8, help="negatives per text for hardest_k")
     o.add_argument("--train_pairs_per_chunk", type=int, default=0,
                    help="text-guided training: pairs fused per chunk, each recomputed in backward "
-                        "(0: all of a rank's pairs at once); see README 'Pair memory'")
+                        "(0: all of a rank's pairs at once); see docs/precision_memory.md")
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval_protocol", choices=EVAL_PROTOCOLS, default="honest",
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--audio_perturb", choices=AUDIO_PERTURBATIONS, default="none",
                    help="replace every test video's audio: silence (the all-zero AST input), noise (white "
                         "noise at --audio_noise_rms) or swap (another test video's audio, a derangement "
-                        "fixed by --seed); frames and texts stay as they are (README 'Is a "
+                        "fixed by --seed); frames and texts stay as they are (docs/evaluation.md 'Is a "
                         "text-conditioned number real?')")
     e.add_argument("--audio_noise_rms", type=float, default=DEFAULT_NOISE_RMS,
                    help="--audio_perturb noise: RMS of the Gaussian noise waveform (full scale 1; 0.1 = -20 dBFS)")

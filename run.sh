@@ -16,7 +16,7 @@
 #   STAGE1_CHECKPOINT=ckpts/msrvtt_avigate/pytorch_model.bin.4 PRESET=tg-two-stage bash run.sh
 #   PRESET=table11a-depth2 bash run.sh --dry-run # print the command instead of running it
 # The table4/5/11 presets reproduce paper rows with the released recipe in full: fp32, global
-# gradient clipping, the released weight-decay rule and padding rule (README "Fidelity to the
+# gradient clipping, the released weight-decay rule and padding rule (docs/fidelity.md, "Fidelity to the
 # released code"); the text-guided ones keep the defaults of plain `bash run.sh` (AVIGATE), so the
 # two compare directly. docs/presets.md puts the paper's numbers beside each row.
 #
@@ -223,7 +223,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_WORKERS=${NUM_WORKERS:-8}        # DataLoader workers per process
-PRECISION=${PRECISION:-bf16}         # bf16 (README "Precision"; Ampere or newer) | fp32 (released) | fp16
+PRECISION=${PRECISION:-bf16}         # bf16 (docs/precision_memory.md; Ampere or newer) | fp32 (released) | fp16
 EVAL_PRECISION=${EVAL_PRECISION:-fp32}  # validation/test evaluation (fp32 reproduces published numbers)
 
 # ---- data (docs/design.md §9); videos may be compressed first (preprocess/compress_video.py)

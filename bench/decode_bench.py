@@ -20,7 +20,7 @@ machine both run with and without ``pin_memory``. It also times the start of an 
 a fresh loader (what training builds per epoch) against the second epoch of a persistent
 loader.
 
-The loader section's measured numbers are in README.md (Performance).
+The loader section's measured numbers are in docs/performance.md.
 
 Usage:
     .venv/bin/python bench/decode_bench.py [--sections decode loader] [--seconds 30] [--repeats 8]

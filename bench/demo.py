@@ -161,7 +161,7 @@ class DemoConfig:
             every caption a sample).
         max_frames, fusion_layers, resampler_layers, fusion_residual, padding_rule,
             grad_clip_scope, weight_decay_rule: model and optimizer recipe (the released values
-            by default; README "Synthetic benchmark: recipe").
+            by default; docs/synthetic_recipe.md).
         eval_block: --batch_size_val of the evaluations, i.e. the paired_block block length.
     """
 
@@ -204,7 +204,7 @@ class DemoConfig:
 
 QUICK = dict(num_train_clips=300, num_test_clips=60, train_renders=2, audio_pretrain_clips=200,
              num_val_clips=30, pretrain_steps=60, clip_pretrain_steps=200, epochs=2)
-# The recipe before issue 17 (README, "previous recipe"): random tiny CLIP towers trained at the
+# The recipe before issue 17 (docs/synthetic_benchmark.md, "previous recipe"): random tiny CLIP towers trained at the
 # full learning rate, the paper's plain fusion output, no validation split; kept to reproduce the
 # earlier tables (--previous_recipe).
 PREVIOUS_RECIPE = dict(num_val_clips=0, clip_pretrain_steps=0, epochs=3, lr=1e-3, coef_lr=1.0,
@@ -451,7 +451,7 @@ def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
 # ----------------------------------------------------------------------------- training runs
 
 def common_flags(cfg: DemoConfig, paths: Paths, eval_batch: Optional[int] = None) -> list:
-    """The demo recipe shared by every row (README, "Synthetic benchmark"); ``eval_batch``
+    """The demo recipe shared by every row (docs/synthetic_recipe.md); ``eval_batch``
     overrides the evaluation batch (cfg.eval_block)."""
     return ["--datatype", "msrvtt", "--data_path", paths.data,
             "--features_path", os.path.join(paths.data, "videos"), "--frame_cache", paths.frame_cache,

@@ -1,4 +1,4 @@
-"""Size of the padded-frame rule's effect (README "Fidelity to the released code").
+"""Size of the padded-frame rule's effect (docs/fidelity.md).
 
 At the released width (D = 512, F = 12, Q = 12, 4 fusion layers, random weights with gates
 moved off their near-zero init, CLIP-like frame statistics), scores every (text, video) pair

@@ -1,4 +1,4 @@
-"""How far the two multi-sentence metric conventions of metrics.py lie apart (README "Fidelity
+"""How far the two multi-sentence metric conventions of metrics.py lie apart (docs/fidelity.md "Fidelity
 to the released code").
 
 Random VATEX-like score matrices: Nv videos with C captions each,

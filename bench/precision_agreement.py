@@ -1,4 +1,4 @@
-"""bf16 autocast vs fp32 training, side by side (README "Precision").
+"""bf16 autocast vs fp32 training, side by side (docs/precision_memory.md).
 
 Trains two copies of one tiny model from the same initialization on the same batches, one
 in fp32 and one under bf16 autocast (the encoders and the fusion; scores and the loss are fp32

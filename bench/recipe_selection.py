@@ -1,7 +1,7 @@
 """The free choices of the synthetic benchmark's recipe, made by one rule on the VALIDATION split.
 
 The recipe (bench/demo.py DemoConfig) takes the released values wherever the tiny scale allows
-(README "Synthetic benchmark: recipe"). Two choices have no released value that fits a 2-core
+(docs/synthetic_recipe.md). Two choices have no released value that fits a 2-core
 CPU run of a few hundred steps: the new modules' learning rate (released: 1e-4 for 5 epochs of
 ~7,000 steps; here an epoch is ~125 steps) and the number of epochs. This script makes them by a
 rule fixed before it ran, applied to every row alike and never to the test split:

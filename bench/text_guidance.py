@@ -1,4 +1,4 @@
-"""Does text guidance earn its place? The study of issue 9 (README, "Text guidance study").
+"""Does text guidance earn its place? The study of issue 9 (docs/synthetic_benchmark.md, "Text guidance study: design").
 
 The design below was fixed and committed before any text-guided model was evaluated on the
 benchmark; it must not be changed to favour a method.

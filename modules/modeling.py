@@ -37,7 +37,7 @@ from modules.similarity import (MAX_LOG_LOGIT_SCALE, check_alignment, exact_fp32
                                 pair_scores, unit_frames, video_index)
 
 # Working set per fused pair when scoring (no autograd) at F = 12, D = 512, L = 4, measured by
-# bench/pair_memory.py (README "Pair memory"): 467 KiB in fp32, 307 KiB under bf16 autocast.
+# bench/pair_memory.py (docs/precision_memory.md, "Pair memory"): 467 KiB in fp32, 307 KiB under bf16 autocast.
 EVAL_PAIR_BYTES = {"fp32": 478_000, "bf16": 315_000, "fp16": 315_000}
 # F x D x L of that measurement: the working set per pair scales with it for other sizes.
 MEASURED_PAIR_SIZE = 12 * 512 * 4

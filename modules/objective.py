@@ -28,14 +28,14 @@ from modules.similarity import exact_fp32, video_index
 
 TRAINING_PAIRS = ("all", "hardest_k", "own_caption")
 # Bytes per fused text-guided pair in training (forward + backward) at F = 12, D = 512, L = 4,
-# measured by bench/pair_memory.py (README "Pair memory"; CPU allocation counts, within 1%):
+# measured by bench/pair_memory.py (docs/precision_memory.md, "Pair memory"; CPU allocation counts, within 1%):
 # fused all at once, a pair keeps this much alive for the backward pass; in a checkpointed
 # chunk (--train_pairs_per_chunk C) the C pairs of the chunk need about as much each, while
 # every other pair keeps only its score (~1 KiB). fp16 stores activations as bf16 does. Other
 # F x D x L scale with modeling.MEASURED_PAIR_SIZE.
 TRAIN_PAIR_BYTES = {"fp32": 4_209_000, "bf16": 2_334_000, "fp16": 2_334_000}
 # Share of the device memory an out-of-memory message's suggested chunk may take (the rest:
-# weights, gradients, optimizer states and the encoders' activations, README "Pair memory").
+# weights, gradients, optimizer states and the encoders' activations, docs/precision_memory.md).
 CHUNK_MEMORY_SHARE = 0.25
 # Suggested chunk when the device memory is unknown (CPU) and no chunk is set yet.
 FALLBACK_CHUNK = 512
@@ -55,7 +55,7 @@ class ObjectiveConfig:
         hardest_k: negatives per text for "hardest_k".
         pairs_per_chunk: text-guided pairs fused per chunk in training, each chunk recomputed
             in the backward pass (``--train_pairs_per_chunk``); 0 fuses all of a rank's pairs
-            at once and keeps their activations (fastest, most memory; see README "Pair memory").
+            at once and keeps their activations (fastest, most memory; see docs/precision_memory.md).
     """
 
     loss: LossConfig = field(default_factory=LossConfig)

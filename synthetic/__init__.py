@@ -1,4 +1,4 @@
-"""The synthetic audio-visual benchmark's tooling (README, "Synthetic benchmark"): the clip
+"""The synthetic audio-visual benchmark's tooling (docs/synthetic_benchmark.md): the clip
 generator (make_synthetic_av), its vocabulary and sound synthesizers (vocab), tiny CLIP/AST
 checkpoints in the released formats (make_tiny_checkpoints), the audio trunk's short
 supervised pre-training (pretrain_audio_trunk) and the category-shortcut control cache

@@ -1,5 +1,5 @@
 """Content plan of the synthetic benchmark: which clips exist, what they show and sound like,
-and how each is captioned (README, "Synthetic benchmark: design"). Rendering is elsewhere
+and how each is captioned (docs/synthetic_benchmark.md, "Design: audio relevance depends on the query"). Rendering is elsewhere
 (synthetic/make_synthetic_av.py); this module draws no pixels and no samples.
 
 Every split holds clips of three categories:

@@ -2,7 +2,7 @@
 
 Each clip shows one coloured shape moving over a black or grey background; its soundtrack
 is an informative sound event or irrelevant audio (noise, unrelated tones). What each clip
-shows, sounds like and how it is captioned is planned in synthetic/design.py (README,
+shows, sounds like and how it is captioned is planned in synthetic/design.py (docs/synthetic_benchmark.md,
 "Synthetic benchmark: design"): twin groups share their visuals and are queried only by
 captions that describe the sound; solo clips (unique visuals, informative sound) are queried
 both by sound captions and by captions of the visuals alone; noise clips (unique visuals)

@@ -1,5 +1,5 @@
 """Synthetic audio-visual benchmark: file formats through the real MSR-VTT loaders, media,
-reproducibility, and the content design (README, "Synthetic benchmark: design")."""
+reproducibility, and the content design (docs/synthetic_benchmark.md, "Design: audio relevance depends on the query")."""
 import filecmp
 import json
 import os

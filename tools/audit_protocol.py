@@ -1,5 +1,5 @@
 """Protocol audit: does a checkpoint's evaluation give every (text, video) pair the same score
-whatever the order, batching and sharding of the evaluation? (README "Is a text-conditioned
+whatever the order, batching and sharding of the evaluation? (docs/evaluation.md "Is a text-conditioned
 number real?")
 
 A score may depend only on its text and its video (docs/design.md §4). The audit evaluates the
