@@ -16,23 +16,20 @@ rule fixed before it ran, applied to every row alike and never to the test split
 
 No test-split evaluation runs here (training runs use --skip_test).
 
-    python bench/recipe_selection.py --out_dir demo_out      # shares the demo's cached stages
+    python -m bench.recipe_selection --out_dir demo_out      # shares the demo's cached stages
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make the repository importable
-    sys.path.insert(0, ROOT)
 
-import atomic_io  # noqa: E402
-from bench import demo  # noqa: E402
+import atomic_io
+from bench import demo
 
 LR_GRID = (1e-4, 1e-3)  # the released rate and the previous demo recipe's
 EPOCHS = 5
