@@ -59,6 +59,7 @@ from modules.tokenization_clip import ClipTokenizer
 from synthetic.design import STREAM_PLAN, STREAM_PRETRAIN, STREAM_RENDER
 from synthetic.make_synthetic_av import (COLOUR_JITTER, COLOUR_RGB, FRAME_NOISE_STD, GROW_RADIUS_RANGE,
                                          _background, _draw_shape)
+from synthetic.pretrain_audio_trunk import warmup_cosine
 from synthetic.vocab import (BACKGROUND_PHRASES, BACKGROUNDS, COLOURS, INFORMATIVE_SOUNDS, MOTION_PHRASES,
                              MOTIONS, SHAPES, SOUND_BY_NAME, caption_variants, visual_combinations)
 
@@ -323,12 +324,6 @@ def image_input(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> CLIP-normalized float [N, 3, S, S] (the loader's normalization)."""
     mask = torch.ones(len(frames), dtype=torch.bool)
     return normalize_frames(frames, mask, frames.device)
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def train(model: CLIP, frames: torch.Tensor, stills: list, tokens: TokenCache, cfg: ClipPretrainConfig) -> list:
