@@ -419,7 +419,10 @@ def build_zero_cache(paths: Paths) -> None:
 
 
 def prepare_inputs(cfg: DemoConfig, paths: Paths) -> dict:
-    """Stages 1-3; returns the seconds of each."""
+    """Stages 1-3; returns the seconds of each. The in-process stages (audio-trunk and CLIP
+    pre-training) run on cfg.nproc threads: CPU float sums depend on the thread count, so a
+    fixed count keeps their weights, and every number after them, the same on any machine."""
+    torch.set_num_threads(cfg.nproc)
     seconds = {"data": cached_stage("benchmark data", paths.data, data_spec(cfg), lambda: build_data(cfg, paths))}
     spec = checkpoint_spec(cfg)
     seconds["checkpoints"] = cached_stage("tiny checkpoints + audio-trunk pre-training", paths.checkpoints,
