@@ -19,7 +19,7 @@ Reads are warm (page cache): the cache of a real run (18 GB at 12 frames for MSR
 RAM of a typical training node; docs/performance.md covers a cache larger than RAM.
 
 Usage (the default run: about 3 minutes on a shared 2-core machine):
-    python bench/frame_cache_bench.py [--json out.json] [--clips 8] [--seconds 15] [--fps 3]
+    python -m bench.frame_cache_bench [--json out.json] [--clips 8] [--seconds 15] [--fps 3]
         [--workers 0 1 2] [--batch_size 16] [--batches 2] [--cache_batches 16]
 Numbers and the epoch-time model built from them: docs/performance.md.
 """
@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from typing import Callable, Dict
@@ -38,17 +37,15 @@ from typing import Callable, Dict
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from dataloaders.audio import load_ast_input  # noqa: E402
-from dataloaders.audio_cache import AudioCacheWriter, AudioFeatureCache  # noqa: E402
-from dataloaders.base import collate_items  # noqa: E402
-from dataloaders.frame_cache import FrameCache, entry_path  # noqa: E402
-from dataloaders.registry import DataConfig, build_train_dataset  # noqa: E402
-from dataloaders.video import FrameSamplingConfig, read_frames  # noqa: E402
-from preprocess.cache_frames import build_frame_cache  # noqa: E402
-from tests.datagen import make_msrvtt, write_video, write_wav  # noqa: E402
+from dataloaders.audio import load_ast_input
+from dataloaders.audio_cache import AudioCacheWriter, AudioFeatureCache
+from dataloaders.base import collate_items
+from dataloaders.frame_cache import FrameCache, entry_path
+from dataloaders.registry import DataConfig, build_train_dataset
+from dataloaders.video import FrameSamplingConfig, read_frames
+from preprocess.cache_frames import build_frame_cache
+from tests.datagen import make_msrvtt, write_video, write_wav
 
 CLIP_SIZE = (320, 240)
 FRAME_COUNTS = (12, 32)
