@@ -36,16 +36,23 @@ INFORMATIVE, NOISE = "informative", "noise"
 LABEL_KEY = "informative_audio"
 
 
-def read_informative_labels(path: str, video_ids: list) -> np.ndarray:
-    """bool [Nv]: each video's ``informative_audio`` from a metadata.json-style file
-    ({"videos": {video_id: {"informative_audio": bool}}}); errors name --gate_labels."""
+def read_video_entries(path: str, flag: str, what: str) -> dict:
+    """The "videos" mapping (video id -> entry) of a metadata.json-style file; errors name ``flag``
+    and say ``what`` the file should be."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--gate_labels {path!r} does not exist: --gate_log_split needs per-video labels "
-                                f"(the synthetic benchmark's metadata.json, or a file of that form)")
+        raise FileNotFoundError(f"{flag} {path!r} does not exist: it should be {what}")
     with open(path) as handle:
         videos = json.load(handle).get("videos")
     if not isinstance(videos, dict):
-        raise ValueError(f"--gate_labels {path}: no \"videos\" mapping of video id -> {{\"{LABEL_KEY}\": bool}}")
+        raise ValueError(f"{flag} {path}: no \"videos\" mapping of video id -> entry; it should be {what}")
+    return videos
+
+
+def read_informative_labels(path: str, video_ids: list) -> np.ndarray:
+    """bool [Nv]: each video's ``informative_audio`` from a metadata.json-style file
+    ({"videos": {video_id: {"informative_audio": bool}}}); errors name --gate_labels."""
+    videos = read_video_entries(path, "--gate_labels", f"the per-video labels --gate_log_split needs (the synthetic "
+                                f"benchmark's metadata.json, or a file with {{\"{LABEL_KEY}\": bool}} per video)")
     missing = [v for v in video_ids if LABEL_KEY not in videos.get(v, {})]
     if missing:
         raise KeyError(f"--gate_labels {path} has no {LABEL_KEY!r} for {len(missing)} videos of the logged split "

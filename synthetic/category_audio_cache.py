@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dataloaders.audio_cache import AudioCacheWriter, AudioFeatureCache, read_index
+from gate_log import read_video_entries
 
 INFORMATIVE, IRRELEVANT = "informative", "irrelevant"
 TRAIN_SPLIT = "train"
@@ -42,15 +43,8 @@ def audio_category(entry: dict) -> str:
 
 def read_video_metadata(path: str) -> dict:
     """metadata.json's "videos" (video id -> entry); errors name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--metadata {path!r} does not exist (the generator writes metadata.json "
-                                f"beside MSRVTT_data.json)")
-    with open(path) as handle:
-        videos = json.load(handle).get("videos")
-    if not isinstance(videos, dict):
-        raise ValueError(f"--metadata {path}: no \"videos\" mapping (is it synthetic/make_synthetic_av.py's "
-                         f"metadata.json?)")
-    return videos
+    return read_video_entries(path, "--metadata", "synthetic/make_synthetic_av.py's metadata.json (written beside "
+                                                  "MSRVTT_data.json)")
 
 
 def choose_exemplars(cache: AudioFeatureCache, video_ids: Sequence[str], videos: dict, seed: int) -> dict:
