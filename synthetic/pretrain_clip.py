@@ -37,7 +37,6 @@ sentences per group.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -56,6 +55,7 @@ import atomic_io
 from dataloaders.video import normalize_frames, resize_center_crop
 from modules.clip import CLIP, load_clip_state_dict
 from modules.tokenization_clip import ClipTokenizer
+from modules.weights import file_sha256
 from synthetic.design import STREAM_PLAN, STREAM_PRETRAIN, STREAM_RENDER
 from synthetic.make_synthetic_av import (COLOUR_JITTER, COLOUR_RGB, FRAME_NOISE_STD, GROW_RADIUS_RANGE,
                                          _background, _draw_shape)
@@ -417,14 +417,6 @@ def language_report(model: CLIP, tokens: TokenCache, cfg: ClipPretrainConfig, gr
 
 # ----------------------------------------------------------------------------- entry points
 
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def report_path(out_path: str) -> str:
     return os.path.splitext(out_path)[0] + REPORT_SUFFIX
 
@@ -437,8 +429,8 @@ def cached_report(init_checkpoint: str, out_path: str, cfg: ClipPretrainConfig) 
         return None
     with open(report_file) as handle:
         report = json.load(handle)
-    same = (report.get("config") == asdict(cfg) and report.get("init_sha256") == file_digest(init_checkpoint)
-            and report.get("sha256") == file_digest(out_path))
+    same = (report.get("config") == asdict(cfg) and report.get("init_sha256") == file_sha256(init_checkpoint)
+            and report.get("sha256") == file_sha256(out_path))
     return report if same else None
 
 
@@ -466,7 +458,7 @@ def pretrain_clip(init_checkpoint: str, out_path: str, cfg: ClipPretrainConfig) 
     atomic_io.save_torch({k: v.detach().clone() for k, v in model.state_dict().items()}, out_path)
     tail = np.array(losses[-20:])
     report = {"checkpoint": out_path, "init_checkpoint": init_checkpoint,
-              "init_sha256": file_digest(init_checkpoint), "sha256": file_digest(out_path),
+              "init_sha256": file_sha256(init_checkpoint), "sha256": file_sha256(out_path),
               "config": asdict(cfg), "held_out_before": before, "held_out_after": after,
               "first_losses": {"image": losses[0][0], "text": losses[0][1]},
               "last_losses": {"image": float(tail[:, 0].mean()), "text": float(tail[:, 1].mean())},
