@@ -71,12 +71,13 @@ if ROOT not in sys.path:  # run as a script: make the repository importable
 import main_task_retrieval  # noqa: E402
 import util  # noqa: E402
 from atomic_io import write_json, write_text  # noqa: E402
-from bench import demo  # noqa: E402
+from bench import demo, demo_results  # noqa: E402
 from dataloaders.base import collate_items  # noqa: E402
 from dataloaders.registry import build_eval_datasets  # noqa: E402
 from evaluation import encode_dataset, rerank_split, score_split  # noqa: E402
-from metrics import metrics_report, text_to_video_ranks  # noqa: E402
+from metrics import metrics_report, roc_auc, text_to_video_ranks  # noqa: E402
 from modules.tokenization_clip import ClipTokenizer  # noqa: E402
+from tools import robustness_table  # noqa: E402
 from tools.packed_results import pack_bits, read_npz, unpack_bits, write_npz  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -88,6 +89,28 @@ GOAL_POINTS = 3.0
 GOAL_STANDARD_ERRORS = 2.0
 TEXT_FLAGS = ("--text_gate", "--text_query", "--query_gate")
 KINDS = ("sound", "visual_informative", "visual_noise")
+# Amendment (issue 17): sound captions also split by their clip's category. A twin's sound
+# caption fits three identical-looking videos (only the sound tells them apart; a model that
+# ignores audio is capped at 33%); a solo's names visuals that already identify the clip.
+SOUND_SPLITS = demo_results.SOUND_SPLITS
+SUBSETS = ("all", *KINDS, *SOUND_SPLITS)
+SUBSET_LABELS = {"all": "all", "sound": "sound", "visual_informative": "visual, informative audio",
+                 "visual_noise": "visual, noise", "sound_twin": "sound, twins", "sound_solo": "sound, solo"}
+# Amendment (issue 17): the paired differences whose power the study reports (paired-bootstrap
+# SE, target <= 1 point on every subset), the robustness rows and the probed representations.
+DIFFERENCES = (("zero_audio", "visual_only"), ("ungated", "zero_audio"), ("avigate", "zero_audio"),
+               ("avigate", "ungated"), ("avigate", "visual_only"), ("category_audio", "zero_audio"),
+               ("avigate", "category_audio"))
+ROBUSTNESS_ROWS = ("ungated", "avigate")
+PERTURBATIONS = demo.PERTURBATIONS
+PROBE_COLUMNS = demo.PROBE_COLUMNS
+TARGET_ZERO_AUDIO = 50.0
+TARGET_AUDIO_GAIN_TWINS = 20.0
+TARGET_MAX_SE = 1.0
+TARGET_SEED_STD = 1.5
+TARGET_GATE_AUC = 0.85
+TARGET_PROBE_CAPTION = 80.0
+TARGET_PROBE_VIDEO = 60.0
 CATEGORIES = ("twin", "solo", "noise")
 RECALLS = (1, 5, 10)
 HITS = "t2v_hits_R@1"  # per-query t2v hits at R@1 (paired goal test), stored bit-packed
@@ -171,28 +194,43 @@ def eval_args(cfg, paths, row: StudyRow, checkpoint: str, out_dir: str) -> list:
 @dataclass
 class Query:
     """What subset analysis needs of the test split: caption_video [Nt], kind [Nt] (str),
-    category [Nv] (str)."""
+    category [Nv] (str), split [Nt] (str: "sound_twin" / "sound_solo" for sound captions, the
+    kind otherwise)."""
 
     caption_video: np.ndarray
     kind: np.ndarray
     category: np.ndarray
+    split: np.ndarray
+
+    def selects(self, subset: str) -> np.ndarray:
+        """bool [Nt]: the captions of a subset of SUBSETS."""
+        if subset == "all":
+            return np.ones(self.kind.shape, dtype=bool)
+        return (self.split if subset in SOUND_SPLITS else self.kind) == subset
+
+    @property
+    def informative_video(self) -> np.ndarray:
+        """bool [Nv]: clips with a distinctive sound (twins and solos)."""
+        return self.category != "noise"
 
 
 def split_queries(split, metadata: dict) -> Query:
     kind_of = {(c["video_id"], c["caption"]): c["kind"] for c in metadata["test_captions"]}
     kinds = np.array([kind_of[(split.video_ids[v], c)] for c, v in zip(split.captions, split.caption_video)])
     categories = np.array([metadata["videos"][v]["category"] for v in split.video_ids])
-    return Query(np.asarray(split.caption_video), kinds, categories)
+    caption_video = np.asarray(split.caption_video)
+    return Query(caption_video, kinds, categories,
+                 demo_results.sound_splits(kinds, caption_video, metadata, list(split.video_ids)))
 
 
-def v2t_subset_ranks(sim: np.ndarray, query: Query, kind: Optional[str]) -> np.ndarray:
-    """1-based rank of each video's best caption of ``kind`` (None: any) among all captions,
-    its own other captions not counted, ties pessimistic; videos without such a caption are
-    left out. sim [Nt, Nv] (the v2t ranking) -> ranks [Nv']."""
+def v2t_subset_ranks(sim: np.ndarray, query: Query, selected: np.ndarray) -> np.ndarray:
+    """1-based rank of each video's best caption among ``selected`` (bool [Nt]) among all
+    captions, its own other captions not counted, ties pessimistic; videos without such a
+    caption are left out. sim [Nt, Nv] (the v2t ranking) -> ranks [Nv']."""
     ranks = []
     for v in range(sim.shape[1]):
         own = query.caption_video == v
-        positives = own if kind is None else own & (query.kind == kind)
+        positives = own & selected
         if not positives.any():
             continue
         column = sim[:, v]
@@ -215,11 +253,10 @@ def subset_report(t2v: np.ndarray, v2t: np.ndarray, query: Query) -> dict:
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     t2v_ranks = text_to_video_ranks(torch.as_tensor(t2v), torch.as_tensor(query.caption_video)).numpy()
     out = {}
-    for kind in (None, *KINDS):
-        name = kind or "all"
-        selected = np.ones_like(t2v_ranks, dtype=bool) if kind is None else query.kind == kind
+    for name in SUBSETS:
+        selected = query.selects(name)
         entry = {"num_texts": int(selected.sum())}
-        v_ranks = v2t_subset_ranks(v2t, query, kind)
+        v_ranks = v2t_subset_ranks(v2t, query, selected)
         entry["num_videos"] = int(v_ranks.size)
         for k in RECALLS:
             t_hits, v_hits = t2v_ranks[selected] <= k, v_ranks <= k
@@ -238,8 +275,8 @@ def gate_report(scored, query: Query) -> dict:
     if scored.own_caption_gates:
         out = {"by_caption_kind": {name: {kind: np.abs(g[query.kind == kind]).mean(0).tolist() for kind in KINDS}
                                    for name, g in scored.own_caption_gates.items()}}
-        att = np.abs(scored.own_caption_gates.get("att"))
-        if att is not None:
+        if "att" in scored.own_caption_gates:
+            att = np.abs(scored.own_caption_gates["att"])
             diffs = []
             for v in np.flatnonzero(query.category == "solo"):
                 own = query.caption_video == v
@@ -257,6 +294,22 @@ def gate_report(scored, query: Query) -> dict:
         return {"by_clip_category": {name: {c: np.abs(g[query.category == c]).mean(0).tolist() for c in CATEGORIES}
                                      for name, g in scored.video_gates.items()}}
     return {}
+
+
+def gate_separation(scored, query: Query) -> Optional[dict]:
+    """How well the last layer's |g_att| tells clips with a distinctive sound (twins, solos)
+    from noise clips: AUC (informative = positive) and the mean gap. Per video: its gate
+    (text-agnostic) or the mean over its own captions' gates (text-guided). None without g_att."""
+    if "att" in scored.video_gates:
+        per_video = np.abs(scored.video_gates["att"][:, -1])
+    elif "att" in scored.own_caption_gates:
+        own = np.abs(scored.own_caption_gates["att"][:, -1])
+        per_video = np.array([own[query.caption_video == v].mean() for v in range(query.category.size)])
+    else:
+        return None
+    informative, noise = per_video[query.informative_video], per_video[~query.informative_video]
+    return {"last_layer_auc": roc_auc(informative, noise),
+            "last_layer_gap": float(informative.mean() - noise.mean())}
 
 
 def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int) -> dict:
@@ -283,6 +336,9 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
                    "metrics": metrics_report(scored.sim, query.caption_video),
                    "subsets": subset_report(scored.sim, scored.sim, query)}
     out["gates"] = gate_report(scored, query)
+    separation = gate_separation(scored, query)
+    if separation is not None:
+        out["gate_separation"] = separation
     if row.text_guided:
         stage1 = model.agnostic_scores(texts, videos).scores.numpy()
         out["stage1"] = {"metrics": metrics_report(stage1, query.caption_video),
@@ -298,24 +354,60 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
     return out
 
 
+def row_diagnostics(cfg, paths, row: StudyRow, seed: int, run_dir: str) -> dict:
+    """Amendment (issue 17): the linear probes of the sound (tools/probe_sound.py) on the test
+    split, the last-layer gate AUC per epoch on the validation clips (written by training), and
+    for ROBUSTNESS_ROWS the t2v R@1 and mean last-layer |g_att| under every --audio_perturb."""
+    checkpoint = demo.selected_checkpoint(run_dir)
+    probe_dir = os.path.join(run_dir, "probe")
+    demo.cached_stage(f"probe {row.name} (seed {seed})", probe_dir,
+                      {"checkpoint": checkpoint, "inputs": demo.run_inputs(cfg)},
+                      lambda: demo.write_probe(row, paths, checkpoint, probe_dir))
+    out = {"probe": demo.probe_summary(demo_results.read_json(os.path.join(probe_dir, demo.PROBE_FILE))),
+           "gates_per_epoch": demo.gates_per_epoch(run_dir)}
+    if row.name in ROBUSTNESS_ROWS:
+        dirs = []
+        for kind in ("none", *PERTURBATIONS):
+            out_dir = os.path.join(run_dir, f"audio_{kind}")
+            extra = [] if kind == "none" else ["--audio_perturb", kind]
+            demo.cached_run(f"evaluate {row.name} (seed {seed}, audio {kind})", out_dir,
+                            demo.eval_command(cfg, paths, row, checkpoint, out_dir, extra, seed), cfg,
+                            in_process=True)
+            dirs.append(out_dir)
+        out["robustness"] = {kind: {"t2v_R@1": r["t2v_R@1"], "gate": r["gate"]}
+                             for kind, r in robustness_table.collect(row.label, dirs).items()}
+    return out
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 def recall_keys() -> list:
     return [f"{d}_R@{k}" for d in ("t2v", "v2t") for k in RECALLS]
 
 
+def subsets_of(per_seed: dict, protocol: str = "full") -> list:
+    """The subsets a row's results carry, in order (results written before the twin / solo
+    split carry "all" and KINDS only)."""
+    first = per_seed[min(per_seed)]
+    return list(first[protocol]["subsets"])
+
+
+def mean_std(values: list) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
 def aggregate(per_seed: dict, protocol: str) -> dict:
     """Mean and std over seeds of every subset recall of one protocol ("full", "rerank_20", ...)."""
     seeds = sorted(per_seed)
     out = {}
-    for subset in ("all", *KINDS):
+    for subset in subsets_of(per_seed, protocol):
         entry = {}
         for key in recall_keys():
             values = [per_seed[s][protocol]["subsets"][subset][key] for s in seeds]
             if any(v is None for v in values):
                 continue
-            entry[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                          "per_seed": values}
+            entry[key] = mean_std(values)
         out[subset] = entry
     overall = [per_seed[s][protocol]["metrics"]["plain"] for s in seeds]
     out["metrics_released"] = {k: {"mean": float(np.mean([m[k] for m in overall])),
@@ -326,20 +418,58 @@ def aggregate(per_seed: dict, protocol: str) -> dict:
     return out
 
 
-def goal_test(rows: dict, candidate: str, reference: str = "avigate", protocol: str = "full") -> dict:
-    """Per subset: seed-mean t2v R@1 difference (candidate - reference), its paired-bootstrap
-    standard error, the per-seed differences and whether the goal is met."""
+def paired_difference(rows: dict, candidate: str, reference: str, protocol: str = "full") -> dict:
+    """Per subset: seed-mean t2v R@1 difference (candidate - reference, the reference always
+    fully scored), its paired-bootstrap standard error (the same resampled queries for both
+    rows and every seed) and the per-seed differences."""
     seeds = sorted(set(rows[candidate]) & set(rows[reference]))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     out = {}
-    for subset in ("all", *KINDS):
+    for subset in subsets_of(rows[candidate], protocol):
         a = np.array([rows[candidate][s][protocol]["subsets"][subset][HITS] for s in seeds], dtype=float)
         b = np.array([rows[reference][s]["full"]["subsets"][subset][HITS] for s in seeds], dtype=float)
         diff = 100 * (a - b)                                       # [seeds, queries]
         boot = diff[:, rng.integers(0, diff.shape[1], (BOOTSTRAP, diff.shape[1]))].mean(-1).mean(0)
-        d, se = float(diff.mean()), float(boot.std(ddof=1))
-        out[subset] = {"difference": d, "standard_error": se, "per_seed": diff.mean(1).tolist(),
-                       "met": bool(d >= GOAL_POINTS and d > GOAL_STANDARD_ERRORS * se)}
+        out[subset] = {"difference": float(diff.mean()), "standard_error": float(boot.std(ddof=1)),
+                       "per_seed": diff.mean(1).tolist()}
+    return out
+
+
+def goal_test(rows: dict, candidate: str, reference: str = "avigate", protocol: str = "full") -> dict:
+    """paired_difference with the goal verdict per subset: >= GOAL_POINTS and > 2 SE."""
+    out = paired_difference(rows, candidate, reference, protocol)
+    for entry in out.values():
+        d, se = entry["difference"], entry["standard_error"]
+        entry["met"] = bool(d >= GOAL_POINTS and d > GOAL_STANDARD_ERRORS * se)
+    return out
+
+
+def seed_means(per_seed: dict, pick) -> Optional[dict]:
+    """Mean and std over seeds of ``pick(seed_result)`` (a number, or a dict of numbers); None
+    when no seed has it."""
+    values = [pick(per_seed[s]) for s in sorted(per_seed)]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    if isinstance(values[0], dict):
+        keys = [k for k in values[0] if all(v.get(k) is not None for v in values)]
+        return {k: mean_std([v[k] for v in values]) for k in keys}
+    return mean_std(values)
+
+
+def diagnostics_summary(per_seed: dict) -> dict:
+    """Seed means of the amendment's diagnostics (probes, gate AUC, robustness) when present."""
+    first = per_seed[min(per_seed)]
+    out = {}
+    if "probe" in first:
+        out["probe"] = seed_means(per_seed, lambda e: e["probe"])
+    if "gate_separation" in first:
+        out["gate_separation"] = seed_means(per_seed, lambda e: e.get("gate_separation"))
+    if first.get("gates_per_epoch"):
+        out["gates_per_epoch_auc"] = {s: per_seed[s]["gates_per_epoch"] for s in sorted(per_seed)}
+    if "robustness" in first:
+        out["robustness"] = {kind: seed_means(per_seed, lambda e, k=kind: e["robustness"].get(k))
+                             for kind in ("none", *PERTURBATIONS)}
     return out
 
 
@@ -354,7 +484,8 @@ def study_results(rows: dict, row_specs: dict, seconds: dict) -> dict:
             if protocol == "stage1":
                 seeds = sorted(per_seed)
                 entry["stage1"] = {subset: {key: float(np.mean([per_seed[s]["stage1"]["subsets"][subset][key] for s in seeds]))
-                                            for key in ("t2v_R@1", "t2v_R@5", "t2v_R@10")} for subset in ("all", *KINDS)}
+                                            for key in ("t2v_R@1", "t2v_R@5", "t2v_R@10")}
+                                   for subset in subsets_of(per_seed, "stage1")}
                 continue
             entry[protocol] = aggregate(per_seed, protocol)
         if spec.text_guided and "avigate" in rows:
@@ -362,8 +493,49 @@ def study_results(rows: dict, row_specs: dict, seconds: dict) -> dict:
         if spec.text_guided and spec.warm_start and "avigate_continued" in rows:
             entry["goal_vs_avigate_continued"] = goal_test(rows, name, reference="avigate_continued")
         entry["gates"] = {s: per_seed[s]["gates"] for s in sorted(per_seed)}
+        entry.update(diagnostics_summary(per_seed))
         summary[name] = entry
     return summary
+
+
+def differences(rows: dict) -> dict:
+    """The DIFFERENCES between rows that ran, each per subset with its paired-bootstrap SE."""
+    return {f"{a} - {b}": paired_difference(rows, a, b) for a, b in DIFFERENCES if a in rows and b in rows}
+
+
+def check(value: Optional[float], goal: float, at_most: bool = False) -> dict:
+    met = value is not None and (value <= goal if at_most else value >= goal)
+    return {"value": value, "target": goal, "comparison": "<=" if at_most else ">=", "met": bool(met)}
+
+
+def targets(results: dict) -> dict:
+    """Issue 17's targets on the study's 3-seed means (those whose rows ran)."""
+    rows, diffs, out = results["summary"], results.get("differences", {}), {}
+
+    def r1(name: str, subset: str = "all") -> Optional[float]:
+        return rows[name]["full"][subset]["t2v_R@1"]["mean"] if name in rows else None
+
+    if "zero_audio" in rows:
+        out["zero_audio_overall"] = check(r1("zero_audio"), TARGET_ZERO_AUDIO)
+    if "ungated - zero_audio" in diffs:
+        out["ungated_gain_sound_twins"] = check(diffs["ungated - zero_audio"]["sound_twin"]["difference"],
+                                                TARGET_AUDIO_GAIN_TWINS)
+    main = [d for name, d in diffs.items() if name in ("ungated - zero_audio", "avigate - zero_audio",
+                                                      "avigate - ungated", "avigate - visual_only")]
+    if main:
+        out["max_paired_se"] = check(max(e["standard_error"] for d in main for e in d.values()), TARGET_MAX_SE,
+                                     at_most=True)
+    out["max_seed_std_overall"] = check(max(e["full"]["all"]["t2v_R@1"]["std"] for e in rows.values()),
+                                        TARGET_SEED_STD, at_most=True)
+    if rows.get("avigate", {}).get("gate_separation"):
+        out["avigate_gate_auc"] = check(rows["avigate"]["gate_separation"]["last_layer_auc"]["mean"], TARGET_GATE_AUC)
+    probed = [e["probe"] for e in rows.values() if e.get("probe")]
+    if probed:
+        out["min_probe_caption"] = check(min(p["caption_embedding"]["mean"] for p in probed), TARGET_PROBE_CAPTION)
+        audio = [rows[n]["probe"]["video_embedding"]["mean"] for n in ("ungated", "avigate") if n in rows]
+        if audio:
+            out["min_probe_video_embedding_audio_rows"] = check(min(audio), TARGET_PROBE_VIDEO)
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -372,42 +544,98 @@ def fmt(stat: Optional[dict]) -> str:
     return "–" if not stat else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
-def goal_lines(rows: dict, key: str) -> list:
+def difference_cells(entries: dict, subsets: list, verdict: bool) -> str:
+    return " | ".join(f"{entries[s]['difference']:+.1f} ± {entries[s]['standard_error']:.1f}"
+                      + (" MET" if verdict and entries[s]["met"] else "") for s in subsets)
+
+
+def goal_lines(rows: dict, key: str, subsets: list) -> list:
     """Markdown table of one goal test (``key`` of the summary) for the rows that have it."""
-    lines = ["| row | all | sound | visual, informative audio | visual, noise |", "|---|---|---|---|---|"]
+    lines = ["| row | " + " | ".join(SUBSET_LABELS[s] for s in subsets) + " |", "|---" * (len(subsets) + 1) + "|"]
     for e in rows.values():
         if key in e:
-            g = e[key]
-            lines.append(f"| {e['label']} | " + " | ".join(
-                f"{g[s]['difference']:+.1f} ± {g[s]['standard_error']:.1f}{' MET' if g[s]['met'] else ''}"
-                for s in ("all", *KINDS)) + " |")
+            lines.append(f"| {e['label']} | {difference_cells(e[key], subsets, True)} |")
+    return lines
+
+
+def diagnostics_lines(results: dict, subsets: list) -> list:
+    """The amendment's sections (issue 17): paired differences, probes, gate separation,
+    robustness and targets; nothing for results written before it."""
+    rows, lines = results["summary"], []
+    if results.get("differences"):
+        lines += ["", "## Paired differences (t2v R@1 points, seed mean ± paired-bootstrap SE)", "",
+                  "| difference | " + " | ".join(SUBSET_LABELS[s] for s in subsets) + " |",
+                  "|---" * (len(subsets) + 1) + "|"]
+        lines += [f"| {name} | {difference_cells(d, subsets, False)} |" for name, d in results["differences"].items()]
+    probed = {n: e for n, e in rows.items() if e.get("probe")}
+    if probed:
+        lines += ["", "## Linear probes of the sound (accuracy %, mean ± std over seeds; chance 14%)", "",
+                  "Sound event of the test split's informative clips from each stage; named sound from the "
+                  "sound captions' embeddings (tools/probe_sound.py).", "",
+                  "| row | " + " | ".join(PROBE_COLUMNS) + " |", "|---" * (len(PROBE_COLUMNS) + 1) + "|"]
+        for e in probed.values():
+            lines.append(f"| {e['label']} | " + " | ".join(fmt(e["probe"].get(c)) for c in PROBE_COLUMNS) + " |")
+    gated = {n: e for n, e in rows.items() if e.get("gate_separation")}
+    if gated:
+        lines += ["", "## Gates: last-layer |g_att|, informative vs noise test clips (mean ± std over seeds)", "",
+                  "| row | AUC | gap (informative − noise) | AUC per epoch on validation clips (seed 0: before, "
+                  "after each epoch) |", "|---|---|---|---|"]
+        for e in gated.values():
+            sep = e["gate_separation"]
+            per_epoch = e.get("gates_per_epoch_auc", {})
+            first = per_epoch[min(per_epoch)] if per_epoch else None
+            epochs = " / ".join(f"{a:.2f}" for a in first) if first else "–"
+            gap = sep["last_layer_gap"]
+            lines.append(f"| {e['label']} | {sep['last_layer_auc']['mean']:.2f} ± {sep['last_layer_auc']['std']:.2f} | "
+                         f"{gap['mean']:.3f} ± {gap['std']:.3f} | {epochs} |")
+    robust = {n: e for n, e in rows.items() if e.get("robustness")}
+    if robust:
+        kinds = ("none", *PERTURBATIONS)
+        lines += ["", "## Robustness: t2v R@1 and mean last-layer |g_att| under --audio_perturb (mean over seeds)",
+                  "", "| row | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        for e in robust.values():
+            cells = []
+            for kind in kinds:
+                r = e["robustness"][kind]
+                gate = f", g {r['gate']['mean']:.3f}" if r and "gate" in r else ""
+                cells.append(f"{fmt(r['t2v_R@1'])}{gate}" if r else "–")
+            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+    if results.get("targets"):
+        lines += ["", "## Targets (issue 17)", "", "| target | value | goal | met |", "|---|---|---|---|"]
+        for name, t in results["targets"].items():
+            value = "–" if t["value"] is None else f"{t['value']:.2f}"
+            lines.append(f"| {name} | {value} | {t['comparison']} {t['target']} | {'yes' if t['met'] else 'NO'} |")
     return lines
 
 
 def markdown(results: dict) -> str:
     rows = results["summary"]
+    subsets = [k for k in next(iter(rows.values()))["full"] if k in SUBSET_LABELS]
+    extra = [s for s in subsets if s in SOUND_SPLITS]
     lines = ["# Text guidance study", "", f"Command: `{results['command']}`; seeds {results['seeds']}; "
              f"{results['num_texts']} test captions, {results['num_videos']} test videos.", "",
              "## Full scoring: t2v R@1 by caption subset (mean ± std over seeds)", "",
-             "| row | all R@1 | R@5 | R@10 | v2t R@1 | sound R@1 | visual, informative audio R@1 | visual, noise R@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | all R@1 | R@5 | R@10 | v2t R@1 | sound R@1 | visual, informative audio R@1 | visual, noise R@1 |"
+             + "".join(f" {SUBSET_LABELS[s]} R@1 |" for s in extra),
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name, e in rows.items():
         f = e["full"]
         lines.append(f"| {e['label']} | {fmt(f['all'].get('t2v_R@1'))} | {fmt(f['all'].get('t2v_R@5'))} | "
                      f"{fmt(f['all'].get('t2v_R@10'))} | {fmt(f['all'].get('v2t_R@1'))} | "
-                     + " | ".join(fmt(f[k].get("t2v_R@1")) for k in KINDS) + " |")
+                     + " | ".join(fmt(f[k].get("t2v_R@1")) for k in (*KINDS, *extra)) + " |")
     lines += ["", "## Per seed: t2v R@1 with its 95% bootstrap interval over queries (full scoring)", "",
-              "| row | seed | all | sound | visual, informative audio | visual, noise |", "|---|---|---|---|---|---|"]
+              "| row | seed | " + " | ".join(SUBSET_LABELS[s] for s in subsets) + " |",
+              "|---|---|" + "---|" * len(subsets)]
     for name, e in rows.items():
         for seed, ev in sorted(results["per_seed"].get(name, {}).items(), key=lambda kv: int(kv[0])):
             sub = ev["full"]["subsets"]
             lines.append(f"| {e['label']} | {seed} | " + " | ".join(
                 f"{sub[k]['t2v_R@1']:.1f} [{sub[k]['t2v_R@1_ci95'][0]:.1f}, {sub[k]['t2v_R@1_ci95'][1]:.1f}]"
-                for k in ("all", *KINDS)) + " |")
+                for k in subsets) + " |")
     lines += ["", "## Goal test vs AVIGATE (t2v R@1 difference, paired-bootstrap SE; met = ≥ 3 points and > 2 SE)", "",
-              *goal_lines(rows, "goal_vs_avigate"), "",
+              *goal_lines(rows, "goal_vs_avigate", subsets), "",
               "Warm-started rows against the continued-training control (same warm start and epoch, no text):", "",
-              *goal_lines(rows, "goal_vs_avigate_continued")]
+              *goal_lines(rows, "goal_vs_avigate_continued", subsets)]
     lines += ["", "## Re-ranking (t2v R@1 all captions; pairs fused per evaluation; seconds)", "",
               "| row | full | " + " | ".join(f"K={k}" for k in RERANK_KS) + " |", "|---|---|" + "---|" * len(RERANK_KS)]
     for name, e in rows.items():
@@ -433,6 +661,7 @@ def markdown(results: dict) -> str:
             att = g["by_clip_category"]["att"]
             lines.append(f"| {e['label']} (per video: twin / solo / noise clips) | {att['twin'][-1]:.3f} / "
                          f"{att['solo'][-1]:.3f} / {att['noise'][-1]:.3f} | | | – |")
+    lines += diagnostics_lines(results, subsets)
     lines += ["", f"Time: {results['wall_seconds']:.0f} s wall, {results['cpu_seconds']:.0f} CPU-seconds."]
     return "\n".join(lines) + "\n"
 
@@ -447,13 +676,14 @@ def figures(results: dict, out_prefix: str) -> list:
     written = []
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(len(rows), 1)
-    subsets = ("all", *KINDS)
+    subsets = [k for k in ("all", *KINDS, *SOUND_SPLITS) if k in next(iter(rows.values()))["full"]]
     for i, (name, e) in enumerate(rows.items()):
         means = [e["full"][k]["t2v_R@1"]["mean"] for k in subsets]
         stds = [e["full"][k]["t2v_R@1"]["std"] for k in subsets]
         ax.bar(np.arange(len(subsets)) + i * width, means, width, yerr=stds, label=name, capsize=2)
-    ax.set_xticks(np.arange(len(subsets)) + 0.4 - width / 2,
-                  ["all captions", "sound", "visual (informative audio)", "visual (noise clip)"])
+    names = {"all": "all captions", "sound": "sound", "visual_informative": "visual (informative audio)",
+             "visual_noise": "visual (noise clip)", "sound_twin": "sound (twins)", "sound_solo": "sound (solo)"}
+    ax.set_xticks(np.arange(len(subsets)) + 0.4 - width / 2, [names[k] for k in subsets])
     ax.set_ylabel("t2v R@1 (%), mean ± std over seeds")
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
@@ -561,6 +791,9 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
             evals.setdefault(row.name, {})[seed] = evaluate_row(cfg, paths, row, runs[(row.name, seed)], query_of,
                                                                 args.threads)
             seconds[f"evaluate {row.name} seed {seed}"] = time.time() - t
+            t = time.time()
+            evals[row.name][seed].update(row_diagnostics(cfg, paths, row, seed, runs[(row.name, seed)]))
+            seconds[f"diagnose {row.name} seed {seed}"] = time.time() - t
 
     for name in args.rows:
         if name not in evals:
@@ -578,9 +811,10 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
                           "bootstrap": BOOTSTRAP, "goal_points": GOAL_POINTS,
                           "goal_standard_errors": GOAL_STANDARD_ERRORS, "recipe": asdict(cfg)},
                "seeds": args.seeds, "num_texts": first["num_texts"], "num_videos": first["num_videos"],
-               "best_variant": best, "summary": summary, "per_seed": evals,
+               "best_variant": best, "summary": summary, "differences": differences(evals), "per_seed": evals,
                "seconds": seconds, "wall_seconds": time.time() - start,
                "cpu_seconds": demo.cpu_seconds() - start_cpu, "quick": args.quick}
+    results["targets"] = targets(results)
     write_results(results, args.results)
     print(markdown(results))
     return results
