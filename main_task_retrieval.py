@@ -25,8 +25,9 @@ import checkpoint_record
 import resume_contract
 from modules import architecture, weights
 
-# The flags' choices, spelled out here so that --help and flag errors answer before the
-# torch-heavy imports further down (tests/test_cli.py checks each against its owner module).
+# The other flags' choices (the architecture flags' are in modules/architecture.py), spelled out
+# here so that --help and flag errors answer before the torch-heavy imports further down
+# (tests/test_checkpoint_record.py checks each against its owner module).
 DATATYPES = ("charades", "msrvtt", "vatex")                     # dataloaders.registry.DATASETS
 DECODERS = ("opencv", "pyav")                                   # dataloaders.video.DECODERS
 DEFAULT_DECODER = "opencv"                                      # dataloaders.video.DEFAULT_DECODER
@@ -559,7 +560,7 @@ def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTCon
     width = clip_cfg.embed_dim
     base = AVIGATEConfig(clip=clip_cfg, ast=ast_cfg, resampler=ResamplerConfig(width=width),
                          fusion=FusionConfig(width=width))
-    return architecture.apply_flags(base, args)
+    return architecture.apply_flags(base, vars(args))
 
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:

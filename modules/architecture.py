@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 # Allowed values of the str-valued architecture fields (the config classes check them too).
 GATE_MODES = ("soft", "hard", "none")               # FusionConfig.gate
@@ -141,7 +141,8 @@ FIELDS_WITHOUT_FLAG = {
 
 
 def add_arguments(group: argparse._ActionsContainer, help_group: str) -> None:
-    """Add the architecture flags that --help lists in ``help_group`` to ``group``."""
+    """Add the architecture flags that --help lists in ``help_group`` to ``group`` (a parser or
+    one of its argument groups)."""
     if help_group not in HELP_GROUPS:
         raise ValueError(f"help group {help_group!r} is not one of {HELP_GROUPS}")
     for flag in FLAGS:
@@ -176,6 +177,7 @@ def set_fields(config: Any, values: Mapping[str, Any]) -> Any:
     return dataclasses.replace(config, **top)
 
 
-def apply_flags(config: Any, args: argparse.Namespace, flags: Iterable[ArchitectureFlag] = FLAGS) -> Any:
-    """A copy of ``config`` (an AVIGATEConfig) with the field of every flag in ``flags`` set from ``args``."""
-    return set_fields(config, {flag.field: flag.config_value(getattr(args, flag.name)) for flag in flags})
+def apply_flags(config: Any, values: Mapping[str, Any]) -> Any:
+    """A copy of ``config`` (an AVIGATEConfig) with every flag's field set from the flag's value
+    in ``values`` ({flag name: value}, e.g. ``vars(args)``)."""
+    return set_fields(config, {flag.field: flag.config_value(values[flag.name]) for flag in FLAGS})
