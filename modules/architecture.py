@@ -63,6 +63,8 @@ class ArchitectureFlag:
     def __post_init__(self):
         if self.group not in HELP_GROUPS:
             raise ValueError(f"architecture flag --{self.name}: group {self.group!r} is not one of {HELP_GROUPS}")
+        if self.type is None and self.default is not False:
+            raise ValueError(f"architecture flag --{self.name}: a switch (type None) is off by default")
         if self.negated and self.type is not None:
             raise ValueError(f"architecture flag --{self.name}: only a switch can be negated")
         if self.guiding and not self.text:

@@ -125,3 +125,5 @@ def test_a_bad_table_entry_is_an_error_naming_the_flag():
         architecture.ArchitectureFlag("x", "fusion.layers", "h", type=int, default=1, group="optimization")
     with pytest.raises(ValueError, match="--y.*switch"):
         architecture.ArchitectureFlag("y", "fusion.layers", "h", type=int, default=1, negated=True)
+    with pytest.raises(ValueError, match="--z.*off by default"):
+        architecture.ArchitectureFlag("z", "fusion.text_gate", "h", default=True)
