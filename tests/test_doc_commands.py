@@ -1,0 +1,410 @@
+"""Every shell command in the ```bash blocks of README.md and docs/*.md runs, by one rule.
+
+The rule (nothing below depends on the exact text of a command):
+1. Each ```bash block runs under `bash -e` in a sandbox: a temporary folder linking the
+   repository's top-level files, whose PATH holds a few coreutils and stand-ins. `python`
+   and `torchrun` RECORD their arguments instead of running; `srun` runs its
+   command; `make` runs as `make -n` (prints the recipe). So the shell wrappers really run:
+   run.sh's `--list-presets` and `--dry-run`, their variables and their checks. Any other
+   program is missing from PATH, so the block fails.
+2. Every recorded call, and every `python`/`torchrun` line a command prints (a --dry-run),
+   is resolved to its entry point: a script path that moved or a module that does not exist
+   fails. `python path/x.py` inside a package is the module `path.x` (= `python -m path.x`).
+3. The entry point runs in this process as `__main__`, stopped right after its argparse
+   parser parsed the arguments: an unknown flag or a bad choice fails, `--help` prints the
+   help for real. Flags an entry point forwards (FORWARDS) are parsed by their receiver.
+4. A recorded call that does more than that (no --help) must have its entry point in NOT_RUN
+   with the reason it is not run here; NOT_RUN entries no command uses fail too.
+Placeholders: a lone `...` stands for more flags (the parser then takes a missing required flag
+as given), `[--flag value]` (optional) is kept without its brackets, and every `ckpts/...` path
+a command names exists in the sandbox (a file when its name has a dot, else a folder).
+Code blocks not labelled bash must not start with a command (test below), so none escapes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Entry points a documented command calls that are not run here, with the reason. Their
+# flags are still parsed (rule 3); tests/ run the code itself on tiny fixtures.
+NOT_RUN = {
+    "main_task_retrieval": "trains or evaluates a model: hours on GPUs over a real dataset",
+    "preprocess.prepare_data": "downloads a dataset (network, gigabytes)",
+    "preprocess.compress_video": "re-encodes every video of a dataset (ffmpeg, hours)",
+    "preprocess.extract_audio": "extracts the audio of every video of a dataset (ffmpeg, hours)",
+    "preprocess.cache_audio_features": "runs the AST over every clip of a dataset (GPU hours)",
+    "preprocess.cache_frames": "decodes every video of a dataset (hours)",
+    "preprocess.make_val_split": "reads MSR-VTT's real annotation files (data/msrvtt)",
+    "tools.audit_protocol": "evaluates a trained checkpoint four or five times",
+    "tools.robustness_table": "reads the evaluations the loop before it writes (demo_out, minutes)",
+    "tools.error_report": "reads the --dump_topk evaluation the command before it writes",
+    "tools.probe_sound": "reads the checkpoint and data `make demo` writes (minutes)",
+    "tools.search": "needs a trained checkpoint and a folder of your own clips",
+    "synthetic.category_audio_cache": "reads the AST cache `make demo` writes (minutes)",
+    "python -c": "inline code reading the outputs of the commands before it",
+}
+# Entry point -> (the entry point that parses the flags it does not know itself, the flags the
+# forwarder adds to them).
+FORWARDS = {"tools.audit_protocol": ("main_task_retrieval", ("--output_dir", "AUDIT_DIR/run"))}
+RECORDED = ("python", "torchrun")
+# What the wrappers (run*.sh) and the stand-ins call; nothing else is on the sandbox's PATH.
+COREUTILS = ("bash", "env", "sed", "tr", "grep", "cksum", "cut", "dirname", "basename", "mktemp", "cat",
+             "head", "tail")
+# First words of a command line: a code block starting with one must be labelled bash.
+COMMAND_WORDS = {"python", "python3", "bash", "make", "torchrun", "srun", "pip"}
+BLOCK_TIMEOUT_S = 60
+ELIDED = "--elided_flags"  # what a documented "..." becomes
+FENCE = re.compile(r"^\s*```\s*([\w-]*)\s*$")
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
+# Paths of a run's outputs ("ckpts/<run>/pytorch_model.bin.4"): empty files in the sandbox.
+CHECKPOINT_PATH = re.compile(r"(?<![\w/$.-])ckpts/[\w./-]+")
+
+
+@dataclass(frozen=True)
+class Block:
+    page: str  # relative to the repository root
+    line: int  # of the opening fence
+    lang: str
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One program call a block made (or printed): what it is, where it came from."""
+    where: str
+    program: str
+    cwd: str
+    args: tuple
+    printed: bool = False
+
+
+def markdown_pages() -> list[Path]:
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def code_blocks(page: Path) -> list[Block]:
+    blocks, lang, start, body = [], None, 0, []
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        fence = FENCE.match(line)
+        if lang is None and fence:
+            lang, start, body = fence.group(1).lower(), number, []
+        elif lang is not None and fence and not fence.group(1):
+            blocks.append(Block(str(page.relative_to(ROOT)), start, lang, "\n".join(body)))
+            lang = None
+        elif lang is not None:
+            body.append(line)
+    return blocks
+
+
+def all_blocks() -> list[Block]:
+    return [block for page in markdown_pages() for block in code_blocks(page)]
+
+
+def shell_blocks() -> list[Block]:
+    return [b for b in all_blocks() if b.lang in ("bash", "sh", "shell")]
+
+
+def first_command_word(text: str) -> str:
+    for line in text.splitlines():
+        words = [w for w in line.split() if not ASSIGNMENT.match(w)]
+        if words and not words[0].startswith("#"):
+            return os.path.basename(words[0])
+    return ""
+
+
+def fill_placeholders(text: str) -> str:
+    text = re.sub(r"(?<=\s)\.\.\.(?=[\s;]|$)", ELIDED, text, flags=re.MULTILINE)
+    return re.sub(r"\[(--[^\]\[]*)\]", r"\1", text)
+
+
+# ---- rule 1: the sandbox
+
+def make_sandbox(tmp: Path, record_dir: Path) -> tuple[Path, dict]:
+    work, bin_dir = tmp / "repo", tmp / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name not in (".git", ".venv", "ckpts"):
+            (work / entry.name).symlink_to(entry)
+    for tool in COREUTILS:
+        found = shutil.which(tool)
+        assert found, f"{tool} is not installed; the documented wrappers need it"
+        (bin_dir / tool).symlink_to(found)
+    record = '#!/bin/bash\nprintf "%s\\0" "$(basename "$0")" "$PWD" "$@" > "$(mktemp "$DOC_RECORD_DIR/call.XXXXXX")"\n'
+    for program in RECORDED:
+        write_executable(bin_dir / program, record)
+    write_executable(bin_dir / "srun", '#!/bin/bash\nexec "$@"\n')
+    write_executable(bin_dir / "make", f'#!/bin/bash\nexec {shutil.which("make")} -n "$@"\n')
+    env = {"PATH": str(bin_dir), "HOME": str(tmp), "LANG": "C.UTF-8", "DOC_RECORD_DIR": str(record_dir)}
+    return work, env
+
+
+def write_executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def run_block(block: Block, tmp: Path) -> tuple[subprocess.CompletedProcess, list[Call]]:
+    record_dir = tmp / "calls"
+    record_dir.mkdir()
+    work, env = make_sandbox(tmp, record_dir)
+    script = fill_placeholders(block.text)
+    for path in sorted(set(CHECKPOINT_PATH.findall(script))):
+        if "." in Path(path).name:  # a checkpoint or state file; else a run's folder
+            (work / path).parent.mkdir(parents=True, exist_ok=True)
+            (work / path).touch()
+        else:
+            (work / path).mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([shutil.which("bash"), "-e", "-o", "pipefail", "-c", script], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    calls = []
+    for path in sorted(record_dir.iterdir()):
+        program, cwd, *args = path.read_text().split("\0")[:-1]
+        calls.append(Call(block.where, program, str(Path(cwd).relative_to(work)), tuple(args)))
+    for line in result.stdout.splitlines():
+        words = line.split(maxsplit=1)
+        if words and words[0] in ("torchrun", "python"):
+            calls.append(Call(block.where, words[0], ".", tuple(shlex.split(line)[1:]), printed=True))
+    return result, calls
+
+
+# ---- rule 2: the entry point of a call
+
+def module_of_script(script: Path) -> str:
+    """`a/b/x.py` -> "a.b.x" while the folders are packages; a top-level file -> its name."""
+    parts = [script.stem]
+    folder = script.parent
+    while folder != ROOT and (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    assert folder == ROOT, f"{script} is not importable from the repository root"
+    return ".".join(parts)
+
+
+def entry_point(call: Call) -> tuple[str, list]:
+    """(module or "python -c", its arguments); AssertionError naming the call when unresolvable."""
+    args = list(call.args)
+    if call.program == "torchrun":
+        scripts = [i for i, a in enumerate(args) if a.endswith(".py")]
+        assert scripts, f"{call.where}: torchrun {' '.join(args)} names no script"
+        args = args[scripts[0]:]
+    else:
+        while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):
+            args.pop(0)  # interpreter options (-u, -X ...)
+    assert args, f"{call.where}: {call.program} without a script or module"
+    if args[0] == "-c":
+        return "python -c", args[2:]
+    if args[0] == "-m":
+        module = args[1]
+        top = module.split(".")[0]
+        assert (ROOT / top).is_dir() or (ROOT / f"{top}.py").is_file(), (
+            f"{call.where}: module {module} is not part of this repository")
+        return module, args[2:]
+    script = (ROOT / call.cwd / args[0]).resolve()
+    assert script.is_file() and ROOT in script.parents, (
+        f"{call.where}: {call.program} {args[0]}: no such script in the repository (moved?)")
+    return module_of_script(script), args[1:]
+
+
+# ---- rule 3: parse in this process
+
+class _Parsed(Exception):
+    def __init__(self, extras: list):
+        super().__init__("parsed")
+        self.extras = extras
+
+
+def with_required_flags(parser: argparse.ArgumentParser, args: list) -> list:
+    """``args`` plus a value for each required option they lack (a documented "..." elided it)."""
+    given = {a.split("=")[0] for a in args}
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps no public list
+        if action.required and action.option_strings and not given & set(action.option_strings):
+            args = [*args, action.option_strings[0], str(action.choices[0]) if action.choices else "0"]
+    return args
+
+
+@contextlib.contextmanager
+def stop_after_parsing(elided: bool = False):
+    """Make the first (outermost) argparse parse end the program, with what it left over."""
+    depth = [0]
+
+    def wrap(original):
+        def parse(self, args=None, namespace=None):
+            if elided and depth[0] == 0:
+                args = with_required_flags(self, list(sys.argv[1:] if args is None else args))
+            depth[0] += 1
+            try:
+                result = original(self, args, namespace)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                raise _Parsed(list(result[1]) if isinstance(result, tuple) else [])
+            return result
+        return parse
+
+    parser = argparse.ArgumentParser
+    with mock.patch.object(parser, "parse_args", wrap(parser.parse_args)), \
+            mock.patch.object(parser, "parse_known_args", wrap(parser.parse_known_args)):
+        yield
+
+
+@dataclass
+class Outcome:
+    status: str  # "parsed", "exit", "error", "unparsed"
+    code: object = None
+    stdout: str = ""
+    stderr: str = ""
+    extras: tuple = ()
+
+
+def parse_in_process(module: str, args: list, elided: bool = False) -> Outcome:
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = [module, *args]
+    try:
+        with stop_after_parsing(elided), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: module already imported
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except _Parsed as parsed:
+        return Outcome("parsed", 0, out.getvalue(), err.getvalue(), tuple(parsed.extras))
+    except SystemExit as stop:
+        return Outcome("exit", stop.code, out.getvalue(), err.getvalue())
+    except Exception as error:  # noqa: BLE001 - reported with the command that raised it
+        return Outcome("error", repr(error), out.getvalue(), err.getvalue())
+    finally:
+        sys.argv = saved
+    return Outcome("unparsed", None, out.getvalue(), err.getvalue())
+
+
+def wants_help(args: list) -> bool:
+    return "--help" in args or "-h" in args
+
+
+def check_call(call: Call, module: str, args: list) -> list[str]:
+    """Problems of one call's flags (rule 3); empty when its parser accepts them."""
+    shown = f"{call.where}: {module} {' '.join(args)}"
+    if module == "python -c":
+        return []
+    elided = ELIDED in args
+    args = [a for a in args if a != ELIDED]
+    outcome = parse_in_process(module, args, elided)
+    if outcome.status == "exit" and outcome.code in (0, None) and wants_help(args):
+        return [] if outcome.stdout.strip() else [f"{shown}: --help printed nothing"]
+    if outcome.status != "parsed":
+        return [f"{shown}: {outcome.status} {outcome.code}\n{outcome.stderr.strip()[-800:]}"]
+    extras = [a for a in outcome.extras if a != "--"]
+    if extras and module in FORWARDS:
+        receiver, added = FORWARDS[module]
+        return check_call(call, receiver, [*extras, *added, *([ELIDED] if elided else [])])
+    return [f"{shown}: unrecognized {extras}"] if extras else []
+
+
+# ---- the tests
+
+@pytest.fixture(scope="module")
+def doc_runs(tmp_path_factory) -> list[tuple[Block, subprocess.CompletedProcess, list[Call]]]:
+    return [(block, *run_block(block, tmp_path_factory.mktemp("block"))) for block in shell_blocks()]
+
+
+def test_the_docs_have_commands_to_check(doc_runs):
+    # The extractor is only as good as its fence pattern: README's quick start must be found.
+    assert any(b.page == "README.md" and "make test" in b.text for b, _, _ in doc_runs)
+    assert sum(len(calls) for _, _, calls in doc_runs) >= 20
+
+
+def test_unlabelled_blocks_hold_no_commands():
+    unlabelled = [f"{b.where}: starts with `{first_command_word(b.text)}`" for b in all_blocks()
+                  if b.lang not in ("bash", "sh", "shell") and first_command_word(b.text) in COMMAND_WORDS]
+    assert not unlabelled, ("label these code blocks ```bash so that tests/test_doc_commands.py runs them:\n"
+                            + "\n".join(unlabelled))
+
+
+def test_every_block_runs_in_the_sandbox(doc_runs):
+    failed = [f"{b.where} (exit {r.returncode}):\n{r.stderr.strip()[-1500:]}" for b, r, _ in doc_runs
+              if r.returncode != 0]
+    assert not failed, ("documented commands fail (fix the command, or the script it calls):\n"
+                        + "\n\n".join(failed))
+
+
+def test_every_call_names_an_entry_point_that_accepts_its_flags(doc_runs):
+    problems = []
+    for _, _, calls in doc_runs:
+        for call in calls:
+            try:
+                module, args = entry_point(call)
+            except AssertionError as error:
+                problems.append(str(error))
+                continue
+            problems += check_call(call, module, args)
+    assert not problems, "documented commands that do not parse:\n" + "\n\n".join(problems)
+
+
+def test_calls_not_run_are_explained(doc_runs):
+    unexplained, used = [], set()
+    for _, _, calls in doc_runs:
+        for call in calls:
+            if call.printed:
+                continue
+            module, args = entry_point(call)
+            if wants_help(args):
+                continue
+            used.add(module)
+            if module not in NOT_RUN:
+                unexplained.append(f"{call.where}: {module} {' '.join(args)}")
+    assert not unexplained, ("documented commands that neither run in seconds (--help, --list-presets, "
+                             "--dry-run) nor appear in NOT_RUN with the reason:\n" + "\n".join(unexplained))
+    stale = sorted(set(NOT_RUN) - used)
+    assert not stale, f"NOT_RUN entries no documented command needs (remove them): {stale}"
+
+
+def test_the_sandbox_records_instead_of_running(tmp_path):
+    block = Block("test", 1, "bash", "python -m tools.search --help [--top 3] ...\n"
+                                     "bash run.sh --dry-run --seed 1\nmake test\n"
+                                     "CHECKPOINT=ckpts/x/pytorch_model.bin.0 bash run_eval.sh")
+    result, calls = run_block(block, tmp_path)
+    assert result.returncode == 0, result.stderr
+    recorded = {(c.program, c.args[0] if c.args else "", c.printed) for c in calls}
+    assert ("python", "-m", False) in recorded  # the --help call, recorded
+    assert ("torchrun", "--nnodes", True) in recorded  # the dry run's printed command
+    assert ("torchrun", "--standalone", False) in recorded  # run_eval.sh's call, recorded
+    assert "--top" in calls[0].args or any("--top" in c.args for c in calls)
+    assert "$(BIN)/python" not in result.stdout and "pytest tests" in result.stdout  # make -n
+
+
+def test_flag_checks_catch_wrong_commands():
+    call = Call("test", "python", ".", ())
+    assert check_call(call, "tools.search", ["--help"]) == []
+    assert check_call(call, "tools.error_report", ["--run", "x", "--worst", "3"]) == []
+    assert check_call(call, "tools.error_report", ["--run", "x", "--no_such_flag"])
+    evaluation = ["--init_model", "m", "--data_path", "d", "--features_path", "v"]
+    assert check_call(call, "tools.audit_protocol", ["--audit_dir", "a", "--", *evaluation]) == []
+    assert check_call(call, "tools.audit_protocol", ["--audit_dir", "a", "--", *evaluation, "--no_such_flag"])
+    with pytest.raises(AssertionError, match="moved"):
+        entry_point(Call("test", "python", ".", ("tools/no_such_tool.py",)))
+    assert entry_point(Call("test", "python", ".", ("bench/score_bench.py", "--x"))) == ("bench.score_bench",
+                                                                                         ["--x"])
+    assert fill_placeholders("a --b ... [--c d]; x ...") == f"a --b {ELIDED} --c d; x {ELIDED}"
+    assert check_call(call, "main_task_retrieval", ["--do_train", "--gate", "soft"])  # required flags
+    assert check_call(call, "main_task_retrieval", ["--do_train", "--gate", "soft", ELIDED]) == []
+    assert check_call(call, "main_task_retrieval", ["--do_train", "--gate", "bad", ELIDED])
