@@ -1,9 +1,10 @@
-"""Every shell command in the ```bash blocks of README.md and docs/*.md runs, by one rule.
+"""Every shell command in README.md and docs/*.md runs, by one rule: the ```bash blocks, and
+the inline `code` that starts with a command (`python -m tools.search --help`).
 
 The rule (nothing below depends on the exact text of a command):
 1. Each ```bash block runs under `bash -e` in a sandbox: a temporary folder linking the
-   repository's top-level files, whose PATH holds a few coreutils and stand-ins. `python`
-   and `torchrun` RECORD their arguments instead of running; `srun` runs its
+   repository's top-level files, whose PATH holds a few coreutils and stand-ins. `python`,
+   `torchrun` and `pip` RECORD their arguments instead of running; `srun` runs its
    command; `make` runs as `make -n` (prints the recipe). So the shell wrappers really run:
    run.sh's `--list-presets` and `--dry-run`, their variables and their checks. Any other
    program is missing from PATH, so the block fails.
@@ -18,7 +19,10 @@ The rule (nothing below depends on the exact text of a command):
 Placeholders: a lone `...` stands for more flags (the parser then takes a missing required flag
 as given), `[--flag value]` (optional) is kept without its brackets, and every `ckpts/...` path
 a command names exists in the sandbox (a file when its name has a dot, else a folder).
-Code blocks not labelled bash must not start with a command (test below), so none escapes.
+Inline code is read as usage notation: a bare mention (`python -m tools.search`, `bash run.sh`)
+runs its --help, `a|b` is `a`, `DIR...` is `DIR`, `<x>` is `x`, and an
+optional repeat `[--run ...]` is left out. Code blocks not labelled bash must not start with a
+command (test below), so none escapes.
 """
 from __future__ import annotations
 
@@ -57,12 +61,20 @@ NOT_RUN = {
     "tools.probe_sound": "reads the checkpoint and data `make demo` writes (minutes)",
     "tools.search": "needs a trained checkpoint and a folder of your own clips",
     "synthetic.category_audio_cache": "reads the AST cache `make demo` writes (minutes)",
+    "synthetic.make_synthetic_av": "renders the synthetic benchmark's 2,000-odd clips (minutes)",
+    "bench.demo": "trains and evaluates every row of the synthetic benchmark (CPU hours)",
+    "bench.score_bench": "a timing benchmark (minutes; timings never go in tests)",
+    "bench.decode_bench": "a timing benchmark over generated videos (minutes)",
+    "bench.metric_conventions": "sweeps random score matrices (6 CPU-seconds at --videos 20, more by default)",
+    "bench.pair_memory": "measures training memory (GPU); --table reads those measurements",
+    "bench.gpu_check": "needs a CUDA GPU; its --device cpu --tiny run is tests/test_benches.py's (tens of seconds)",
     "python -c": "inline code reading the outputs of the commands before it",
+    "pip": "installs packages into the environment",
 }
 # Entry point -> (the entry point that parses the flags it does not know itself, the flags the
 # forwarder adds to them).
 FORWARDS = {"tools.audit_protocol": ("main_task_retrieval", ("--output_dir", "AUDIT_DIR/run"))}
-RECORDED = ("python", "torchrun")
+RECORDED = ("python", "torchrun", "pip")
 # What the wrappers (run*.sh) and the stand-ins call; nothing else is on the sandbox's PATH.
 COREUTILS = ("bash", "env", "sed", "tr", "grep", "cksum", "cut", "dirname", "basename", "mktemp", "cat",
              "head", "tail")
@@ -71,6 +83,7 @@ COMMAND_WORDS = {"python", "python3", "bash", "make", "torchrun", "srun", "pip"}
 BLOCK_TIMEOUT_S = 60
 ELIDED = "--elided_flags"  # what a documented "..." becomes
 FENCE = re.compile(r"^\s*```\s*([\w-]*)\s*$")
+INLINE_CODE = re.compile(r"`([^`\n]+)`")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
 # Paths of a run's outputs ("ckpts/<run>/pytorch_model.bin.4"): empty files in the sandbox.
 CHECKPOINT_PATH = re.compile(r"(?<![\w/$.-])ckpts/[\w./-]+")
@@ -116,12 +129,45 @@ def code_blocks(page: Path) -> list[Block]:
     return blocks
 
 
+def inline_commands(page: Path) -> list[Block]:
+    """Inline code outside the fenced blocks that starts with a command, as one-line blocks."""
+    commands, fenced = [], False
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        spans = [] if fenced else INLINE_CODE.findall(line)
+        commands += [Block(str(page.relative_to(ROOT)), number, "inline", command)
+                     for command in map(inline_command, spans) if command]
+    return commands
+
+
+def inline_command(span: str) -> str:
+    """The command an inline span shows; "" for prose (`python`, `--flag`); a mention of an
+    entry point (`python -m tools.search`, `bash run.sh`) is its --help."""
+    words = span.split()
+    command = [w for w in words if not ASSIGNMENT.match(w)]
+    if len(command) < 2 or first_command_word(span) not in COMMAND_WORDS:
+        return ""
+    if words in ([command[0], command[1]], [command[0], "-m", command[-1]]) and command[0] in ("python", "bash"):
+        return f"{span} --help"
+    return usage_to_command(span)
+
+
+def usage_to_command(span: str) -> str:
+    span = re.sub(r"\s*\[[^\]\[]*\.\.\.\s*\]", "", span)  # an optional repeat: left out
+    span = re.sub(r"(\w)\.\.\.(?=\s|$)", r"\1", span)  # DIR... -> DIR
+    span = re.sub(r"<([^<>\s]+)>", r"\1", span)  # <train.json> -> train.json
+    return re.sub(r"(?<=\s)([^\s|]+)(?:\|[^\s|]+)+", r"\1", span)  # msrvtt|vatex -> msrvtt
+
+
 def all_blocks() -> list[Block]:
     return [block for page in markdown_pages() for block in code_blocks(page)]
 
 
 def shell_blocks() -> list[Block]:
-    return [b for b in all_blocks() if b.lang in ("bash", "sh", "shell")]
+    return ([b for b in all_blocks() if b.lang in ("bash", "sh", "shell")]
+            + [command for page in markdown_pages() for command in inline_commands(page)])
 
 
 def first_command_word(text: str) -> str:
@@ -202,8 +248,11 @@ def module_of_script(script: Path) -> str:
 
 
 def entry_point(call: Call) -> tuple[str, list]:
-    """(module or "python -c", its arguments); AssertionError naming the call when unresolvable."""
+    """(module, "python -c" or another program, its arguments); AssertionError naming the call
+    when unresolvable."""
     args = list(call.args)
+    if call.program not in ("python", "torchrun"):
+        return call.program, args
     if call.program == "torchrun":
         scripts = [i for i, a in enumerate(args) if a.endswith(".py")]
         assert scripts, f"{call.where}: torchrun {' '.join(args)} names no script"
@@ -304,7 +353,7 @@ def wants_help(args: list) -> bool:
 def check_call(call: Call, module: str, args: list) -> list[str]:
     """Problems of one call's flags (rule 3); empty when its parser accepts them."""
     shown = f"{call.where}: {module} {' '.join(args)}"
-    if module == "python -c":
+    if module == "python -c" or module in RECORDED:  # inline code, or a program not of this repository
         return []
     elided = ELIDED in args
     args = [a for a in args if a != ELIDED]
@@ -404,6 +453,12 @@ def test_flag_checks_catch_wrong_commands():
         entry_point(Call("test", "python", ".", ("tools/no_such_tool.py",)))
     assert entry_point(Call("test", "python", ".", ("bench/score_bench.py", "--x"))) == ("bench.score_bench",
                                                                                          ["--x"])
+    assert [inline_command(s) for s in ("python", "python -m tools.x", "bash run.sh", "make demo",
+                                        "X=1 bash run.sh")] == ["", "python -m tools.x --help",
+                                                                "bash run.sh --help", "make demo", "X=1 bash run.sh"]
+    assert usage_to_command("CHECKPOINT=... bash run_eval.sh") == "CHECKPOINT=... bash run_eval.sh"
+    assert usage_to_command("python -m x --d msrvtt|vatex --r DIR [--dl] --run L DIR... [--run ...] <a.json>") == (
+        "python -m x --d msrvtt --r DIR [--dl] --run L DIR a.json")
     assert fill_placeholders("a --b ... [--c d]; x ...") == f"a --b {ELIDED} --c d; x {ELIDED}"
     assert check_call(call, "main_task_retrieval", ["--do_train", "--gate", "soft"])  # required flags
     assert check_call(call, "main_task_retrieval", ["--do_train", "--gate", "soft", ELIDED]) == []
