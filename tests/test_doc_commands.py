@@ -14,8 +14,9 @@ The rule (nothing below depends on the exact text of a command):
 3. The entry point runs in this process as `__main__`, stopped right after its argparse
    parser parsed the arguments: an unknown flag or a bad choice fails, `--help` prints the
    help for real. Flags an entry point forwards (FORWARDS) are parsed by their receiver.
-4. A recorded call that does more than that (no --help) must have its entry point in NOT_RUN
-   with the reason it is not run here; NOT_RUN entries no command uses fail too.
+4. A recorded call that does more than that (no --help) either really runs on a tiny fixture
+   (RUN_ON_FIXTURES: the flags naming data are pointed at the fixture) or must have its entry
+   point in NOT_RUN with the reason it is not run here. Entries no command uses fail.
 Placeholders: a lone `...` stands for more flags (the parser then takes a missing required flag
 as given), `[--flag value]` (optional) is kept without its brackets, and every `ckpts/...` path
 a command names exists in the sandbox (a file when its name has a dot, else a folder).
@@ -57,7 +58,6 @@ NOT_RUN = {
     "preprocess.make_val_split": "reads MSR-VTT's real annotation files (data/msrvtt)",
     "tools.audit_protocol": "evaluates a trained checkpoint four or five times",
     "tools.robustness_table": "reads the evaluations the loop before it writes (demo_out, minutes)",
-    "tools.error_report": "reads the --dump_topk evaluation the command before it writes",
     "tools.probe_sound": "reads the checkpoint and data `make demo` writes (minutes)",
     "tools.search": "needs a trained checkpoint and a folder of your own clips",
     "synthetic.category_audio_cache": "reads the AST cache `make demo` writes (minutes)",
@@ -71,6 +71,9 @@ NOT_RUN = {
     "python -c": "inline code reading the outputs of the commands before it",
     "pip": "installs packages into the environment",
 }
+# Entry points whose documented calls also really run here, on the tiny fixtures the tests
+# generate: {flag: the fixture that replaces its value} (the rest of the call is as documented).
+RUN_ON_FIXTURES = {"tools.error_report": {"--run": "tiny_evaluation"}}
 # Entry point -> (the entry point that parses the flags it does not know itself, the flags the
 # forwarder adds to them).
 FORWARDS = {"tools.audit_protocol": ("main_task_retrieval", ("--output_dir", "AUDIT_DIR/run"))}
@@ -326,12 +329,14 @@ class Outcome:
     extras: tuple = ()
 
 
-def parse_in_process(module: str, args: list, elided: bool = False) -> Outcome:
+def parse_in_process(module: str, args: list, elided: bool = False, run: bool = False) -> Outcome:
+    """``python -m module args`` in this process, stopped after parsing unless ``run``."""
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv
     sys.argv = [module, *args]
     try:
-        with stop_after_parsing(elided), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+        stop = contextlib.nullcontext() if run else stop_after_parsing(elided)
+        with stop, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # runpy: module already imported
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -343,7 +348,7 @@ def parse_in_process(module: str, args: list, elided: bool = False) -> Outcome:
         return Outcome("error", repr(error), out.getvalue(), err.getvalue())
     finally:
         sys.argv = saved
-    return Outcome("unparsed", None, out.getvalue(), err.getvalue())
+    return Outcome("ran" if run else "unparsed", None, out.getvalue(), err.getvalue())
 
 
 def wants_help(args: list) -> bool:
@@ -416,7 +421,7 @@ def test_calls_not_run_are_explained(doc_runs):
             if call.printed:
                 continue
             module, args = entry_point(call)
-            if wants_help(args):
+            if wants_help(args) or module in RUN_ON_FIXTURES:
                 continue
             used.add(module)
             if module not in NOT_RUN:
@@ -425,6 +430,52 @@ def test_calls_not_run_are_explained(doc_runs):
                              "--dry-run) nor appear in NOT_RUN with the reason:\n" + "\n".join(unexplained))
     stale = sorted(set(NOT_RUN) - used)
     assert not stale, f"NOT_RUN entries no documented command needs (remove them): {stale}"
+
+
+def tiny_evaluation(tmp: Path) -> str:
+    """An evaluation folder with a --dump_topk dump: the tiny test data and weights, evaluated as
+    tests/test_robustness.py does (what `main_task_retrieval.py --do_eval --dump_topk K` writes)."""
+    import main_task_retrieval
+    from tests.datagen import make_msrvtt
+    from tests.test_train_e2e import tiny_flags, write_tiny_checkpoints
+    data = make_msrvtt(str(tmp / "data"), n_videos=4, n_test=3, seconds=1.0)
+    out = tmp / "evaluation"
+    main_task_retrieval.main(["--do_eval", *tiny_flags(data, write_tiny_checkpoints(str(tmp)), out),
+                              "--dump_topk", "2"])
+    return str(out)
+
+
+FIXTURES = {"tiny_evaluation": tiny_evaluation}
+
+
+def with_fixtures(args: list, fixture_of_flag: dict, built: dict) -> list:
+    args = list(args)
+    for i, arg in enumerate(args[:-1]):
+        if arg in fixture_of_flag:
+            args[i + 1] = built[fixture_of_flag[arg]]
+    return args
+
+
+def test_calls_on_fixtures_run(doc_runs, tmp_path, monkeypatch):
+    built = {name: FIXTURES[name](tmp_path / name) for name in
+             {fixture for flags in RUN_ON_FIXTURES.values() for fixture in flags.values()}
+             if not (tmp_path / name).mkdir()}
+    monkeypatch.chdir(tmp_path)  # a relative --output lands here
+    ran, failed = set(), []
+    for _, _, calls in doc_runs:
+        for call in calls:
+            module, args = entry_point(call)
+            if call.printed or module not in RUN_ON_FIXTURES or wants_help(args):
+                continue
+            args = with_fixtures([a for a in args if a != ELIDED], RUN_ON_FIXTURES[module], built)
+            outcome = parse_in_process(module, args, run=True)
+            if outcome.status != "ran" and outcome.code not in (0, None):
+                failed.append(f"{call.where}: {module} {' '.join(args)}: {outcome.status} {outcome.code}\n"
+                              f"{outcome.stderr.strip()[-800:]}")
+            ran.add(module)
+    assert not failed, "documented commands that fail on the tiny fixtures:\n" + "\n\n".join(failed)
+    assert ran == set(RUN_ON_FIXTURES), f"RUN_ON_FIXTURES entries no command uses: {set(RUN_ON_FIXTURES) - ran}"
+    assert (Path(built["tiny_evaluation"]) / "error_report.md").is_file()  # error_report's default output
 
 
 def test_the_sandbox_records_instead_of_running(tmp_path):
