@@ -4,7 +4,7 @@ the inline `code` that starts with a command (`python -m tools.search --help`).
 The rule (nothing below depends on the exact text of a command):
 1. Each ```bash block runs under `bash -e` in a sandbox: a temporary folder linking the
    repository's top-level files, whose PATH holds a few coreutils and stand-ins. `python`,
-   `torchrun` and `pip` RECORD their arguments instead of running; `srun` runs its
+   `python3`, `torchrun` and `pip` RECORD their arguments instead of running; `srun` runs its
    command; `make` runs as `make -n` (prints the recipe). So the shell wrappers really run:
    run.sh's `--list-presets` and `--dry-run`, their variables and their checks. Any other
    program is missing from PATH, so the block fails.
@@ -77,7 +77,8 @@ RUN_ON_FIXTURES = {"tools.error_report": {"--run": "tiny_evaluation"}}
 # Entry point -> (the entry point that parses the flags it does not know itself, the flags the
 # forwarder adds to them).
 FORWARDS = {"tools.audit_protocol": ("main_task_retrieval", ("--output_dir", "AUDIT_DIR/run"))}
-RECORDED = ("python", "torchrun", "pip")
+PYTHONS = ("python", "python3")
+RECORDED = (*PYTHONS, "torchrun", "pip")
 # What the wrappers (run*.sh) and the stand-ins call; nothing else is on the sandbox's PATH.
 COREUTILS = ("bash", "env", "sed", "tr", "grep", "cksum", "cut", "dirname", "basename", "mktemp", "cat",
              "head", "tail")
@@ -152,7 +153,7 @@ def inline_command(span: str) -> str:
     command = [w for w in words if not ASSIGNMENT.match(w)]
     if len(command) < 2 or first_command_word(span) not in COMMAND_WORDS:
         return ""
-    if words in ([command[0], command[1]], [command[0], "-m", command[-1]]) and command[0] in ("python", "bash"):
+    if words in ([command[0], command[1]], [command[0], "-m", command[-1]]) and command[0] in (*PYTHONS, "bash"):
         return f"{span} --help"
     return usage_to_command(span)
 
@@ -203,7 +204,9 @@ def make_sandbox(tmp: Path, record_dir: Path) -> tuple[Path, dict]:
     for program in RECORDED:
         write_executable(bin_dir / program, record)
     write_executable(bin_dir / "srun", '#!/bin/bash\nexec "$@"\n')
-    write_executable(bin_dir / "make", f'#!/bin/bash\nexec {shutil.which("make")} -n "$@"\n')
+    make = shutil.which("make")
+    assert make, "make is not installed; README's `make test` / `make demo` need it"
+    write_executable(bin_dir / "make", f'#!/bin/bash\nexec {make} -n "$@"\n')
     env = {"PATH": str(bin_dir), "HOME": str(tmp), "LANG": "C.UTF-8", "DOC_RECORD_DIR": str(record_dir)}
     return work, env
 
@@ -232,7 +235,7 @@ def run_block(block: Block, tmp: Path) -> tuple[subprocess.CompletedProcess, lis
         calls.append(Call(block.where, program, str(Path(cwd).relative_to(work)), tuple(args)))
     for line in result.stdout.splitlines():
         words = line.split(maxsplit=1)
-        if words and words[0] in ("torchrun", "python"):
+        if words and words[0] in (*PYTHONS, "torchrun"):
             calls.append(Call(block.where, words[0], ".", tuple(shlex.split(line)[1:]), printed=True))
     return result, calls
 
@@ -254,7 +257,7 @@ def entry_point(call: Call) -> tuple[str, list]:
     """(module, "python -c" or another program, its arguments); AssertionError naming the call
     when unresolvable."""
     args = list(call.args)
-    if call.program not in ("python", "torchrun"):
+    if call.program not in (*PYTHONS, "torchrun"):
         return call.program, args
     if call.program == "torchrun":
         scripts = [i for i, a in enumerate(args) if a.endswith(".py")]
@@ -381,6 +384,17 @@ def doc_runs(tmp_path_factory) -> list[tuple[Block, subprocess.CompletedProcess,
     return [(block, *run_block(block, tmp_path_factory.mktemp("block"))) for block in shell_blocks()]
 
 
+def resolved_calls(doc_runs):
+    """(call, entry point, arguments) of every recorded call whose entry point exists (the
+    others fail test_every_call_names_an_entry_point_that_accepts_its_flags)."""
+    for _, _, calls in doc_runs:
+        for call in calls:
+            try:
+                yield (call, *entry_point(call))
+            except AssertionError:
+                continue
+
+
 def test_the_docs_have_commands_to_check(doc_runs):
     # The extractor is only as good as its fence pattern: README's quick start must be found.
     assert any(b.page == "README.md" and "make test" in b.text for b, _, _ in doc_runs)
@@ -416,16 +430,12 @@ def test_every_call_names_an_entry_point_that_accepts_its_flags(doc_runs):
 
 def test_calls_not_run_are_explained(doc_runs):
     unexplained, used = [], set()
-    for _, _, calls in doc_runs:
-        for call in calls:
-            if call.printed:
-                continue
-            module, args = entry_point(call)
-            if wants_help(args) or module in RUN_ON_FIXTURES:
-                continue
-            used.add(module)
-            if module not in NOT_RUN:
-                unexplained.append(f"{call.where}: {module} {' '.join(args)}")
+    for call, module, args in resolved_calls(doc_runs):
+        if call.printed or wants_help(args) or module in RUN_ON_FIXTURES:
+            continue
+        used.add(module)
+        if module not in NOT_RUN:
+            unexplained.append(f"{call.where}: {module} {' '.join(args)}")
     assert not unexplained, ("documented commands that neither run in seconds (--help, --list-presets, "
                              "--dry-run) nor appear in NOT_RUN with the reason:\n" + "\n".join(unexplained))
     stale = sorted(set(NOT_RUN) - used)
@@ -457,22 +467,21 @@ def with_fixtures(args: list, fixture_of_flag: dict, built: dict) -> list:
 
 
 def test_calls_on_fixtures_run(doc_runs, tmp_path, monkeypatch):
-    built = {name: FIXTURES[name](tmp_path / name) for name in
-             {fixture for flags in RUN_ON_FIXTURES.values() for fixture in flags.values()}
-             if not (tmp_path / name).mkdir()}
+    built = {}
+    for name in {fixture for flags in RUN_ON_FIXTURES.values() for fixture in flags.values()}:
+        (tmp_path / name).mkdir()
+        built[name] = FIXTURES[name](tmp_path / name)
     monkeypatch.chdir(tmp_path)  # a relative --output lands here
     ran, failed = set(), []
-    for _, _, calls in doc_runs:
-        for call in calls:
-            module, args = entry_point(call)
-            if call.printed or module not in RUN_ON_FIXTURES or wants_help(args):
-                continue
-            args = with_fixtures([a for a in args if a != ELIDED], RUN_ON_FIXTURES[module], built)
-            outcome = parse_in_process(module, args, run=True)
-            if outcome.status != "ran" and outcome.code not in (0, None):
-                failed.append(f"{call.where}: {module} {' '.join(args)}: {outcome.status} {outcome.code}\n"
-                              f"{outcome.stderr.strip()[-800:]}")
-            ran.add(module)
+    for call, module, args in resolved_calls(doc_runs):
+        if call.printed or module not in RUN_ON_FIXTURES or wants_help(args):
+            continue
+        args = with_fixtures([a for a in args if a != ELIDED], RUN_ON_FIXTURES[module], built)
+        outcome = parse_in_process(module, args, run=True)
+        if outcome.status != "ran" and outcome.code not in (0, None):
+            failed.append(f"{call.where}: {module} {' '.join(args)}: {outcome.status} {outcome.code}\n"
+                          f"{outcome.stderr.strip()[-800:]}")
+        ran.add(module)
     assert not failed, "documented commands that fail on the tiny fixtures:\n" + "\n\n".join(failed)
     assert ran == set(RUN_ON_FIXTURES), f"RUN_ON_FIXTURES entries no command uses: {set(RUN_ON_FIXTURES) - ran}"
     assert (Path(built["tiny_evaluation"]) / "error_report.md").is_file()  # error_report's default output
