@@ -44,7 +44,7 @@ from unittest import mock
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_docs import ROOT, markdown_pages
 
 # Entry points a documented command calls that are not run here, with the reason. Their
 # flags are still parsed (rule 3); tests/ run the code itself on tiny fixtures.
@@ -113,10 +113,6 @@ class Call:
     cwd: str
     args: tuple
     printed: bool = False
-
-
-def markdown_pages() -> list[Path]:
-    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 
 def code_blocks(page: Path) -> list[Block]:
