@@ -8,7 +8,8 @@ The rule (nothing below depends on the exact text of a command):
    command; `make` runs as `make -n` (prints the recipe). So the shell wrappers really run:
    run.sh's `--list-presets` and `--dry-run`, their variables and their checks. Any other
    program is missing from PATH, so the block fails.
-2. Every recorded call, and every `python`/`torchrun` line a command prints (a --dry-run),
+2. Every recorded call, and every `python`/`torchrun` line a command prints (a --dry-run, a
+   make -n recipe),
    is resolved to its entry point: a script path that moved or a module that does not exist
    fails. `python path/x.py` inside a package is the module `path.x` (= `python -m path.x`).
 3. The entry point runs in this process as `__main__`, stopped right after its argparse
@@ -229,11 +230,25 @@ def run_block(block: Block, tmp: Path) -> tuple[subprocess.CompletedProcess, lis
     for path in sorted(record_dir.iterdir()):
         program, cwd, *args = path.read_text().split("\0")[:-1]
         calls.append(Call(block.where, program, str(Path(cwd).relative_to(work)), tuple(args)))
-    for line in result.stdout.splitlines():
-        words = line.split(maxsplit=1)
-        if words and words[0] in (*PYTHONS, "torchrun"):
-            calls.append(Call(block.where, words[0], ".", tuple(shlex.split(line)[1:]), printed=True))
+    calls += [call for line in result.stdout.splitlines() for call in printed_call(line, block.where)]
     return result, calls
+
+
+def printed_call(line: str, where: str) -> list[Call]:
+    """The call a printed line shows (run.sh --dry-run's torchrun, make -n's `.venv/bin/python
+    bench/x.py`), if it calls this repository's code; pip, pytest and venv are not ours."""
+    words = line.split()
+    if not words or os.path.basename(words[0]) not in (*PYTHONS, "torchrun"):
+        return []
+    args = tuple(shlex.split(line)[1:])
+    if args[:1] == ("-m",) and not is_repository_module(args[1]):
+        return []
+    return [Call(where, os.path.basename(words[0]), ".", args, printed=True)]
+
+
+def is_repository_module(module: str) -> bool:
+    top = module.split(".")[0]
+    return (ROOT / top / "__init__.py").is_file() or (ROOT / f"{top}.py").is_file()
 
 
 # ---- rule 2: the entry point of a call
@@ -267,9 +282,7 @@ def entry_point(call: Call) -> tuple[str, list]:
         return "python -c", args[2:]
     if args[0] == "-m":
         module = args[1]
-        top = module.split(".")[0]
-        assert (ROOT / top).is_dir() or (ROOT / f"{top}.py").is_file(), (
-            f"{call.where}: module {module} is not part of this repository")
+        assert is_repository_module(module), f"{call.where}: module {module} is not part of this repository"
         return module, args[2:]
     script = (ROOT / call.cwd / args[0]).resolve()
     assert script.is_file() and ROOT in script.parents, (
@@ -495,6 +508,8 @@ def test_the_sandbox_records_instead_of_running(tmp_path):
     assert ("torchrun", "--standalone", False) in recorded  # run_eval.sh's call, recorded
     assert "--top" in calls[0].args or any("--top" in c.args for c in calls)
     assert "$(BIN)/python" not in result.stdout and "pytest tests" in result.stdout  # make -n
+    assert printed_call(".venv/bin/python -m pytest tests", "x") == []  # not this repository's
+    assert printed_call(".venv/bin/python bench/gpu_check.py", "x")[0].args == ("bench/gpu_check.py",)
 
 
 def test_flag_checks_catch_wrong_commands():
