@@ -166,7 +166,8 @@ def all_blocks() -> list[Block]:
     return [block for page in markdown_pages() for block in code_blocks(page)]
 
 
-def shell_blocks() -> list[Block]:
+def documented_commands() -> list[Block]:
+    """The ```bash blocks, then the inline commands, of every page."""
     return ([b for b in all_blocks() if b.lang in ("bash", "sh", "shell")]
             + [command for page in markdown_pages() for command in inline_commands(page)])
 
@@ -390,7 +391,7 @@ def check_call(call: Call, module: str, args: list) -> list[str]:
 
 @pytest.fixture(scope="module")
 def doc_runs(tmp_path_factory) -> list[tuple[Block, subprocess.CompletedProcess, list[Call]]]:
-    return [(block, *run_block(block, tmp_path_factory.mktemp("block"))) for block in shell_blocks()]
+    return [(block, *run_block(block, tmp_path_factory.mktemp("block"))) for block in documented_commands()]
 
 
 def resolved_calls(doc_runs):
