@@ -46,7 +46,7 @@ demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash run_demo.sh $(DEMO_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/score_bench.py
+	$(BIN)/python -m bench.score_bench
 
 clean-venv:
 	rm -rf $(VENV)
