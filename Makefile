@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # Test-only reference for the Kaldi fbank parity test; --no-deps keeps the torch above.
 TORCHAUDIO_REF ?= torchaudio==2.11.0
 PYTEST_ARGS ?=
-# Arguments of bench/demo.py, e.g. `make demo DEMO_ARGS=--quick`.
+# Arguments of synthetic/demo.py, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 
 BIN := $(VENV)/bin

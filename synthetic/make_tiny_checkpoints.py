@@ -1,6 +1,6 @@
 """Write randomly initialized tiny CLIP and AST checkpoints in the released file formats.
 
-The synthetic benchmark (bench/demo.py) trains from these files instead of OpenAI's CLIP and
+The synthetic benchmark (synthetic/demo.py) trains from these files instead of OpenAI's CLIP and
 the AST authors' AudioSet checkpoint, so the demo goes through the real loading code:
 
     clip_tiny.pt    a plain CLIP state dict with OpenAI's key names (``visual.conv1.weight``,
