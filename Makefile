@@ -38,9 +38,9 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not heavy" $(PYTEST_ARGS)
 
 # One GPU, <= 8 minutes: the `cuda` tests, precision agreement, step time and memory, evaluation
-# time, AST throughput, in one table (bench/gpu_check.py).
+# time, AST throughput, in one table (tools/gpu_check.py).
 gpu-check: $(STAMP)
-	$(BIN)/python bench/gpu_check.py
+	$(BIN)/python -m tools.gpu_check
 
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash run_demo.sh $(DEMO_ARGS)
