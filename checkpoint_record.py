@@ -9,7 +9,7 @@ anyone's script); its record is the JSON file beside it, ``pytorch_model.bin.N.j
 
 - ``format`` / ``version``: "avigate-checkpoint-record", 1;
 - ``model_config``: ``AVIGATEConfig`` as a dict (the architecture: what the weights mean);
-- ``flags``: the architecture flags that produced it (``ARCHITECTURE_FLAGS``), the weight
+- ``flags``: the architecture flags that produced it (``modules.architecture.FLAGS``), the weight
   flags (``--pretrained_clip_name``, ``--ast_checkpoint``) and ``train_ast`` (whether the AST
   trunk was fine-tuned, which makes a token cache of the original trunk wrong for it);
 - ``weight_sources``: where the initial weights came from (``modules.weights`` records: path,
@@ -20,13 +20,13 @@ anyone's script); its record is the JSON file beside it, ``pytorch_model.bin.N.j
 Rules (``resolve_flags``): reading a checkpoint (``--init_model``, ``--resume_model``), an
 architecture flag given on the command line must equal the record's value (else an error
 naming both); a flag left out takes the record's value. The one exception is the warm start
-of a text-guided model from a text-agnostic (AVIGATE) checkpoint (docs/design.md §4a): the text flags
-(``TEXT_FLAGS``) may then differ, and the missing text terms start at their residual init. A
-checkpoint without a record (older runs, the released code's files) loads with the flags as
-given.
+of a text-guided model from a text-agnostic (AVIGATE) checkpoint (docs/design.md §4a): the
+text flags (``architecture.TEXT_FLAG_NAMES``) may then differ, and the missing text terms
+start at their residual init. A checkpoint without a record (older runs, the released code's
+files) loads with the flags as given.
 
-Standard library only: the entry point reads records before its torch imports, so flag
-errors answer at once.
+Standard library only (``modules.architecture`` is too): the entry point reads records before
+its torch imports, so flag errors answer at once.
 """
 from __future__ import annotations
 
@@ -38,17 +38,11 @@ import typing
 from typing import Any, Iterable, Optional
 
 from atomic_io import write_json
+from modules import architecture
 
 FORMAT = "avigate-checkpoint-record"
 VERSION = 1
 SUFFIX = ".json"
-# Flags that define the model's architecture (modules.modeling.AVIGATEConfig).
-ARCHITECTURE_FLAGS = ("max_frames", "cross_num_hidden_layers", "audio_query_layers", "temperature", "alignment",
-                      "gate", "fusion_residual", "no_audio", "padding_rule",
-                      "text_gate", "text_query", "query_gate", "text_init")
-# What the text-guided extension adds (docs/design.md §4); they may differ in the documented warm start.
-TEXT_FLAGS = ("text_gate", "text_query", "query_gate", "text_init")
-TEXT_GUIDING_FLAGS = ("text_gate", "text_query", "query_gate")
 # Recorded for provenance and for the checks they allow, not compared as architecture.
 WEIGHT_FLAGS = ("pretrained_clip_name", "ast_checkpoint", "train_ast")
 # Where the checkpoint's initial CLIP / AST weights came from: left out, they take the recorded
@@ -126,12 +120,8 @@ def flag_text(name: str, value: Any) -> str:
     return f"--{name} {value}"
 
 
-def is_text_guided(flags: dict) -> bool:
-    return any(bool(flags.get(name)) for name in TEXT_GUIDING_FLAGS)
-
-
 def resolve_flags(args: argparse.Namespace, explicit: Iterable[str], record: dict, source: str,
-                  names: Iterable[str] = ARCHITECTURE_FLAGS) -> dict:
+                  names: Iterable[str] = architecture.FLAG_NAMES) -> dict:
     """Make ``args`` agree with a checkpoint record (module docstring, "Rules").
 
     Args:
@@ -147,20 +137,20 @@ def resolve_flags(args: argparse.Namespace, explicit: Iterable[str], record: dic
     """
     explicit = set(explicit)
     recorded = record["flags"]
-    warm_start = (not is_text_guided(recorded)
-                  and any(name in explicit and getattr(args, name) for name in TEXT_GUIDING_FLAGS))
+    warm_start = (not architecture.is_text_guided(recorded)
+                  and any(name in explicit and getattr(args, name) for name in architecture.GUIDING_FLAG_NAMES))
     conflicts, taken = [], {}
     for name in names:
         if name not in recorded:
             continue  # recorded by older code: the flag keeps its value
         value = recorded[name]
         if name not in explicit:
-            if warm_start and name in TEXT_FLAGS:
+            if warm_start and name in architecture.TEXT_FLAG_NAMES:
                 continue  # the text-guided model's own text flags (defaults where not given)
             if getattr(args, name) != value:
                 taken[name] = value
             setattr(args, name, value)
-        elif getattr(args, name) != value and not (warm_start and name in TEXT_FLAGS):
+        elif getattr(args, name) != value and not (warm_start and name in architecture.TEXT_FLAG_NAMES):
             conflicts.append(f"{flag_text(name, getattr(args, name))} given, but the checkpoint was trained "
                              f"with {flag_text(name, value)}")
     for name in SOURCE_FLAGS:

@@ -23,20 +23,17 @@ from typing import Optional
 
 import checkpoint_record
 import resume_contract
-from modules import weights
+from modules import architecture, weights
 
-# The flags' choices, spelled out here so that --help and flag errors answer before the
-# torch-heavy imports further down (tests/test_cli.py checks each against its owner module).
+# The other flags' choices (the architecture flags' are in modules/architecture.py), spelled out
+# here so that --help and flag errors answer before the torch-heavy imports further down
+# (tests/test_checkpoint_record.py checks each against its owner module).
 DATATYPES = ("charades", "msrvtt", "vatex")                     # dataloaders.registry.DATASETS
 DECODERS = ("opencv", "pyav")                                   # dataloaders.video.DECODERS
 DEFAULT_DECODER = "opencv"                                      # dataloaders.video.DEFAULT_DECODER
 PRECISIONS = ("fp32", "bf16", "fp16")                           # util.PRECISIONS
-PADDING_RULES = ("masked", "released")                          # modules.fusion.PADDING_RULES
-TEXT_INITS = ("zero", "normal")                                 # modules.fusion.TEXT_INITS
-ALIGNMENTS = ("both", "global", "local")                        # modules.similarity.ALIGNMENTS
 TRAINING_PAIRS = ("all", "hardest_k", "own_caption")            # modules.objective.TRAINING_PAIRS
 OPTIMIZERS = ("bertadam", "adamw")                              # modules.optimization.OPTIMIZERS
-GATES = ("soft", "hard", "none")                                # modules.fusion.GATE_MODES
 BAD_AUDIO = ("error", "zero")
 EVAL_PROTOCOLS = ("honest", "paired_block")
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,9 +44,6 @@ GATE_LOG_SPLITS = ("none", "val", "test")                       # gate_log.GATE_
 DEFAULT_NOISE_RMS = 0.1                                         # dataloaders.perturb.DEFAULT_NOISE_RMS
 DEFAULT_MAX_MISSING_AUDIO = 0.05                                # dataloaders.audio_presence.DEFAULT_MAX_MISSING
 DEFAULT_AST_CHECKPOINT = os.path.join(weights.MODULES_DIR, weights.AST_RELEASE.file_name)
-# FusionConfig fields set by the text flags: they may differ from an AVIGATE checkpoint's record
-# in the warm start of a text-guided model (checkpoint_record.TEXT_FLAGS).
-FUSION_TEXT_FIELDS = ("text_gate", "text_query", "query_gate", "text_init")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -127,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and as --test_csv reproduces the published recipes, which selected on the test set")
     d.add_argument("--test_csv", default=None, help="test annotation file (default: the datatype's)")
     d.add_argument("--max_words", type=int, default=32, help="caption tokens, start and end included")
-    d.add_argument("--max_frames", type=int, default=12, help="frames per video F (architecture: frame positions)")
+    architecture.add_arguments(d, "data")  # --max_frames
     d.add_argument("--feature_framerate", type=float, default=1.0, help="frames sampled per second")
     d.add_argument("--slice_framepos", type=int, choices=(0, 1, 2), default=2,
                    help="more frames than --max_frames: 0 head, 1 tail, 2 uniform")
@@ -167,25 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow_unlisted_weights", action="store_true",
                    help="use a local file named like a release (modules/ViT-B-32.pt) although its SHA-256 is "
                         "not the published one (e.g. a re-saved copy); recorded with its own SHA-256")
-    m.add_argument("--cross_num_hidden_layers", type=int, default=4, help="fusion transformer blocks")
-    m.add_argument("--audio_query_layers", type=int, default=4, help="audio resampler blocks")
-    m.add_argument("--temperature", type=float, default=1.0, help="tau of the local log-sum-exp score")
-    m.add_argument("--gate", choices=GATES, default="soft",
-                   help="fusion gates: soft (tanh), hard (open/closed), none (fixed at 1, ungated fusion)")
-    m.add_argument("--fusion_residual", type=float, default=0.05,
-                   help="V = r x_L + (1 - r) v0 (1.0 = the paper's plain output)")
-    m.add_argument("--no_audio", action="store_true", help="visual-only baseline (V = v0)")
-    m.add_argument("--text_gate", action="store_true", help="gates see the text embedding")
-    m.add_argument("--text_query", action="store_true", help="text injected into the cross-attention query")
-    m.add_argument("--query_gate", action="store_true", help="gate the text injection")
-    m.add_argument("--padding_rule", choices=PADDING_RULES, default="masked",
-                   help="padded frames: masked (excluded from gate means and self-attention keys) or "
-                        "released (the released code: blank-frame embeddings, means over all frames)")
-    m.add_argument("--alignment", choices=ALIGNMENTS, default="both",
-                   help="similarity: the mean of the global and local (log-sum-exp) terms, or one alone")
-    m.add_argument("--text_init", choices=TEXT_INITS, default="zero",
-                   help="text-guided terms start at zero (the model starts as text-agnostic AVIGATE) "
-                        "or normal (the earlier random start)")
+    architecture.add_arguments(m, "model")  # the architecture flags (modules/architecture.py)
     m.add_argument("--grad_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
 
     o = p.add_argument_group("optimization")
@@ -290,7 +266,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_
         parser.error("--n_display must be >= 1")
     if args.query_lr_scale < 0:
         parser.error(f"--query_lr_scale must be >= 0, got {args.query_lr_scale}")
-    text_guided = args.text_gate or args.text_query or args.query_gate
+    text_guided = architecture.is_text_guided(vars(args))
     if args.rerank_topk < 0:
         parser.error(f"--rerank_topk must be >= 1 (or 0 to fuse every pair), got {args.rerank_topk}")
     if args.rerank_topk and not text_guided:
@@ -328,7 +304,7 @@ def ineffective_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
     def changed(name: str) -> bool:
         return getattr(args, name) != parser.get_default(name)
 
-    text_guided = args.text_gate or args.text_query or args.query_gate
+    text_guided = architecture.is_text_guided(vars(args))
     problems = []
     if args.dsl and args.rerank_topk:
         problems.append("--dsl post-processes the plain score matrix, which --rerank_topk replaces by two rankings "
@@ -578,18 +554,13 @@ def check_cache_trunk(args: argparse.Namespace, model: AVIGATE, context: Checkpo
 
 
 def model_config(args: argparse.Namespace, clip_cfg: CLIPConfig, ast_cfg: ASTConfig) -> AVIGATEConfig:
-    """The architecture: what the weights of a checkpoint mean (CLIP and AST sizes come from
-    their weights or from a checkpoint's record)."""
+    """The architecture: what the weights of a checkpoint mean. CLIP and AST sizes come from
+    their weights or from a checkpoint's record, the joint width from CLIP, every other field
+    from its architecture flag (modules/architecture.py) or its config default."""
     width = clip_cfg.embed_dim
-    return AVIGATEConfig(
-        clip=clip_cfg, ast=ast_cfg,
-        resampler=ResamplerConfig(width=width, layers=args.audio_query_layers),
-        fusion=FusionConfig(width=width, layers=args.cross_num_hidden_layers, max_frames=args.max_frames,
-                            gate=args.gate, fusion_residual=args.fusion_residual,
-                            use_audio=not args.no_audio, text_gate=args.text_gate,
-                            text_query=args.text_query, query_gate=args.query_gate,
-                            text_init=args.text_init, padding_rule=args.padding_rule),
-        temperature=args.temperature, alignment=args.alignment)
+    base = AVIGATEConfig(clip=clip_cfg, ast=ast_cfg, resampler=ResamplerConfig(width=width),
+                         fusion=FusionConfig(width=width))
+    return architecture.apply_flags(base, vars(args))
 
 
 def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
@@ -666,8 +637,8 @@ def model_from_record(args: argparse.Namespace, context: CheckpointContext) -> t
     source = checkpoint_record.record_path(context.checkpoint)
     recorded = checkpoint_record.dataclass_from_dict(AVIGATEConfig, context.record["model_config"], source)
     cfg = model_config(args, recorded.clip, recorded.ast)
-    expected = dataclasses.replace(
-        recorded, fusion=dataclasses.replace(recorded.fusion, **{k: getattr(cfg.fusion, k) for k in FUSION_TEXT_FIELDS}))
+    expected = architecture.set_fields(recorded, {flag.field: architecture.get_field(cfg, flag.field)
+                                                  for flag in architecture.TEXT_FLAGS})
     if cfg != expected:
         raise ValueError(f"{source}: the recorded model configuration disagrees with its own flags "
                          f"(recorded {dataclasses.asdict(expected)}, from the flags {dataclasses.asdict(cfg)}); "
@@ -692,8 +663,7 @@ def check_sizes_against_record(args: argparse.Namespace, cfg: AVIGATEConfig, con
 
 def checkpoint_record_of(args: argparse.Namespace, model: AVIGATE, **extra) -> dict:
     """The record written beside every model file and training state of this run."""
-    flags = {name: getattr(args, name)
-             for name in checkpoint_record.ARCHITECTURE_FLAGS + checkpoint_record.WEIGHT_FLAGS}
+    flags = {name: getattr(args, name) for name in architecture.FLAG_NAMES + checkpoint_record.WEIGHT_FLAGS}
     if args.eval_protocol == "paired_block":
         extra[util.LEAKING_KEY] = LEAK_LABEL
     return checkpoint_record.make_record(dataclasses.asdict(model.cfg), flags, model.weight_sources,

@@ -352,6 +352,21 @@ def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int
     return out
 
 
+def cached_evaluation(cfg, paths, row: StudyRow, seed: int, run_dir: str, query_of, threads: int) -> tuple:
+    """evaluate_row, kept in ``<run_dir>/study_eval/evaluation.json`` and reused while the
+    checkpoint, the row's flags, the inputs and the protocol constants are the same (an
+    interrupted or extended study re-evaluates nothing); returns (result, seconds it took)."""
+    out_dir = os.path.join(run_dir, "study_eval")
+    path = os.path.join(out_dir, "evaluation.json")
+    spec = {"checkpoint": demo.selected_checkpoint(run_dir), "flags": list(row.flags), "audio": row.audio,
+            "inputs": demo.run_inputs(cfg), "rerank_ks": list(RERANK_KS), "bootstrap": BOOTSTRAP,
+            "bootstrap_seed": BOOTSTRAP_SEED, "subsets": list(SUBSETS)}
+    seconds = demo.cached_stage(
+        f"evaluate {row.name} (seed {seed})", out_dir, spec,
+        lambda: write_json(path, evaluate_row(cfg, paths, row, run_dir, query_of, threads), default=float))
+    return demo_results.read_json(path), seconds
+
+
 def row_diagnostics(cfg, paths, row: StudyRow, seed: int, run_dir: str) -> dict:
     """Amendment (issue 17): the linear probes of the sound (tools/probe_sound.py) on the test
     split, the last-layer gate AUC per epoch on the validation clips (written by training), and
@@ -784,11 +799,8 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
             if row.warm_start and (row.warm_start, seed) not in runs:
                 do_row(ROW_BY_NAME[row.warm_start])
             seconds[f"train {row.name} seed {seed}"] = train_row(cfg, paths, row, seed, runs)
-            demo.log(f"evaluate {row.name} (seed {seed})")
-            t = time.time()
-            evals.setdefault(row.name, {})[seed] = evaluate_row(cfg, paths, row, runs[(row.name, seed)], query_of,
-                                                                args.threads)
-            seconds[f"evaluate {row.name} seed {seed}"] = time.time() - t
+            evals.setdefault(row.name, {})[seed], seconds[f"evaluate {row.name} seed {seed}"] = cached_evaluation(
+                cfg, paths, row, seed, runs[(row.name, seed)], query_of, args.threads)
             t = time.time()
             evals[row.name][seed].update(row_diagnostics(cfg, paths, row, seed, runs[(row.name, seed)]))
             seconds[f"diagnose {row.name} seed {seed}"] = time.time() - t

@@ -42,13 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.architecture import GATE_MODES, PADDING_RULES, TEXT_INITS
 from modules.layers import (NEW_WEIGHT_STD, TF_LN_EPS, LayerNorm, Mlp, MultiheadAttention,
                             QuickGELU, ResidualAttentionBlock, init_new_weights)
 from modules.resampler import default_heads
 
-GATE_MODES = ("soft", "hard", "none")
-PADDING_RULES = ("masked", "released")
-TEXT_INITS = ("zero", "normal")
 # Names of the per-layer gates: cross-attention, FFN_c and (query_gate) text injection.
 GATE_ATT, GATE_FF, GATE_Q = "att", "ff", "q"
 # Parameter names (relative to a FusionBlock) that exist only because the fusion sees the text.

@@ -32,6 +32,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from modules.architecture import ALIGNMENTS  # the global term, the local (log-sum-exp) term, or their mean
+
 # CLIP keeps its learned temperature exp(logit_scale) at most 100: the parameter is clamped at
 # ln 100 after each optimizer step (docs/design.md §5; a clamp in the forward would stop its gradient).
 LOGIT_SCALE_MAX = 100.0
@@ -42,8 +44,6 @@ GLOBAL_ROWS = 1
 # enough to stay in a CPU core's L2 / L3 share while the log-sum-exp passes over it (1-4 MiB
 # measured best on an AVX-512 EPYC, bench/score_bench.py).
 SCORE_TILE_BYTES = 4 << 20
-# Alignment schemes (docs/design.md §5): the global term, the local (log-sum-exp) term, or their mean.
-ALIGNMENTS = ("both", "global", "local")
 # Floor of the max-subtracted exponents in the in-place log-sum-exp: exp(-80) ~ 2e-35 is
 # nothing next to the maximum term exp(0) = 1, and inputs below about -87 (masked entries,
 # underflow to denormals) take a scalar slow path in vectorized exp that costs ~10x.
