@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # Test-only reference for the Kaldi fbank parity test; --no-deps keeps the torch above.
 TORCHAUDIO_REF ?= torchaudio==2.11.0
 PYTEST_ARGS ?=
-# Arguments of bench/demo.py, e.g. `make demo DEMO_ARGS=--quick`.
+# Arguments of synthetic/demo.py, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -38,15 +38,15 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not heavy" $(PYTEST_ARGS)
 
 # One GPU, <= 8 minutes: the `cuda` tests, precision agreement, step time and memory, evaluation
-# time, AST throughput, in one table (bench/gpu_check.py).
+# time, AST throughput, in one table (tools/gpu_check.py).
 gpu-check: $(STAMP)
-	$(BIN)/python bench/gpu_check.py
+	$(BIN)/python -m tools.gpu_check
 
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash run_demo.sh $(DEMO_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/score_bench.py
+	$(BIN)/python -m bench.score_bench
 
 clean-venv:
 	rm -rf $(VENV)

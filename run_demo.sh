@@ -3,7 +3,7 @@
 # once (cached under demo_out/), pre-trains the tiny audio trunk, trains and evaluates every
 # row of the table under `torchrun --nproc_per_node 2` (gloo), and writes
 # demo_out/results.json, demo_out/results.md and the |gate| figures. Arguments go to
-# bench/demo.py, e.g. `bash run_demo.sh --quick` (reduced run) or `--help`.
+# synthetic/demo.py, e.g. `bash run_demo.sh --quick` (reduced run) or `--help`.
 set -euo pipefail
 cd "$(dirname "$0")"
-exec python bench/demo.py "$@"
+exec python -m synthetic.demo "$@"

@@ -1,1 +1,2 @@
-"""Benchmarks and studies run as scripts (`python bench/<name>.py`); results in bench/results/."""
+"""Benchmarks and studies, run as modules from the repository root (``python -m bench.<name>``);
+results in bench/results/. No test imports them (tests/test_packaging.py checks)."""

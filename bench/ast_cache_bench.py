@@ -9,13 +9,12 @@ steady state once the cache fits in RAM) and after evicting the file's pages wit
 posix_fadvise ("cold", closer to a cache larger than RAM; a lower bound on disk cost).
 
 Usage:
-    .venv/bin/python bench/ast_cache_bench.py [--batch_size 8] [--device cpu]
+    python -m bench.ast_cache_bench [--batch_size 8] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from typing import Callable
@@ -24,13 +23,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dataloaders.audio import FbankConfig, load_ast_input  # noqa: E402
-from dataloaders.audio_cache import (TOKENS_FILE, AudioCacheWriter, AudioFeatureCache,  # noqa: E402
+from dataloaders.audio import FbankConfig, load_ast_input
+from dataloaders.audio_cache import (TOKENS_FILE, AudioCacheWriter, AudioFeatureCache,
                                      cache_fingerprint)
-from modules.ast import AST, ASTConfig  # noqa: E402
+from modules.ast import AST, ASTConfig
 
 CLIP_SECONDS = 10.0  # MSR-VTT clips last 10-30 s
 MIB = 1 << 20

@@ -23,8 +23,8 @@ loader.
 The loader section's measured numbers are in docs/performance.md.
 
 Usage:
-    .venv/bin/python bench/decode_bench.py [--sections decode loader] [--seconds 30] [--repeats 8]
-        [--workers N] [--loader_workers 0 1 2 4] [--batch_size 16] [--batches 8]
+    python -m bench.decode_bench [--sections decode loader] [--seconds 30] [--repeats 8]
+        [--workers N] [--loader_workers 0 1 2 4] [--batch_size 16] [--batches 8] [--json out.json]
 
 Decode section, measured on the shared 2-core build machine (other jobs running, so wall
 times are noisy; CPU ms/clip and the 2-process numbers were stable across runs),
@@ -53,7 +53,6 @@ import dataclasses
 import multiprocessing
 import os
 import resource
-import sys
 import tempfile
 import time
 import warnings
@@ -62,15 +61,12 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dataloaders.base import PairDataset, collate_items  # noqa: E402
-from dataloaders.registry import DataConfig, build_train_dataset  # noqa: E402
-from dataloaders.video import (DECODERS, DEFAULT_DECODER, FrameSamplingConfig, decode_opencv,  # noqa: E402
+from atomic_io import write_json
+from dataloaders.base import PairDataset, collate_items, video_inputs
+from dataloaders.registry import DataConfig, build_train_dataset
+from dataloaders.video import (DECODERS, DEFAULT_DECODER, FrameSamplingConfig, decode_opencv,
                                decode_pyav, normalize_frames, read_frames, sample_frame_indices)
-from tests.datagen import make_msrvtt, write_video, write_wav  # noqa: E402
-from dataloaders.base import video_inputs  # noqa: E402
+from tests.datagen import make_msrvtt, write_video, write_wav
 
 CLIP_SIZE = (320, 240)
 CLIPS = {"30fps": 30, "3fps": 3}
@@ -247,7 +243,8 @@ def epoch_start(dataset: PairDataset, workers: int, args: argparse.Namespace,
     return fresh, kept
 
 
-def run_loader_section(args: argparse.Namespace) -> None:
+def run_loader_section(args: argparse.Namespace) -> dict:
+    """Prints the loader table; returns its rows (``passes``) and the epoch-start times."""
     # More workers than cores is part of the sweep; torch's warning about it would repeat per pass.
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,10 +259,12 @@ def run_loader_section(args: argparse.Namespace) -> None:
               + ("" if device.type == "cuda" else " (no CUDA here: pin_memory not measured)"))
         print(f"  frames per global step of {RECIPE_BATCH}: uint8 {RECIPE_BATCH * per_item / 2**20:.0f} MiB, "
               f"float32 {4 * RECIPE_BATCH * per_item / 2**20:.0f} MiB")
+        passes = []
         for workers in args.loader_workers:
             for pin in pins:
                 for path in PATHS:
                     r = loader_pass(dataset, path, workers, args, device, pin)
+                    passes.append({"workers": workers, "path": path, "pin_memory": pin, **r})
                     pinned = f" pin_memory {pin!s:5s}" if len(pins) > 1 else ""
                     print(f"  workers {workers}  {path:17s}{pinned} {r['frames_per_s']:7.1f} frames/s  "
                           f"first batch {r['first_s']:5.2f} s  {r['cpu_ms_per_clip']:5.0f} CPU ms/clip  "
@@ -275,6 +274,8 @@ def run_loader_section(args: argparse.Namespace) -> None:
         fresh, kept = epoch_start(dataset, workers, args)
         print(f"  epoch start, {workers} workers, best of 3: first batch {fresh:.2f} s from a fresh "
               f"loader, {kept:.2f} s from a persistent one")
+    return {"device": device.type, "passes": passes,
+            "epoch_start": {"workers": workers, "fresh_s": fresh, "persistent_s": kept}}
 
 
 def main(argv=None) -> None:
@@ -298,11 +299,13 @@ def main(argv=None) -> None:
     parser.add_argument("--audio", choices=("wav", "none"), default="wav",
                         help="items carry the fbank of a wav file (the --audio_path recipe) or no audio")
     parser.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER)
+    parser.add_argument("--json", default=None, help="also write the loader section's numbers here")
     args = parser.parse_args(argv)
     if "decode" in args.sections:
         run_decode_section(args)
-    if "loader" in args.sections:
-        run_loader_section(args)
+    loader = run_loader_section(args) if "loader" in args.sections else None
+    if args.json:
+        write_json(args.json, {"loader": loader})
     print(f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs")
 
 

@@ -3,22 +3,19 @@
 Prints clips/s for ``--seconds``-long 16 kHz clips: one process at each thread count,
 and N single-threaded processes in parallel (how DataLoader workers run it), e.g.
 
-    .venv/bin/python bench/fbank_bench.py --threads 1 2 --processes 2 --seconds 10
+    python -m bench.fbank_bench --threads 1 2 --processes 2 --seconds 10
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
-import sys
 import time
 from typing import List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataloaders.audio import FbankConfig, ast_input  # noqa: E402
+from dataloaders.audio import FbankConfig, ast_input
 
 
 def make_clips(seconds: float, count: int, distinct: int) -> List[torch.Tensor]:

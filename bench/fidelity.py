@@ -6,22 +6,16 @@ of videos with 7-10 of 12 real frames under ``--padding_rule masked`` and ``rele
 weights; the padded slots hold one fixed "blank frame" embedding, as CLIP's embedding of a
 zero frame would be) and prints the largest and mean absolute score difference.
 
-    python bench/fidelity.py [--videos 64 --texts 64 --seed 0]
+    python -m bench.fidelity [--videos 64 --texts 64 --seed 0]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from modules.fusion import FusionConfig, FusionTransformer  # noqa: E402
-from modules.similarity import global_local_scores, video_index  # noqa: E402
+from modules.fusion import FusionConfig, FusionTransformer
+from modules.similarity import global_local_scores, video_index
 
 D, F, Q, LAYERS = 512, 12, 12, 4
 LOGIT_SCALE = torch.tensor(100.0).log()

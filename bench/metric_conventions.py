@@ -13,20 +13,16 @@ difference for v2t R@1/5/10, v2t MnR and t2v MdR (the t2v recalls and MnR are th
 both conventions).
 
 Usage:
-    .venv/bin/python bench/metric_conventions.py [--videos 1500] [--captions 10] [--shared 1.0]
+    python -m bench.metric_conventions [--videos 1500] [--captions 10] [--shared 1.0]
         [--seeds 3]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from metrics import retrieval_metrics  # noqa: E402
+from metrics import retrieval_metrics
 
 KEYS = ("v2t_R@1", "v2t_R@5", "v2t_R@10", "v2t_MnR", "t2v_MdR")
 SIGNALS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)

@@ -1,6 +1,6 @@
 """The free choices of the synthetic benchmark's recipe, made by one rule on the VALIDATION split.
 
-The recipe (bench/demo.py DemoConfig) takes the released values wherever the tiny scale allows
+The recipe (synthetic/demo.py DemoConfig) takes the released values wherever the tiny scale allows
 (docs/synthetic_recipe.md). Two choices have no released value that fits a 2-core
 CPU run of a few hundred steps: the new modules' learning rate (released: 1e-4 for 5 epochs of
 ~7,000 steps; here an epoch is ~125 steps) and the number of epochs. This script makes them by a
@@ -26,10 +26,10 @@ import os
 from dataclasses import replace
 from typing import Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import atomic_io
-from bench import demo
+from synthetic import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LR_GRID = (1e-4, 1e-3)  # the released rate and the previous demo recipe's
 EPOCHS = 5

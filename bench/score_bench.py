@@ -20,29 +20,25 @@ Measures, on this machine:
   the pair fusion timed on a sample and extrapolated (``--rerank_sample`` pairs).
 
 Prints a markdown table and the targets. Usage:
-    .venv/bin/python bench/score_bench.py [--quick] [--threads N]
+    python -m bench.score_bench [--quick] [--threads N]
 On a machine whose cores other processes also use, --threads 1 gives stable numbers: a
 second thread then mostly waits at the barriers of every parallel operation.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from modules.ast import ASTConfig  # noqa: E402
-from modules.clip import CLIPConfig  # noqa: E402
-from modules.fusion import FusionConfig  # noqa: E402
-from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures  # noqa: E402
-from modules.resampler import ResamplerConfig  # noqa: E402
-from modules.rerank import score_pair_list, shortlists  # noqa: E402
-from modules.similarity import VideoIndex, pair_scores, video_index  # noqa: E402
+from modules.ast import ASTConfig
+from modules.clip import CLIPConfig
+from modules.fusion import FusionConfig
+from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
+from modules.resampler import ResamplerConfig
+from modules.rerank import score_pair_list, shortlists
+from modules.similarity import VideoIndex, pair_scores, video_index
 
 D, F, Q, LAYERS = 512, 12, 12, 4
 LOGIT_SCALE = torch.tensor(4.6052)  # log(100): CLIP's trained value, the clamp

@@ -7,7 +7,7 @@ Benchmark: the synthetic benchmark (synthetic/) at its default size, data seed 0
 clips queried by 1,620 captions in three subsets (synthetic/design.py): (a) ``sound``, captions
 that describe the sound (720); (b) ``visual_informative``, captions of solo clips that describe
 only the visuals while a distinctive sound is audible (360); (c) ``visual_noise``, captions of
-noise clips (540). Training: the demo's recipe (bench/demo.py DemoConfig: tiny towers, 3 epochs,
+noise clips (540). Training: the demo's recipe (synthetic/demo.py DemoConfig: tiny towers, 3 epochs,
 global batch 32, two gloo ranks), on the benchmark's 540 training clips x 3 renders.
 
 Rows, each trained with seeds 0, 1, 2:
@@ -48,8 +48,8 @@ queries (the same resampled queries for both rows and every seed). The seed-to-s
 reported beside it. Warm-started rows are tested against ``avigate_continued`` as well (the
 same test), which isolates the text guidance from the extra epoch.
 
-    python bench/text_guidance.py                      # the study (results in bench/results/)
-    python bench/text_guidance.py --quick              # a small smoke run (not a result)
+    python -m bench.text_guidance                      # the study (results in bench/results/)
+    python -m bench.text_guidance --quick              # a small smoke run (not a result)
 """
 from __future__ import annotations
 
@@ -64,21 +64,19 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make the repository importable
-    sys.path.insert(0, ROOT)
+import main_task_retrieval
+import util
+from atomic_io import write_json, write_text
+from dataloaders.base import collate_items
+from dataloaders.registry import build_eval_datasets
+from evaluation import encode_dataset, rerank_split, score_split
+from metrics import metrics_report, roc_auc, text_to_video_ranks
+from modules.tokenization_clip import ClipTokenizer
+from synthetic import demo, demo_results
+from tools import robustness_table
+from tools.packed_results import pack_bits, read_npz, unpack_bits, write_npz
 
-import main_task_retrieval  # noqa: E402
-import util  # noqa: E402
-from atomic_io import write_json, write_text  # noqa: E402
-from bench import demo, demo_results  # noqa: E402
-from dataloaders.base import collate_items  # noqa: E402
-from dataloaders.registry import build_eval_datasets  # noqa: E402
-from evaluation import encode_dataset, rerank_split, score_split  # noqa: E402
-from metrics import metrics_report, roc_auc, text_to_video_ranks  # noqa: E402
-from modules.tokenization_clip import ClipTokenizer  # noqa: E402
-from tools import robustness_table  # noqa: E402
-from tools.packed_results import pack_bits, read_npz, unpack_bits, write_npz  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEEDS = (0, 1, 2)
 RERANK_KS = (5, 10, 20, 50)
@@ -126,7 +124,7 @@ class StudyRow:
         flags: main_task_retrieval.py flags on top of the demo recipe.
         audio: "none" (visual-only), "real" (the AST token cache), "zero" (all-zero tokens: the
             control that isolates sound) or "category" (category-exemplar tokens: the shortcut
-            control); bench/demo.py audio_cache.
+            control); synthetic/demo.py audio_cache.
         warm_start: name of the row (same seed) whose checkpoint initializes this one.
         epochs: training epochs (None = the recipe's).
     """
@@ -818,7 +816,7 @@ def run_study(argv: Optional[Sequence[str]] = None) -> dict:
             do_row(row)
         summary = study_results(evals, specs, seconds)
     first = next(iter(evals.values()))[args.seeds[0]]
-    results = {"command": " ".join(["python bench/text_guidance.py", *(sys.argv[1:] if argv is None else argv)]),
+    results = {"command": " ".join(["python -m bench.text_guidance", *(sys.argv[1:] if argv is None else argv)]),
                "design": {"seeds": args.seeds, "rerank_ks": RERANK_KS, "finetune_epochs": FINETUNE_EPOCHS,
                           "bootstrap": BOOTSTRAP, "goal_points": GOAL_POINTS,
                           "goal_standard_errors": GOAL_STANDARD_ERRORS, "recipe": asdict(cfg)},

@@ -6,7 +6,7 @@ AAC audio. Frame-rate conversion keeps, for each output time k / fps, the first 
 frame at or after it (a source slower than the target repeats frames). Resumable;
 a JSON report lists videos without audio and failures. Example:
 
-    python preprocess/compress_video.py --video_dir data/MSRVTT/videos \
+    python -m preprocess.compress_video --video_dir data/MSRVTT/videos \
         --output_dir data/MSRVTT/videos_3fps --workers 8
 """
 from __future__ import annotations
@@ -18,11 +18,8 @@ from typing import List, Optional, Tuple
 
 import av
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from atomic_io import atomic_path  # noqa: E402
-from preprocess.media import MediaJob, Outcome, base_parser, run_batch  # noqa: E402
+from atomic_io import atomic_path
+from preprocess.media import MediaJob, Outcome, base_parser, run_batch
 
 DEFAULT_FPS = 3
 DEFAULT_SHORT_SIDE = 224

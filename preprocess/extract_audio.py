@@ -6,7 +6,7 @@ so extraction and loading agree. Videos without an audio stream get no wav; the 
 lists them (the dataset then feeds AST the zero input). Resumable: existing wavs are
 skipped. Example:
 
-    python preprocess/extract_audio.py --video_dir data/MSRVTT/videos \
+    python -m preprocess.extract_audio --video_dir data/MSRVTT/videos \
         --audio_dir data/MSRVTT/audio --workers 8
 """
 from __future__ import annotations
@@ -19,12 +19,9 @@ import av
 import numpy as np
 import soundfile as sf
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataloaders.audio import FbankConfig, resample  # noqa: E402
-from atomic_io import atomic_path  # noqa: E402
-from preprocess.media import MediaJob, Outcome, base_parser, run_batch  # noqa: E402
+from dataloaders.audio import FbankConfig, resample
+from atomic_io import atomic_path
+from preprocess.media import MediaJob, Outcome, base_parser, run_batch
 
 WAV_SUBTYPE = "PCM_16"
 DECODE_FORMAT = "fltp"  # planar float32: to_ndarray() gives [channels, samples]

@@ -24,12 +24,10 @@ read (docs/design.md §9):
 The same --seed gives byte-identical files whatever --workers is. Usage:
 
     python -m synthetic.make_synthetic_av --out_dir data/synthetic_av
-    python synthetic/make_synthetic_av.py --out_dir data/synthetic_av   # the same, as a script
 """
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
@@ -42,13 +40,10 @@ import pandas as pd
 import soundfile as sf
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from preprocess.compress_video import pick_video_codec  # noqa: E402
-from synthetic.design import (STREAM_PRETRAIN, STREAM_RENDER, ClipPlan, SyntheticAVConfig,  # noqa: E402
+from preprocess.compress_video import pick_video_codec
+from synthetic.design import (STREAM_PRETRAIN, STREAM_RENDER, ClipPlan, SyntheticAVConfig,
                               design_counts, plan_benchmark, validate_design, visual_attributes)
-from synthetic.vocab import (BACKGROUNDS, COLOURS, INFORMATIVE_SOUNDS, IRRELEVANT_SOUNDS, MOTIONS,  # noqa: E402
+from synthetic.vocab import (BACKGROUNDS, COLOURS, INFORMATIVE_SOUNDS, IRRELEVANT_SOUNDS, MOTIONS,
                              SHAPES, SOUND_EVENTS, SYNTHESIZERS)
 
 VIDEO_DIR, AUDIO_DIR, PRETRAIN_DIR = "videos", "audio", "audio_pretrain"

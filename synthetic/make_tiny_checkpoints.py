@@ -1,6 +1,6 @@
 """Write randomly initialized tiny CLIP and AST checkpoints in the released file formats.
 
-The synthetic benchmark (bench/demo.py) trains from these files instead of OpenAI's CLIP and
+The synthetic benchmark (synthetic/demo.py) trains from these files instead of OpenAI's CLIP and
 the AST authors' AudioSet checkpoint, so the demo goes through the real loading code:
 
     clip_tiny.pt    a plain CLIP state dict with OpenAI's key names (``visual.conv1.weight``,
@@ -19,19 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from atomic_io import save_torch  # noqa: E402
-from modules.ast import AST, DATAPARALLEL_PREFIX, DEIT_HEAD_DIM, DEIT_LN_EPS, TRUNK_PREFIX, ASTConfig  # noqa: E402
-from modules.clip import CLIP, HEAD_WIDTH, CLIPConfig  # noqa: E402
+from atomic_io import save_torch
+from modules.ast import AST, DATAPARALLEL_PREFIX, DEIT_HEAD_DIM, DEIT_LN_EPS, TRUNK_PREFIX, ASTConfig
+from modules.clip import CLIP, HEAD_WIDTH, CLIPConfig
 
 CLIP_FILE = "clip_tiny.pt"
 AST_FILE = "ast_tiny.pth"

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
@@ -37,14 +36,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from atomic_io import save_torch  # noqa: E402
-from dataloaders.audio import FbankConfig, load_ast_input  # noqa: E402
-from modules.ast import AST  # noqa: E402
-from synthetic.make_synthetic_av import PRETRAIN_DIR, PRETRAIN_LABELS  # noqa: E402
-from synthetic.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head  # noqa: E402
+from atomic_io import save_torch
+from dataloaders.audio import FbankConfig, load_ast_input
+from modules.ast import AST
+from synthetic.make_synthetic_av import PRETRAIN_DIR, PRETRAIN_LABELS
+from synthetic.make_tiny_checkpoints import ast_to_audioset_checkpoint, audioset_head
 
 REPORT_SUFFIX = ".json"
 FBANK_BATCH = 16

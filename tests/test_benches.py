@@ -1,4 +1,4 @@
-"""bench/pair_memory.py and bench/gpu_check.py run in CI at tiny sizes on the CPU, so they
+"""tools/pair_memory.py and tools/gpu_check.py run in CI at tiny sizes on the CPU, so they
 cannot rot; the pair-memory measurement's method is checked against what chunking must do."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from bench import gpu_check, pair_memory, precision_agreement
+from tools import gpu_check, pair_memory, precision_agreement
 
 
 def test_pair_memory_tiny_measures_what_chunking_removes():

@@ -1,4 +1,4 @@
-"""Checks that need a CUDA GPU (marker ``cuda``; skipped elsewhere, run by bench/gpu_check.py).
+"""Checks that need a CUDA GPU (marker ``cuda``; skipped elsewhere, run by tools/gpu_check.py).
 
 - A training step synchronizes the host only where documented (tests/test_host_syncs.py counts
   the same on the CPU with a stand-in; here ``torch.cuda.set_sync_debug_mode`` reports every
@@ -21,7 +21,6 @@ import torch
 import main_task_retrieval
 import training
 import util
-from bench import pair_memory
 from dataloaders.base import video_inputs
 from modules.modeling import AVIGATE
 from modules.objective import ContrastiveObjective, ObjectiveConfig
@@ -30,6 +29,7 @@ from tests.datagen import make_msrvtt
 from tests.test_host_syncs import STEP_SYNCS_MASKED, STEP_SYNCS_RELEASED
 from tests.test_learning import GUIDED, fast_config, pair_batch
 from tests.test_train_e2e import tiny_flags, write_tiny_checkpoints
+from tools import pair_memory
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)

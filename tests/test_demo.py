@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench import demo, demo_results
 from modules.ast import AST, audioset_checkpoint_to_ast
 from modules.clip import CLIP, load_clip_state_dict
+from synthetic import demo, demo_results
 from synthetic.make_synthetic_av import SyntheticAVConfig, generate
 from synthetic.make_tiny_checkpoints import (AUDIOSET_CLASSES, TinyCheckpointConfig, ast_to_audioset_checkpoint,
                                              make_tiny_checkpoints)

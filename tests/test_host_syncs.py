@@ -7,7 +7,7 @@ operations that WOULD synchronize, with a CPU stand-in: a TorchDispatchMode sees
 call made in the step, forward and backward (including those inside library code), and a
 TorchFunctionMode sees the Python-level conversions that never reach the dispatcher
 (``tolist``, ``numpy``, ``cpu``). The real-device check is ``torch.cuda.set_sync_debug_mode``
-in bench/gpu_check.py.
+in tools/gpu_check.py.
 
 Documented unavoidable synchronizations of a step (objective forward + backward + optimizer
 step + logit-scale clamp), per micro-batch: one under ``--padding_rule masked`` (the default):

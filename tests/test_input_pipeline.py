@@ -1,6 +1,10 @@
 """Loader -> device: uint8 batches normalized by ``dataloaders.base.video_inputs``, loader settings,
 and per-epoch items that reach DataLoader workers."""
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +13,6 @@ import evaluation
 import main_task_retrieval
 import training
 import util
-from bench import decode_bench
 from dataloaders.base import collate_items
 from dataloaders.registry import DataConfig, build_train_dataset
 from dataloaders.video import FrameSamplingConfig, normalize_frames
@@ -18,6 +21,7 @@ from tests.datagen import make_msrvtt
 
 F, S, L = 3, 32, 16
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +85,16 @@ def test_each_epoch_loader_gives_that_epochs_items_in_workers(data):
 
 
 def test_decode_bench_loader_section_runs_both_paths(tmp_path):
-    """The benchmark's loader pass on a tiny set: both paths deliver every batch, and the
-    former float32 frames take exactly 4x the bytes of the uint8 ones."""
-    args = argparse.Namespace(batches=2, batch_size=2, loader_videos=1, loader_seconds=2.0, loader_fps=3.0,
-                              audio="wav", max_frames=2, decoder="opencv")
-    dataset = decode_bench.loader_dataset(str(tmp_path), args)
-    assert len(dataset) == 4
-    passes = {path: decode_bench.loader_pass(dataset, path, 1, args, CPU, pin_memory=False)
-              for path in decode_bench.PATHS}
+    """The benchmark's loader section on a tiny set, run as users run it (``python -m``): both
+    paths deliver every batch, and the former float32 frames take exactly 4x the bytes of the
+    uint8 ones."""
+    out = tmp_path / "decode.json"
+    result = subprocess.run([sys.executable, "-m", "bench.decode_bench", "--sections", "loader", "--batches", "2",
+                             "--batch_size", "2", "--loader_videos", "1", "--loader_seconds", "2", "--loader_fps",
+                             "3", "--max_frames", "2", "--decoder", "opencv", "--loader_workers", "1",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    passes = {r["path"]: r for r in json.loads(out.read_text())["loader"]["passes"] if not r["pin_memory"]}
     uint8, former = passes["uint8"], passes["float32 (former)"]
     assert uint8["batches"] == former["batches"] == 2
     assert uint8["frame_bytes"] == 2 * 2 * 3 * 224 * 224 and former["frame_bytes"] == 4 * uint8["frame_bytes"]

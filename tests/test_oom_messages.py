@@ -1,5 +1,5 @@
 """Out-of-memory in pair fusion names the setting that bounds it and a value to try, computed
-from the measured bytes per pair (bench/pair_memory.py): --train_pairs_per_chunk in training,
+from the measured bytes per pair (tools/pair_memory.py): --train_pairs_per_chunk in training,
 --eval_chunk in evaluation."""
 from __future__ import annotations
 

@@ -41,15 +41,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+
+import main_task_retrieval
+from atomic_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make the repository importable
-    sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import main_task_retrieval  # noqa: E402
-from atomic_io import write_json  # noqa: E402
 
 # Tolerance (docs/training.md, "Audit tolerance"): a score may move by
 #     tolerance = max(TOLERANCE_FLOOR, TOLERANCE_FACTOR * u * S)

@@ -2,8 +2,8 @@
 
 Run on a machine with one CUDA GPU:
 
-    .venv/bin/python bench/gpu_check.py                  # real sizes (ViT-B/32, 768x12 AST, D=512)
-    .venv/bin/python bench/gpu_check.py --json gpu.json  # also every number as JSON
+    python -m tools.gpu_check                  # real sizes (ViT-B/32, 768x12 AST, D=512)
+    python -m tools.gpu_check --json gpu.json  # also every number as JSON
 
 It prints one markdown table:
 1. the test subset marked ``cuda`` (``pytest -m cuda``: host syncs of a step counted with
@@ -41,23 +41,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import training
+import util
+from dataloaders import video as video_io
+from metrics import retrieval_metrics
+from modules import loss as loss_module
+from modules.ast import AST, ASTConfig
+from modules.clip import CLIPConfig
+from modules.fusion import FusionConfig
+from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
+from modules.objective import ContrastiveObjective, ObjectiveConfig
+from modules.optimization import OptimConfig, build_optimizer, build_scheduler
+from modules.rerank import score_pair_list, shortlists
+from modules.resampler import ResamplerConfig
+from tools.pair_memory import PeakMeter
 
-import training  # noqa: E402
-import util  # noqa: E402
-from dataloaders import video as video_io  # noqa: E402
-from bench.pair_memory import PeakMeter  # noqa: E402
-from metrics import retrieval_metrics  # noqa: E402
-from modules import loss as loss_module  # noqa: E402
-from modules.ast import AST, ASTConfig  # noqa: E402
-from modules.clip import CLIPConfig  # noqa: E402
-from modules.fusion import FusionConfig  # noqa: E402
-from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures  # noqa: E402
-from modules.objective import ContrastiveObjective, ObjectiveConfig  # noqa: E402
-from modules.optimization import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
-from modules.rerank import score_pair_list, shortlists  # noqa: E402
-from modules.resampler import ResamplerConfig  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GUIDED = dict(text_gate=True, text_query=True, query_gate=True)
 GIB = 1 << 30

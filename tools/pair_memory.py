@@ -31,31 +31,27 @@ autograd over one chunk of P pairs, whose slope is the working set per pair of a
 tables; ``--json`` writes every number.
 
 Usage:
-    .venv/bin/python bench/pair_memory.py                 # D=512, F=12, Q=12, L=4 (a few minutes)
-    .venv/bin/python bench/pair_memory.py --tiny          # seconds (CI: tests/test_benches.py)
+    python -m tools.pair_memory                 # D=512, F=12, Q=12, L=4 (a few minutes)
+    python -m tools.pair_memory --tiny          # seconds (CI: tests/test_benches.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import util  # noqa: E402
-from modules.ast import ASTConfig  # noqa: E402
-from modules.clip import CLIPConfig  # noqa: E402
-from modules.fusion import FusionConfig  # noqa: E402
-from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures  # noqa: E402
-from modules.objective import ContrastiveObjective, ObjectiveConfig  # noqa: E402
-from modules.resampler import ResamplerConfig  # noqa: E402
+import util
+from modules.ast import ASTConfig
+from modules.clip import CLIPConfig
+from modules.fusion import FusionConfig
+from modules.modeling import AVIGATE, AVIGATEConfig, TextFeatures, VideoFeatures
+from modules.objective import ContrastiveObjective, ObjectiveConfig
+from modules.resampler import ResamplerConfig
 
 GUIDED_FLAGS = dict(text_gate=True, text_query=True, query_gate=True)
 MIB = 1 << 20

@@ -9,28 +9,24 @@ retrieval metrics of both final models on their training pairs, each evaluated
 in fp32 and in bf16. Text-agnostic and text-guided (gate + query + query gate).
 
 Usage:
-    .venv/bin/python bench/precision_agreement.py [--steps 40] [--pairs 16] [--batches 4] [--device cpu]
+    python -m tools.precision_agreement [--steps 40] [--pairs 16] [--batches 4] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import os
-import sys
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import util  # noqa: E402
-from metrics import retrieval_metrics  # noqa: E402
-from modules.ast import ASTConfig  # noqa: E402
-from modules.modeling import AVIGATE, AVIGATEConfig  # noqa: E402
-from modules.objective import ContrastiveObjective, ObjectiveConfig  # noqa: E402
-from modules.optimization import OptimConfig, build_optimizer  # noqa: E402
+import util
+from metrics import retrieval_metrics
+from modules.ast import ASTConfig
+from modules.modeling import AVIGATE, AVIGATEConfig
+from modules.objective import ContrastiveObjective, ObjectiveConfig
+from modules.optimization import OptimConfig, build_optimizer
 
 GUIDED = dict(text_gate=True, text_query=True, query_gate=True)
 START_TOKEN, END_TOKEN = 49406, 49407

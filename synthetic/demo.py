@@ -21,9 +21,9 @@ noise, and that text-guided scores are measured honestly. Stages, each cached un
    (``audio_<kind>/``).
 5. ``results.json``, ``results.md`` and ``gates_<row>.png`` (|gate| distributions per layer).
 
-    python bench/demo.py                  # the full demo
-    python bench/demo.py --quick          # a reduced run (smaller benchmark, shorter training)
-    python bench/demo.py --compare_to old/results.json   # also report the largest metric change
+    python -m synthetic.demo                  # the full demo
+    python -m synthetic.demo --quick          # a reduced run (smaller benchmark, shorter training)
+    python -m synthetic.demo --compare_to old/results.json   # also report the largest metric change
 """
 from __future__ import annotations
 
@@ -41,25 +41,23 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make the repository importable
-    sys.path.insert(0, ROOT)
-
-import main_task_retrieval  # noqa: E402
-from atomic_io import write_json  # noqa: E402
-from bench import demo_results  # noqa: E402
-from dataloaders.audio_cache import AudioCacheWriter, checkpoint_fingerprint  # noqa: E402
-from modules.ast import AST  # noqa: E402
-from preprocess import cache_audio_features, cache_frames  # noqa: E402
-from synthetic.make_synthetic_av import SyntheticAVConfig, generate  # noqa: E402
-from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,  # noqa: E402
+import main_task_retrieval
+from atomic_io import write_json
+from dataloaders.audio_cache import AudioCacheWriter, checkpoint_fingerprint
+from modules.ast import AST
+from preprocess import cache_audio_features, cache_frames
+from synthetic import demo_results
+from synthetic.make_synthetic_av import SyntheticAVConfig, generate
+from synthetic.make_tiny_checkpoints import (AST_FILE, CLIP_FILE, TinyCheckpointConfig,
                                              make_tiny_checkpoints)
-from synthetic.category_audio_cache import build_category_cache  # noqa: E402
-from synthetic.make_val_split import make_val_split  # noqa: E402
-from synthetic.make_val_split import split_files as val_split_files  # noqa: E402
-from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain  # noqa: E402
-from synthetic.pretrain_clip import ClipPretrainConfig, pretrain_clip  # noqa: E402
-from tools import probe_sound, robustness_table  # noqa: E402
+from synthetic.category_audio_cache import build_category_cache
+from synthetic.make_val_split import make_val_split
+from synthetic.make_val_split import split_files as val_split_files
+from synthetic.pretrain_audio_trunk import PretrainConfig, pretrain
+from synthetic.pretrain_clip import ClipPretrainConfig, pretrain_clip
+from tools import probe_sound, robustness_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAMP = "stamp.json"
 PROBE_FILE = "probe.json"
@@ -839,7 +837,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[DemoConfig, Optional[str]
 
 
 def run_demo(cfg: DemoConfig, compare_to: Optional[str] = None, profile: str = "full",
-             command: str = "python bench/demo.py") -> dict:
+             command: str = "python -m synthetic.demo") -> dict:
     """Every stage; writes results.json / results.md / gate PNGs to cfg.out_dir and returns the results."""
     start, start_cpu = time.time(), cpu_seconds()
     paths = Paths(os.path.abspath(cfg.out_dir))
@@ -881,7 +879,7 @@ def run_demo(cfg: DemoConfig, compare_to: Optional[str] = None, profile: str = "
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg, compare_to, profile = parse_args(argv)
-    command = " ".join(["python bench/demo.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m synthetic.demo", *(sys.argv[1:] if argv is None else argv)])
     results = run_demo(cfg, compare_to, profile, command)
     print(markdown(results))
     log(f"results in {os.path.join(os.path.abspath(cfg.out_dir), 'results.md')}")

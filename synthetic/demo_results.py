@@ -1,4 +1,4 @@
-"""Aggregation of the synthetic-benchmark demo (bench/demo.py): subset recalls, gate
+"""Aggregation of the synthetic-benchmark demo (synthetic/demo.py): subset recalls, gate
 separation, score invariance under shuffling, the results table and the gate figure.
 
 Everything here reads what ``main_task_retrieval.py --do_eval`` writes to its output
