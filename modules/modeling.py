@@ -9,8 +9,9 @@ Public API:
 - ``score(text_feats, video_feats) -> [Nt, Nv]``: the same call for every model. A
   text-agnostic model scores by matrix products over the cached video index; a text-guided
   model fuses every (text, video) pair under that pair's own text, in memory-bounded
-  chunks (``modules.pair_fusion``, sized by ``modules.memory_plan``), reusing the per-video and per-text parts. No score depends on which other texts
-  or videos are scored with it. ``agnostic_scores`` is stage 1 of shortlist re-ranking.
+  chunks (``modules.pair_fusion``, sized by ``modules.memory_plan``), reusing the per-video
+  and per-text parts. No score depends on which other texts or videos are scored with it.
+  ``agnostic_scores`` is stage 1 of shortlist re-ranking.
 - Differentiable scorers for the objective: ``similarity`` (text-agnostic, from the index),
   ``pair_context`` + ``score_pairs`` / ``score_grid`` (text-guided pairs).
 
