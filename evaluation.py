@@ -19,7 +19,7 @@ from atomic_io import atomic_path, write_json
 from dataloaders.base import collate_items, video_inputs
 from metrics import metrics_report, text_to_video_ranks
 from modules.diagnostics import LEAK_LABEL, paired_block_scores
-from modules.modeling import DEFAULT_EVAL_PAIRS_PER_CHUNK
+from modules.memory_plan import DEFAULT_EVAL_PAIRS_PER_CHUNK
 from modules.rerank import ranking_matrices, score_pair_list, shortlists, top_k_with_keys
 from util import (DistInfo, autocast, broadcast_object, gather_objects, ignore_preemption_signals, logger, shard_range,
                   unwrap)

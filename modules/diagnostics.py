@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from modules.modeling import AVIGATE, ScoreOutput, TextFeatures, VideoFeatures
+from modules.pair_fusion import PairContext, PairScores, Scorer, fuse_pair_chunks, grid_plan
 from modules.similarity import exact_fp32, global_local_scores
 
 LEAK_LABEL = ("LEAKING: paired_block fuses each video with the caption at its position in the "
@@ -31,23 +32,21 @@ def paired_block_scores(model: AVIGATE, text_feats: TextFeatures, video_feats: V
     if block_size < 1:
         raise ValueError(f"paired_block needs a block size >= 1 (--batch_size_val), got {block_size}")
     text = text_feats.text.to(model.logit_scale.device)
-    nt, nv = text.shape[0], len(video_feats)
-    scores = text.new_zeros(nt, nv, dtype=torch.float32)
-    gates = {name: text.new_zeros(nt, nv, model.cfg.fusion.layers, dtype=torch.float32)
-             for name in model.gate_names()}
-    for v0 in range(0, nv, block_size):
-        v1 = min(v0 + block_size, nv)
-        part = model.video_context_inputs(video_feats, v0, v1)
-        ctx = model.pair_context(text, part.frames, part.frame_mask, part.audio)
-        vi = torch.arange(v1 - v0, device=text.device)
-        for t0 in range(0, nt, block_size):
-            t1 = min(t0 + block_size, nt)
-            ti = t0 + vi % (t1 - t0)
-            out = model.fusion.fuse_pairs(ctx.videos, ctx.texts, ti, vi)
-            with exact_fp32(text.device):
-                scores[t0:t1, v0:v1] = global_local_scores(text[t0:t1].float(), out.fused.float(),
-                                                           ctx.frame_mask, model.logit_scale.float(),
-                                                           model.cfg.temperature, model.cfg.alignment)
-            for name, value in out.gates.items():
-                gates[name][t0:t1, v0:v1] = value.unsqueeze(0)
-    return ScoreOutput(scores, gates)
+    plan = grid_plan(text.shape[0], len(video_feats), (block_size, block_size), text.device)
+    out = fuse_pair_chunks(model, text, plan, videos=video_feats, scorer=_paired_block_scorer(model))
+    return ScoreOutput(out.scores, {name: g.float() for name, g in out.gates.items()})
+
+
+def _paired_block_scorer(model: AVIGATE) -> Scorer:
+    """Scores one (text block, video block) the leaking way: the k-th video of the block fused
+    with the text at position k (modulo the block's texts), then scored against every text of
+    the block -> PairScores(scores [Tc, Vc], gates [Tc, Vc, L], the same for every text)."""
+    def score(ctx: PairContext, text_rows: torch.Tensor, video_cols: torch.Tensor) -> PairScores:
+        tc = text_rows.shape[0]
+        out = model.fusion.fuse_pairs(ctx.videos, ctx.texts, text_rows[video_cols % tc], video_cols)
+        with exact_fp32(text_rows.device):
+            scores = global_local_scores(ctx.text[text_rows], out.fused.float(), ctx.frame_mask[video_cols],
+                                         model.logit_scale.float(), model.cfg.temperature, model.cfg.alignment)
+        return PairScores(scores, {name: g.unsqueeze(0).expand(tc, -1, -1) for name, g in out.gates.items()})
+
+    return score

@@ -9,8 +9,9 @@ Public API:
 - ``score(text_feats, video_feats) -> [Nt, Nv]``: the same call for every model. A
   text-agnostic model scores by matrix products over the cached video index; a text-guided
   model fuses every (text, video) pair under that pair's own text, in memory-bounded
-  chunks, reusing the per-video and per-text parts. No score depends on which other texts
-  or videos are scored with it. ``agnostic_scores`` is stage 1 of shortlist re-ranking.
+  chunks (``modules.pair_fusion``, sized by ``modules.memory_plan``), reusing the per-video
+  and per-text parts. No score depends on which other texts or videos are scored with it.
+  ``agnostic_scores`` is stage 1 of shortlist re-ranking.
 - Differentiable scorers for the objective: ``similarity`` (text-agnostic, from the index),
   ``pair_context`` + ``score_pairs`` / ``score_grid`` (text-guided pairs).
 
@@ -30,30 +31,13 @@ from torch import nn
 
 from modules.ast import AST, ASTConfig, audioset_checkpoint_to_ast, load_strict
 from modules.clip import CLIP, CLIPConfig, state_dict_problems
-from modules.fusion import FusionConfig, FusionTransformer, TextContext, VideoContext
+from modules.fusion import FusionConfig, FusionTransformer
 from modules.layers import NEW_WEIGHT_STD, SELF_ATTENTION_PARAM_PREFIXES, copy_clip_layer
+from modules.memory_plan import AGNOSTIC_CHUNK_BYTES, device_memory_bytes, eval_chunk, eval_memory_hint
+from modules.pair_fusion import PairContext, PairScores, fuse_pair_chunks, grid_plan
 from modules.resampler import AudioResampler, ResamplerConfig
 from modules.similarity import (MAX_LOG_LOGIT_SCALE, check_alignment, exact_fp32, exact_fp32_call, index_scores,
                                 pair_scores, unit_frames, video_index)
-
-# Working set per fused pair when scoring (no autograd) at F = 12, D = 512, L = 4, measured by
-# bench/pair_memory.py (docs/precision_memory.md, "Pair memory"): 467 KiB in fp32, 307 KiB under bf16 autocast.
-EVAL_PAIR_BYTES = {"fp32": 478_000, "bf16": 315_000, "fp16": 315_000}
-# F x D x L of that measurement: the working set per pair scales with it for other sizes.
-MEASURED_PAIR_SIZE = 12 * 512 * 4
-# Pairs fused at once when scoring without an explicit chunk (--eval_chunk): 2,048 pairs take
-# 0.9 GiB (fp32) / 0.6 GiB (bf16) by the measurement above, and 24k frame rows per product
-# already fill a GPU.
-DEFAULT_EVAL_PAIRS_PER_CHUNK = 2048
-# Share of the device memory an out-of-memory message's suggested chunk may take.
-EVAL_CHUNK_MEMORY_SHARE = 0.25
-
-
-def device_memory_bytes(device: torch.device) -> Optional[int]:
-    """Total memory of a CUDA device (for out-of-memory advice); None for the CPU."""
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-# Bytes of [Nt, chunk, 1+F] fp32 cosines per text-agnostic scoring product.
-AGNOSTIC_CHUNK_BYTES = 1 << 28
 
 
 @dataclass
@@ -181,29 +165,6 @@ class ScoreOutput:
 
     scores: torch.Tensor
     gates: dict[str, torch.Tensor]
-
-
-@dataclass
-class PairScores:
-    """Differentiable pair scores: scores [P] (pairs) or [Tc, Vc] (grid), fp32; gates name ->
-    [P, L] or [Tc, Vc, L]."""
-
-    scores: torch.Tensor
-    gates: dict[str, torch.Tensor]
-
-
-@dataclass
-class PairContext:
-    """What scoring pairs of Nt texts and Nv videos needs, prepared once (``AVIGATE.pair_context``).
-
-    text [Nt, D] fp32 (for the similarity); texts: TextContext; videos: VideoContext;
-    frame_mask [Nv, F] bool, the real frames (the similarity always masks padded frames).
-    """
-
-    text: torch.Tensor
-    texts: TextContext
-    videos: VideoContext
-    frame_mask: torch.Tensor
 
 
 class AVIGATE(nn.Module):
@@ -453,7 +414,7 @@ class AVIGATE(nn.Module):
             text_feats: TextFeatures of Nt texts; video_feats: VideoFeatures of Nv videos (any
                 device / float dtype; moved chunk by chunk to the model's device).
             chunk: (texts, videos) per chunk of pair fusion (text-guided) or (unused, videos)
-                per product (text-agnostic); None = DEFAULT_EVAL_PAIRS_PER_CHUNK pairs.
+                per product (text-agnostic); None = memory_plan.DEFAULT_EVAL_PAIRS_PER_CHUNK pairs.
         Returns: ScoreOutput(scores [Nt, Nv] fp32, gates).
         """
         self._check_features(text_feats, video_feats)
@@ -483,34 +444,18 @@ class AVIGATE(nn.Module):
 
     def pair_chunks(self, num_texts: int, num_videos: int,
                     chunk: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        """(texts, videos) per chunk of pair fusion: explicit, or DEFAULT_EVAL_PAIRS_PER_CHUNK
-        pairs as a block of all videos (or of a slice of them when videos alone exceed it)."""
-        if chunk is not None:
-            return max(1, chunk[0]), max(1, chunk[1])
-        return grid_chunk(num_texts, num_videos, DEFAULT_EVAL_PAIRS_PER_CHUNK)
+        """(texts, videos) per chunk of pair fusion when scoring (``memory_plan.eval_chunk``)."""
+        return eval_chunk(num_texts, num_videos, chunk)
 
     def eval_memory_hint(self, num_texts: int, num_videos: int, chunk: Optional[tuple[int, int]] = None,
                          precision: str = "fp32") -> str:
         """What bounds the memory of scoring and an ``--eval_chunk`` to try (a quarter of the
         model's GPU at most), for out-of-memory messages."""
-        device_bytes = device_memory_bytes(self.logit_scale.device)
         if not self.text_guided:
             return ("text-agnostic scoring is matrix products over the cached index; lower --batch_size_val "
                     "(encoding) or evaluate on more GPUs")
-        fusion = self.cfg.fusion
-        per_pair = (EVAL_PAIR_BYTES.get(precision, EVAL_PAIR_BYTES["fp32"])
-                    * fusion.max_frames * fusion.width * fusion.layers / MEASURED_PAIR_SIZE)
-        texts, videos = self.pair_chunks(num_texts, num_videos, chunk)
-        limits = [texts * videos // 2]
-        if device_bytes:
-            limits.append(int(EVAL_CHUNK_MEMORY_SHARE * device_bytes / per_pair))
-        pairs = max(1, min(limits))
-        pairs = 1 << (pairs.bit_length() - 1)
-        t, v = grid_chunk(num_texts, num_videos, pairs)
-        return (f"text-guided scoring fuses {texts} texts x {videos} videos = {texts * videos} pairs per chunk now "
-                f"(--eval_chunk; {per_pair / 1024:.0f} KiB per pair at --precision {precision}, measured by "
-                f"bench/pair_memory.py): try --eval_chunk {t} {v} ({t * v} pairs, about "
-                f"{t * v * per_pair / 2 ** 30:.2f} GiB)")
+        return eval_memory_hint(self.cfg.fusion, num_texts, num_videos, chunk, precision,
+                                device_memory_bytes(self.logit_scale.device))
 
     def _score_agnostic(self, text: torch.Tensor, videos: VideoFeatures,
                         chunk: Optional[tuple[int, int]]) -> ScoreOutput:
@@ -530,36 +475,13 @@ class AVIGATE(nn.Module):
     def _score_text_guided(self, text: torch.Tensor, videos: VideoFeatures,
                            chunk: Optional[tuple[int, int]]) -> ScoreOutput:
         nt, nv = text.shape[0], len(videos)
-        tc, vc = self.pair_chunks(nt, nv, chunk)
-        scores = text.new_zeros(nt, nv, dtype=torch.float32)
-        gates = {name: text.new_zeros(nt, nv, self.cfg.fusion.layers, dtype=torch.float32)
-                 for name in self.gate_names()}
-        all_texts = torch.arange(nt, device=text.device)
-        for v0 in range(0, nv, vc):
-            v1 = min(v0 + vc, nv)
-            part = self.video_context_inputs(videos, v0, v1)
-            ctx = self.pair_context(text, part.frames, part.frame_mask, part.audio)
-            local_videos = torch.arange(v1 - v0, device=text.device)
-            for t0 in range(0, nt, tc):
-                t1 = min(t0 + tc, nt)
-                out = self.score_grid(ctx, all_texts[t0:t1], local_videos)
-                scores[t0:t1, v0:v1] = out.scores
-                for name, value in out.gates.items():
-                    gates[name][t0:t1, v0:v1] = value
-        return ScoreOutput(scores, gates)
+        plan = grid_plan(nt, nv, self.pair_chunks(nt, nv, chunk), text.device)
+        out = fuse_pair_chunks(self, text, plan, videos=videos)
+        return ScoreOutput(out.scores, {name: g.float() for name, g in out.gates.items()})
 
     def gate_names(self) -> list[str]:
         """Names of the gates a pair's fusion reports ("att", "ff", "q")."""
         return list(self.fusion.blocks[0].gates.keys()) if len(self.fusion.blocks) else []
-
-
-def grid_chunk(num_texts: int, num_videos: int, pairs: int) -> tuple[int, int]:
-    """(texts, videos) per block of about ``pairs`` pairs: all videos and as many texts as fit,
-    or one text and a slice of the videos when the videos alone exceed it."""
-    nt, nv, pairs = max(num_texts, 1), max(num_videos, 1), max(pairs, 1)
-    if pairs >= nv:
-        return min(nt, pairs // nv), nv
-    return 1, pairs
 
 
 def _load_copied_layer(block: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:

@@ -18,27 +18,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from modules.loss import LossConfig, all_gather_no_grad, all_gather_with_grad, margin_contrastive_loss, \
     pair_margins
-from modules.modeling import (MEASURED_PAIR_SIZE, AVIGATE, PairContext, PairScores, device_memory_bytes,
-                              grid_chunk)
+from modules import memory_plan
+from modules.modeling import AVIGATE
+from modules.pair_fusion import PairContext, fuse_pair_chunks, grid_plan, list_plan
 from modules.similarity import exact_fp32, video_index
 
 TRAINING_PAIRS = ("all", "hardest_k", "own_caption")
-# Bytes per fused text-guided pair in training (forward + backward) at F = 12, D = 512, L = 4,
-# measured by bench/pair_memory.py (docs/precision_memory.md, "Pair memory"; CPU allocation counts, within 1%):
-# fused all at once, a pair keeps this much alive for the backward pass; in a checkpointed
-# chunk (--train_pairs_per_chunk C) the C pairs of the chunk need about as much each, while
-# every other pair keeps only its score (~1 KiB). fp16 stores activations as bf16 does. Other
-# F x D x L scale with modeling.MEASURED_PAIR_SIZE.
-TRAIN_PAIR_BYTES = {"fp32": 4_209_000, "bf16": 2_334_000, "fp16": 2_334_000}
-# Share of the device memory an out-of-memory message's suggested chunk may take (the rest:
-# weights, gradients, optimizer states and the encoders' activations, docs/precision_memory.md).
-CHUNK_MEMORY_SHARE = 0.25
-# Suggested chunk when the device memory is unknown (CPU) and no chunk is set yet.
-FALLBACK_CHUNK = 512
 
 
 @dataclass
@@ -110,37 +98,22 @@ class ContrastiveObjective(nn.Module):
         self.last_pairs = 0  # pairs fused by the last forward (for out-of-memory messages)
 
     def pair_bytes(self, precision: str) -> float:
-        """Training bytes per fused pair at this model's F, D, L (TRAIN_PAIR_BYTES, scaled)."""
-        fusion = self.model.cfg.fusion
-        measured = TRAIN_PAIR_BYTES.get(precision, TRAIN_PAIR_BYTES["fp32"])
-        return measured * fusion.max_frames * fusion.width * fusion.layers / MEASURED_PAIR_SIZE
+        """Training bytes per fused pair at this model's F, D, L (memory_plan.TRAIN_PAIR_BYTES, scaled)."""
+        return memory_plan.pair_bytes(memory_plan.TRAIN_PAIR_BYTES, precision, self.model.cfg.fusion)
 
     def suggested_chunk(self, precision: str, device_bytes: Optional[int] = None) -> int:
         """A --train_pairs_per_chunk to try: a power of two whose chunk takes at most
-        CHUNK_MEMORY_SHARE of the device, and at most half the current chunk."""
-        limits = []
-        if device_bytes:
-            limits.append(int(CHUNK_MEMORY_SHARE * device_bytes / self.pair_bytes(precision)))
-        if self.cfg.pairs_per_chunk:
-            limits.append(self.cfg.pairs_per_chunk // 2)
-        chunk = max(1, min(limits) if limits else FALLBACK_CHUNK)
-        return 1 << (chunk.bit_length() - 1)
+        memory_plan.CHUNK_MEMORY_SHARE of the device, and at most half the current chunk."""
+        return memory_plan.train_chunk(self.model.cfg.fusion, precision, self.cfg.pairs_per_chunk, device_bytes)
 
     def memory_hint(self, precision: str = "fp32") -> str:
         """What bounds the training memory of pair fusion and a value to try (a chunk within a
         quarter of the model's GPU), for out-of-memory messages."""
         if not self.model.text_guided or self.cfg.training_pairs == "own_caption":
             return "lower --batch_size or add --grad_checkpointing (CLIP towers)"
-        gib = 1 << 30
-        per_pair = self.pair_bytes(precision)
-        now = self.cfg.pairs_per_chunk
-        chunk = self.suggested_chunk(precision, device_memory_bytes(self.model.logit_scale.device))
-        fused = (f"{self.last_pairs} pairs on this rank, {self.last_pairs * per_pair / gib:.1f} GiB of activations "
-                 f"when fused at once" if self.last_pairs else "every (local text, gathered video) pair")
-        return (f"text-guided training fuses {fused} ({per_pair / 2 ** 20:.1f} MiB per pair at --precision "
-                f"{precision}, measured by bench/pair_memory.py); --train_pairs_per_chunk bounds the pairs alive "
-                f"at once (now {now or 'all at once'}): try --train_pairs_per_chunk {chunk} "
-                f"(about {chunk * per_pair / gib:.1f} GiB per chunk), and --grad_checkpointing for the CLIP towers")
+        device_bytes = memory_plan.device_memory_bytes(self.model.logit_scale.device)
+        return memory_plan.train_memory_hint(self.model.cfg.fusion, precision, self.cfg.pairs_per_chunk,
+                                             self.last_pairs, device_bytes)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, frames: torch.Tensor,
                 frame_mask: torch.Tensor, audio: Optional[torch.Tensor] = None) -> TrainOutput:
@@ -191,39 +164,22 @@ class ContrastiveObjective(nn.Module):
             return self._hardest_k_rows(ctx, text, frames_g.detach(), mask_g)
         bl, bg = text.shape[0], mask_g.shape[0]
         self.last_pairs = bl * bg
-        tc, vc = grid_chunk(bl, bg, self.cfg.pairs_per_chunk or bl * bg)
-        texts = torch.arange(bl, device=text.device)
-        videos = torch.arange(bg, device=text.device)
-        row_blocks, gates = [], []
-        for t0 in range(0, bl, tc):
-            blocks = []
-            for v0 in range(0, bg, vc):
-                out = self._run_chunk(model.score_grid, ctx, texts[t0:t0 + tc], videos[v0:v0 + vc])
-                blocks.append(out.scores)
-                gates.append(out.gates)
-            row_blocks.append(torch.cat(blocks, dim=1))
-        return torch.cat(row_blocks, dim=0), _gate_stats(gates)
+        chunk = memory_plan.grid_chunk(bl, bg, self.cfg.pairs_per_chunk or bl * bg)
+        # Text blocks outside: the backward pass accumulates the context's gradients chunk by
+        # chunk in this order.
+        plan = grid_plan(bl, bg, chunk, text.device, videos_outer=False)
+        out = fuse_pair_chunks(model, text, plan, context=ctx, recompute=bool(self.cfg.pairs_per_chunk))
+        return out.scores, _gate_stats([out.gates])
 
     def _hardest_k_rows(self, ctx: PairContext, text: torch.Tensor, frames_g: torch.Tensor,
                         mask_g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rows [Bl, Bg] with the positive and the hardest_k negatives of each local text."""
         ti, vi = self._hardest_pairs(text, frames_g, mask_g)
         self.last_pairs = ti.shape[0]
-        step = self.cfg.pairs_per_chunk or ti.shape[0]
-        scores, gates = [], []
-        for start in range(0, ti.shape[0], step):
-            out = self._run_chunk(self.model.score_pairs, ctx, ti[start:start + step], vi[start:start + step])
-            scores.append(out.scores)
-            gates.append(out.gates)
-        values = torch.cat(scores)
-        rows = values.new_full((text.shape[0], mask_g.shape[0]), float("-inf")).index_put((ti, vi), values)
-        return rows, _gate_stats(gates)
-
-    def _run_chunk(self, scorer, ctx: PairContext, first: torch.Tensor, second: torch.Tensor) -> PairScores:
-        """One chunk of pair scores; recomputed in backward when chunking is on."""
-        if self.cfg.pairs_per_chunk and torch.is_grad_enabled():
-            return checkpoint(scorer, ctx, first, second, use_reentrant=False)
-        return scorer(ctx, first, second)
+        plan = list_plan(ti, vi, self.cfg.pairs_per_chunk or ti.shape[0])
+        out = fuse_pair_chunks(self.model, text, plan, context=ctx, recompute=bool(self.cfg.pairs_per_chunk))
+        rows = out.scores.new_full((text.shape[0], mask_g.shape[0]), float("-inf")).index_put((ti, vi), out.scores)
+        return rows, _gate_stats([out.gates])
 
     @torch.no_grad()
     def _hardest_pairs(self, text: torch.Tensor, frames_g: torch.Tensor,

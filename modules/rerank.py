@@ -22,7 +22,9 @@ from typing import Optional
 
 import torch
 
-from modules.modeling import AVIGATE, DEFAULT_EVAL_PAIRS_PER_CHUNK, TextFeatures, VideoFeatures
+from modules.memory_plan import DEFAULT_EVAL_PAIRS_PER_CHUNK
+from modules.modeling import AVIGATE, TextFeatures, VideoFeatures
+from modules.pair_fusion import fuse_pair_chunks, list_plan
 
 
 @dataclass
@@ -78,26 +80,14 @@ def shortlists(stage1: torch.Tensor, k: int, text_keys: Optional[torch.Tensor] =
 def score_pair_list(model: AVIGATE, text_feats: TextFeatures, video_feats: VideoFeatures,
                     pair_text: torch.Tensor, pair_video: torch.Tensor,
                     pairs_per_chunk: int = DEFAULT_EVAL_PAIRS_PER_CHUNK) -> tuple[torch.Tensor, dict]:
-    """Text-guided scores [P] (fp32) and gates name -> [P, L] of the listed pairs, each fused
-    under its own text. Pairs are processed in chunks of consecutive videos (the per-video
-    fusion context is prepared once per chunk); pass them sorted by video for that reuse."""
+    """Text-guided scores [P] (fp32) and gates name -> [P, L] (fp32) of the listed pairs, each
+    fused under its own text. Pairs are processed in chunks of consecutive pairs (the per-video
+    fusion context is prepared once per chunk for the range of its videos); pass them sorted
+    by video for that reuse."""
     device = model.logit_scale.device
-    text = text_feats.text.to(device)
-    num_pairs = pair_text.shape[0]
-    scores = torch.zeros(num_pairs, dtype=torch.float32, device=device)
-    gates = {name: torch.zeros(num_pairs, model.cfg.fusion.layers, device=device) for name in model.gate_names()}
-    pair_text, pair_video = pair_text.to(device), pair_video.to(device)
-    for start in range(0, num_pairs, pairs_per_chunk):
-        stop = min(start + pairs_per_chunk, num_pairs)
-        vi = pair_video[start:stop]
-        first, last = int(vi.min()), int(vi.max()) + 1
-        part = model.video_context_inputs(video_feats, first, last)
-        ctx = model.pair_context(text, part.frames, part.frame_mask, part.audio)
-        out = model.score_pairs(ctx, pair_text[start:stop], vi - first)
-        scores[start:stop] = out.scores
-        for name, value in out.gates.items():
-            gates[name][start:stop] = value.float()
-    return scores, gates
+    plan = list_plan(pair_text.to(device), pair_video.to(device), pairs_per_chunk)
+    out = fuse_pair_chunks(model, text_feats.text.to(device), plan, videos=video_feats)
+    return out.scores, {name: g.float() for name, g in out.gates.items()}
 
 
 def ranking_matrices(lists: Shortlists, pair_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ import evaluation
 import training
 import util
 from dataloaders.base import video_inputs
+from modules.memory_plan import CHUNK_MEMORY_SHARE, FALLBACK_CHUNK
 from modules.modeling import AVIGATE
-from modules.objective import CHUNK_MEMORY_SHARE, FALLBACK_CHUNK, ContrastiveObjective, ObjectiveConfig
+from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
 from tests.test_learning import GUIDED, fast_config, pair_batch
 

@@ -301,7 +301,7 @@ def train_step_row(sizes: CheckSizes, text_guided: bool, precision: str, chunk: 
                 torch.cuda.reset_peak_memory_stats(device)
                 seconds, _ = timed(lambda: training.train_step(trainer, [batch]), device, sizes.steps)
                 row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-            else:  # the CPU's allocation count (bench/pair_memory.PeakMeter) doubles as the warm-up
+            else:  # the CPU's allocation count (tools/pair_memory.PeakMeter) doubles as the warm-up
                 row["peak_bytes"], _ = peak_bytes(lambda: training.train_step(trainer, [batch]), device)
                 seconds, _ = timed(lambda: training.train_step(trainer, [batch]), device, sizes.steps)
         row["seconds"] = seconds

@@ -27,7 +27,7 @@ the chunk size at fixed P (the working set of one chunk, forward + recomputation
 Memory of a rank then is intercept + per_pair * P (all at once) or intercept + per_pair_chunked
 * P + per_chunk_pair * C. Evaluation (``--parts eval``): the peak of ``AVIGATE.score`` without
 autograd over one chunk of P pairs, whose slope is the working set per pair of an
-``--eval_chunk`` (and sets ``modules.modeling.DEFAULT_EVAL_PAIRS_PER_CHUNK``). Prints markdown
+``--eval_chunk`` (and sets ``modules.memory_plan.DEFAULT_EVAL_PAIRS_PER_CHUNK``). Prints markdown
 tables; ``--json`` writes every number.
 
 Usage:
