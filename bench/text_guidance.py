@@ -27,6 +27,11 @@ Rows, each trained with seeds 0, 1, 2:
   ``ungated`` (--gate none: the paper's "+Audio") and ``category_audio`` (AVIGATE on
   category-exemplar audio: how much of audio's gain is the category bit). The sound-caption
   subset is also to be reported split into twin and solo sound captions.
+  Reported as well (issue 17's diagnostics, in the code before the first run on the new recipe):
+  the paired differences DIFFERENCES with their paired-bootstrap SE on every subset; per row the
+  linear probes of the sound (tools/probe_sound.py), the last-layer gate AUC informative vs noise
+  clips (test split, and per epoch on the validation clips); for ROBUSTNESS_ROWS the t2v R@1 under
+  --audio_perturb silence / noise / swap; and issue 17's targets checked on the seed means.
 Ablations: the best text-guided variant (highest mean overall t2v R@1 in full scoring) is
 re-run with each text flag alone (--text_gate / --text_query / --query_gate; --query_gate
 implies the injection), otherwise unchanged, seeds 0, 1, 2.
