@@ -740,7 +740,7 @@ def write_results(results: dict, prefix: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     results["figures"] = figures(results, prefix)
     compact, hits = pack_bits(results, HITS)
-    write_json(f"{prefix}.json", compact, indent=1, default=float)
+    write_json(f"{prefix}.json", compact, indent=None, default=float)  # one line: <= 1 MB with 12 rows
     write_npz(f"{prefix}_hits.npz", hits)
     write_text(f"{prefix}.md", markdown(results))
 

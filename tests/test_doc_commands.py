@@ -64,6 +64,7 @@ NOT_RUN = {
     "synthetic.category_audio_cache": "reads the AST cache `make demo` writes (minutes)",
     "synthetic.make_synthetic_av": "renders the synthetic benchmark's 2,000-odd clips (minutes)",
     "synthetic.demo": "trains and evaluates every row of the synthetic benchmark (CPU hours)",
+    "bench.text_guidance": "trains 12 rows x 3 seeds of the synthetic benchmark (CPU hours)",
     "bench.score_bench": "a timing benchmark (minutes; timings never go in tests)",
     "bench.decode_bench": "a timing benchmark over generated videos (minutes)",
     "bench.metric_conventions": "sweeps random score matrices (6 CPU-seconds at --videos 20, more by default)",

@@ -56,7 +56,7 @@ def test_a_missing_array_is_named():
         unpack_bits(compact, {}, FIELD)
 
 
-@pytest.mark.parametrize("name", ["text_guidance_previous_recipe"])
+@pytest.mark.parametrize("name", ["text_guidance", "text_guidance_previous_recipe"])
 def test_committed_text_guidance_results_are_compact_and_complete(name):
     prefix = os.path.join(ROOT, "bench", "results", name)
     assert os.path.getsize(f"{prefix}.json") <= 1_000_000
