@@ -103,6 +103,14 @@ def test_probe_checkpoint_end_to_end(trained, tmp_path):
         assert r["accuracy"] is not None and 0.0 <= r["accuracy"] <= 100.0, name
         expected = sound_captions if name == "caption_embedding" else informative
         assert r["num_samples"] + r["dropped"]["samples"] == expected
+    # Every visual attribute, from every test clip's embedding and every test caption's.
+    assert set(out["visual_attributes"]) == {"shape", "colour", "motion", "background"}
+    for attribute, sides in out["visual_attributes"].items():
+        classes = {e[attribute] for e in test_videos.values()}
+        video, caption = sides["video_embedding"], sides["caption_embedding"]
+        assert video["num_samples"] + video["dropped"]["samples"] == len(test_videos), attribute
+        assert caption["num_samples"] + caption["dropped"]["samples"] == len(metadata["test_captions"]), attribute
+        assert set(video["class_counts"]) | set(video["dropped"]["classes"]) == classes, attribute
     # The frame settings came from the run's args.json (tiny_flags: --max_words 16).
     assert out["data"]["max_words"] == 16
 

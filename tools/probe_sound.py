@@ -53,6 +53,7 @@ from modules.fusion import masked_mean
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.similarity import exact_fp32, video_index
 from modules.tokenization_clip import ClipTokenizer
+from synthetic.vocab import VISUAL_ATTRIBUTES
 from training import video_inputs
 from util import load_model_weights, write_json
 
@@ -344,6 +345,8 @@ def probe_checkpoint(checkpoint: str, data: ProbeData, settings: ProbeSettings =
     named = [labels[captions.video_ids[v]]["sound"] for v in captions.caption_video]
     results[CAPTION_REPRESENTATION] = cross_validated_accuracy(text_features, named, settings,
                                                                "sound named by each sound caption")
+    attributes = visual_attribute_probes(model, split, labels, features["video_embedding"], data, settings,
+                                         torch_device)
     return {"checkpoint": os.path.abspath(checkpoint), "split": split.name, "metadata": data.metadata,
             "audio": data.audio_feature_cache or data.audio_path,
             "model": {k: record["flags"].get(k) for k in ("gate", "no_audio", "fusion_residual", "text_gate",
@@ -355,7 +358,27 @@ def probe_checkpoint(checkpoint: str, data: ProbeData, settings: ProbeSettings =
                                     "lbfgs), stratified k-fold", **asdict(settings)},
             "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "workers")},
             "descriptions": {k: DESCRIPTIONS[k] for k in results}, "representations": results,
-            "audio_category": category_results, "skipped": skipped}
+            "audio_category": category_results, "visual_attributes": attributes, "skipped": skipped}
+
+
+def visual_attribute_probes(model: AVIGATE, split: RetrievalSplit, labels: dict, video_embedding: np.ndarray,
+                            data: ProbeData, settings: ProbeSettings, device: torch.device) -> dict:
+    """Each visual attribute (shape, colour, motion, background) decoded from the video embedding
+    [Nv, D] of every clip and from the embedding of every caption: a caption is retrieved only if
+    both sides carry what it names, so an attribute one side cannot read caps the recall."""
+    texts = encode_captions(model, TextDataset(split, ClipTokenizer(), data.max_words), data.batch_size,
+                            data.workers, device)
+    out = {}
+    for attribute in VISUAL_ATTRIBUTES:
+        if any(attribute not in labels[v] for v in split.video_ids):
+            continue
+        out[attribute] = {
+            "video_embedding": cross_validated_accuracy(video_embedding, [labels[v][attribute] for v in split.video_ids],
+                                                        settings, f"{attribute} of every clip"),
+            "caption_embedding": cross_validated_accuracy(
+                texts, [labels[split.video_ids[v]][attribute] for v in split.caption_video], settings,
+                f"{attribute} named by every caption")}
+    return out
 
 
 def summary_lines(result: dict) -> list:
@@ -370,6 +393,10 @@ def summary_lines(result: dict) -> list:
             lines.append(f"  {label}: {r['accuracy']:.1f} ± {r['std']:.1f}% (chance {r['chance_uniform']:.1f}%, "
                          f"majority {r['chance_majority']:.1f}%; {r['num_samples']} samples, {r['num_classes']} "
                          f"classes, {r['folds']} folds)")
+    for attribute, sides in result.get("visual_attributes", {}).items():
+        cells = [f"{side} {r['accuracy']:.1f}%" if r["accuracy"] is not None else f"{side} –" for side, r in sides.items()]
+        chance = next(iter(sides.values()))
+        lines.append(f"  visual attribute {attribute} ({chance['num_classes']} classes): {', '.join(cells)}")
     lines += [f"  {name}: skipped ({why})" for name, why in result["skipped"].items()]
     return lines
 
