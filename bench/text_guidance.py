@@ -75,7 +75,7 @@ from atomic_io import write_json, write_text
 from dataloaders.base import collate_items
 from dataloaders.registry import build_eval_datasets
 from evaluation import encode_dataset, rerank_split, score_split
-from metrics import metrics_report, roc_auc, text_to_video_ranks
+from metrics import metrics_report, text_to_video_ranks
 from modules.tokenization_clip import ClipTokenizer
 from synthetic import demo, demo_results
 from tools import robustness_table
@@ -308,9 +308,7 @@ def gate_separation(scored, query: Query) -> Optional[dict]:
         per_video = np.array([own[query.caption_video == v].mean() for v in range(query.category.size)])
     else:
         return None
-    informative, noise = per_video[query.informative_video], per_video[~query.informative_video]
-    return {"last_layer_auc": roc_auc(informative, noise),
-            "last_layer_gap": float(informative.mean() - noise.mean())}
+    return demo_results.gate_separation(per_video, query.informative_video)
 
 
 def evaluate_row(cfg, paths, row: StudyRow, run_dir: str, query_of, threads: int) -> dict:

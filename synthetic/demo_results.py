@@ -152,6 +152,15 @@ def video_gate_values(gates: dict, video_ids: list) -> dict:
             for name in gates["gate_names"]}
 
 
+def gate_separation(last_layer: np.ndarray, video_informative: np.ndarray) -> dict:
+    """How a last-layer |gate| per video [Nv] separates informative (positive) from noise clips
+    (bool [Nv]): AUC and the mean gap (informative minus noise); None where a side is empty."""
+    informative, noise = last_layer[video_informative], last_layer[~video_informative]
+    return {"last_layer_auc": roc_auc(informative, noise),
+            "last_layer_gap": (float(informative.mean() - noise.mean()) if len(informative) and len(noise)
+                               else None)}
+
+
 def gate_summary(gates: dict, video_ids: list, video_informative: np.ndarray) -> dict:
     """Mean |g| per layer on informative and noise videos for every gate, and for each gate the
     last layer's separation: AUC (informative = positive class) and the mean gap
@@ -162,9 +171,7 @@ def gate_summary(gates: dict, video_ids: list, video_informative: np.ndarray) ->
         summary[name] = {
             "informative_mean": [float(x) for x in informative.mean(0)] if len(informative) else None,
             "noise_mean": [float(x) for x in noise.mean(0)] if len(noise) else None,
-            "last_layer_auc": roc_auc(informative[:, -1], noise[:, -1]),
-            "last_layer_gap": (float(informative[:, -1].mean() - noise[:, -1].mean())
-                               if len(informative) and len(noise) else None),
+            **gate_separation(values[:, -1], video_informative),
         }
     return summary
 
