@@ -281,13 +281,12 @@ def read_labels(path: str, video_ids: list) -> dict:
     return {v: videos[v] for v in video_ids}
 
 
-def sound_captions(split: RetrievalSplit, labels: dict) -> RetrievalSplit:
-    """The split's captions that name their clip's sound (metadata kind "sound")."""
+def sound_caption_mask(split: RetrievalSplit, labels: dict) -> np.ndarray:
+    """bool [Nt]: the split's captions that name their clip's sound (metadata kind "sound")."""
     kinds = {(vid, c["caption"]): c.get("kind", SOUND_KIND if c.get("mentions_sound") else "visual")
              for vid, entry in labels.items() for c in entry.get("captions", [])}
-    pairs = [(split.video_ids[v], caption) for caption, v in zip(split.captions, split.caption_video)
-             if kinds.get((split.video_ids[v], caption)) == SOUND_KIND]
-    return RetrievalSplit.from_pairs(f"{split.name} (sound captions)", pairs)
+    return np.array([kinds.get((split.video_ids[v], caption)) == SOUND_KIND
+                     for caption, v in zip(split.captions, split.caption_video)], dtype=bool)
 
 
 def video_view(model: AVIGATE) -> str:
@@ -339,21 +338,21 @@ def probe_checkpoint(checkpoint: str, data: ProbeData, settings: ProbeSettings =
     category_results = {name: cross_validated_accuracy(features[name], category, settings,
                                                        "audio category (informative vs irrelevant) of every clip")
                         for name in results}
-    captions = sound_captions(split, labels)
-    text_features = encode_captions(model, TextDataset(captions, ClipTokenizer(), data.max_words),
-                                    data.batch_size, data.workers, torch_device)
-    named = [labels[captions.video_ids[v]]["sound"] for v in captions.caption_video]
-    results[CAPTION_REPRESENTATION] = cross_validated_accuracy(text_features, named, settings,
+    # Every caption is encoded once: the sound captions' probe and the attribute probes share it.
+    texts = encode_captions(model, TextDataset(split, ClipTokenizer(), data.max_words), data.batch_size,
+                            data.workers, torch_device)
+    sound = sound_caption_mask(split, labels)
+    named = [labels[split.video_ids[v]]["sound"] for v in np.asarray(split.caption_video)[sound]]
+    results[CAPTION_REPRESENTATION] = cross_validated_accuracy(texts[sound], named, settings,
                                                                "sound named by each sound caption")
-    attributes = visual_attribute_probes(model, split, labels, features["video_embedding"], data, settings,
-                                         torch_device)
+    attributes = visual_attribute_probes(split, labels, features["video_embedding"], texts, settings)
     return {"checkpoint": os.path.abspath(checkpoint), "split": split.name, "metadata": data.metadata,
             "audio": data.audio_feature_cache or data.audio_path,
             "model": {k: record["flags"].get(k) for k in ("gate", "no_audio", "fusion_residual", "text_gate",
                                                           "text_query", "query_gate")},
             "video_view": video_view(model),
             "num_videos": split.num_videos, "num_informative_videos": int(informative.sum()),
-            "num_sound_captions": captions.num_texts,
+            "num_sound_captions": int(sound.sum()),
             "probe": {"classifier": "standardized features -> multinomial logistic regression (scikit-learn "
                                     "lbfgs), stratified k-fold", **asdict(settings)},
             "data": {k: v for k, v in asdict(data).items() if k not in ("batch_size", "workers")},
@@ -361,13 +360,11 @@ def probe_checkpoint(checkpoint: str, data: ProbeData, settings: ProbeSettings =
             "audio_category": category_results, "visual_attributes": attributes, "skipped": skipped}
 
 
-def visual_attribute_probes(model: AVIGATE, split: RetrievalSplit, labels: dict, video_embedding: np.ndarray,
-                            data: ProbeData, settings: ProbeSettings, device: torch.device) -> dict:
+def visual_attribute_probes(split: RetrievalSplit, labels: dict, video_embedding: np.ndarray, texts: np.ndarray,
+                            settings: ProbeSettings) -> dict:
     """Each visual attribute (shape, colour, motion, background) decoded from the video embedding
-    [Nv, D] of every clip and from the embedding of every caption: a caption is retrieved only if
-    both sides carry what it names, so an attribute one side cannot read caps the recall."""
-    texts = encode_captions(model, TextDataset(split, ClipTokenizer(), data.max_words), data.batch_size,
-                            data.workers, device)
+    [Nv, D] of every clip and from the embedding [Nt, D] of every caption: a caption is retrieved
+    only if both sides carry what it names, so an attribute one side cannot read caps the recall."""
     out = {}
     for attribute in VISUAL_ATTRIBUTES:
         if any(attribute not in labels[v] for v in split.video_ids):
