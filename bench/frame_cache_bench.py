@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 
+from atomic_io import write_json
 from dataloaders.audio import load_ast_input
 from dataloaders.audio_cache import AudioCacheWriter, AudioFeatureCache
 from dataloaders.base import collate_items
@@ -233,8 +233,7 @@ def main(argv=None) -> dict:
                    "loader": measure_loader(paths, ast_dir, root, args)}
     print_report(results, args)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(args.json, results, indent=1, default=None)
     return results
 
 

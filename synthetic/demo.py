@@ -28,7 +28,6 @@ noise, and that text-guided scores are measured honestly. Stages, each cached un
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 import main_task_retrieval
-from atomic_io import write_json
+from atomic_io import write_json, write_text
 from dataloaders.audio_cache import AudioCacheWriter, checkpoint_fingerprint
 from modules.ast import AST
 from preprocess import cache_audio_features, cache_frames
@@ -870,10 +869,8 @@ def run_demo(cfg: DemoConfig, compare_to: Optional[str] = None, profile: str = "
     results["robustness"] = robustness(jobs, dirs, cfg.seed)
     results["shortcut"] = shortcut_split(entries, cfg.seed)
     results["figures"] = write_gate_figures(entries, metadata, dirs, paths.out_dir)
-    with open(os.path.join(paths.out_dir, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
-    with open(os.path.join(paths.out_dir, "results.md"), "w") as handle:
-        handle.write(markdown(results))
+    write_json(os.path.join(paths.out_dir, "results.json"), results, indent=1, default=None)
+    write_text(os.path.join(paths.out_dir, "results.md"), markdown(results))
     return results
 
 

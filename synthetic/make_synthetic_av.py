@@ -40,6 +40,7 @@ import pandas as pd
 import soundfile as sf
 from tqdm import tqdm
 
+from atomic_io import write_text
 from preprocess.compress_video import pick_video_codec
 from synthetic.design import (STREAM_PRETRAIN, STREAM_RENDER, ClipPlan, SyntheticAVConfig,
                               design_counts, plan_benchmark, validate_design, visual_attributes)
@@ -287,9 +288,7 @@ def _run_all(jobs: list, workers: int) -> None:
 # ----------------------------------------------------------------------------- tables
 
 def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.write("\n")
+    write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def _write_msrvtt_files(out_dir: str, videos: list) -> None:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from atomic_io import save_torch
+from atomic_io import save_torch, write_json
 from dataloaders.audio import FbankConfig, load_ast_input
 from modules.ast import AST
 from synthetic.make_synthetic_av import PRETRAIN_DIR, PRETRAIN_LABELS
@@ -217,8 +217,7 @@ def pretrain(data_dir: str, init_checkpoint: str, out_path: str, cfg: PretrainCo
               "held_out_accuracy_after": after, "first_loss": losses[0] if losses else None,
               "last_loss": float(np.mean(losses[-5:])) if losses else None,
               "fbank_seconds": round(fbank_seconds, 1), "seconds": round(time.time() - start, 1)}
-    with open(os.path.splitext(out_path)[0] + REPORT_SUFFIX, "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_json(os.path.splitext(out_path)[0] + REPORT_SUFFIX, report, indent=1, default=None)
     return report
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import re
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 import training
+from atomic_io import write_json
 import util
 from dataloaders import video as video_io
 from metrics import retrieval_metrics
@@ -425,8 +425,7 @@ def main(argv=None) -> dict:
         results = run(sizes, device, with_tests=not args.no_tests)
     print(table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_json(args.json, results, indent=1)
     return results
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from atomic_io import write_json
 import util
 from modules.ast import ASTConfig
 from modules.clip import CLIPConfig
@@ -445,9 +446,8 @@ def main(argv=None) -> dict:
     if set(args.parts) == {"train", "eval", "encoders"}:
         print("\n" + planning_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"sizes": vars(sizes), "device": str(device), "torch": torch.__version__,
-                       "results": results}, f, indent=1)
+        write_json(args.json, {"sizes": vars(sizes), "device": str(device), "torch": torch.__version__,
+                               "results": results}, indent=1, default=None)
     return results
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from dataclasses import replace
 
 import numpy as np
 import torch
 
+from atomic_io import write_json
 import util
 from metrics import retrieval_metrics
 from modules.ast import ASTConfig
@@ -144,8 +144,7 @@ def main(argv=None) -> list[dict]:
     results = [compare(flags, args, device) for flags in ({}, GUIDED)]
     print(report(results, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results, indent=1, default=None)
     return results
 
 
