@@ -9,7 +9,6 @@ rounding (AVIGATE's LayerNorms compute in fp32, which puts its agreement near 1e
 """
 import math
 import os
-import socket
 from datetime import timedelta
 from functools import partial
 
@@ -26,6 +25,7 @@ from modules.loss import (CHECK_GATHERS_ENV, LossConfig, adaptive_margins, all_g
 from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import freeze_parameters
+from tests.localhost import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -204,17 +204,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_dir(tmp_path_factory):
     """Folder of every rank's results, written by one spawn of WORLD_SIZE gloo ranks."""
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE)
     return out_dir
 
 

@@ -5,7 +5,6 @@ shard is not its share of rank 0's list fails loudly. The same spawn checks the 
 output-folder marker (util.check_shared_output_dir): a shared folder passes, a folder each rank
 sees differently stops every rank with an error naming the blind rank."""
 import os
-import socket
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -19,14 +18,13 @@ import evaluation
 import util
 from modules.modeling import AVIGATE, AVIGATEConfig
 from util import DistInfo
+from tests.localhost import free_port
 
 pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 NT, NV, TOPK = 6, 5, 2
 GUIDED = {"text_gate": True, "text_query": True, "query_gate": True, "text_init": "normal"}
-
-
 
 
 def _inputs():
@@ -82,12 +80,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _single_process(perturb: bool) -> dict:
     model, texts, videos, split = _inputs()
     evaluation.STAGE1_TEST_HOOK = (lambda s, r: -s) if perturb else None
@@ -101,7 +93,7 @@ def _single_process(perturb: bool) -> dict:
 def rank_results(tmp_path_factory):
     """One spawn of two gloo ranks re-ranking twice: with rank 1's, then rank 0's stage 1 perturbed."""
     out = tmp_path_factory.mktemp("rerank_ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE)
     return out
 
 

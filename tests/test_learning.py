@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from dataclasses import replace
 
 import numpy as np
@@ -36,6 +35,7 @@ from modules.modeling import AVIGATE, AVIGATEConfig
 from modules.objective import ContrastiveObjective, ObjectiveConfig
 from modules.optimization import OptimConfig, build_optimizer, build_scheduler
 from tests.datagen import make_msrvtt
+from tests.localhost import free_port
 from tests.test_modeling import texts, videos
 from tests.test_train_e2e import read_jsonl, tiny_flags, write_tiny_checkpoints
 
@@ -223,10 +223,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_accumulation_under_ddp_equals_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD_SIZE)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE)
     model, micro = _accumulation_setup(**GUIDED)
     single = _step_with(model, micro)
     for rank in range(WORLD_SIZE):

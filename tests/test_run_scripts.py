@@ -4,7 +4,6 @@ checkpoint without architecture flags and must reproduce the training run's test
 arguments override the scripts' recipe."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.datagen import make_vatex
+from tests.localhost import free_port
 from tests.test_train_e2e import ROOT, write_tiny_checkpoints
 
 pytestmark = pytest.mark.distributed
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.distributed
 TINY_OVERRIDES = ["--epochs", "1", "--batch_size", "2", "--batch_size_val", "2", "--max_frames", "2",
                   "--max_words", "16", "--cross_num_hidden_layers", "1", "--audio_query_layers", "1",
                   "--device", "cpu", "--n_display", "1", "--save_every_steps", "0"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(script: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
@@ -46,7 +40,7 @@ def test_run_vatex_preset_then_run_eval_without_flags_reproduce_scores(tmp_path)
               "AUDIO_PATH": data["audio_path"], "NUM_GPUS": "1", "NUM_WORKERS": "0"}
     _run("run_vatex.sh", {**common, "CLIP_NAME": ckpts["clip"], "AST_CHECKPOINT": ckpts["ast"],
                           "TEXT_GUIDED": "--text_gate --query_gate", "PRESET": "table5-local",
-                          "OUTPUT_DIR": str(train_dir), "MASTER_PORT": str(_free_port())}, *TINY_OVERRIDES)
+                          "OUTPUT_DIR": str(train_dir), "MASTER_PORT": str(free_port())}, *TINY_OVERRIDES)
     with open(train_dir / "args.json") as f:
         args = json.load(f)
     assert args["datatype"] == "vatex" and args["margin_BD"] == 0.05   # the VATEX recipe
