@@ -153,11 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AST AudioSet checkpoint (released .pth or transformers ASTModel .bin/.safetensors); "
                         "the default file is taken from the weights cache or downloaded when missing")
     m.add_argument("--weights_cache", default=None,
-                   help=f"where released weights are downloaded (default: ${weights.CACHE_ENV}, else "
-                        "$XDG_CACHE_HOME/avigate, else ~/.cache/avigate)")
+                   help=weights.WEIGHTS_CACHE_HELP)
     m.add_argument("--offline", action="store_true",
-                   help=f"never download weights (also ${weights.OFFLINE_ENV}=1); a missing file is an error "
-                        "naming its URL and where to put it")
+                   help=f"{weights.OFFLINE_HELP}; a missing file is an error naming its URL and where to put it")
     m.add_argument("--allow_unlisted_weights", action="store_true",
                    help="use a local file named like a release (modules/ViT-B-32.pt) although its SHA-256 is "
                         "not the published one (e.g. a re-saved copy); recorded with its own SHA-256")

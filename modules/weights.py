@@ -46,6 +46,10 @@ PathLike = Union[str, os.PathLike]
 MODULES_DIR = os.path.dirname(os.path.abspath(__file__))
 CACHE_ENV = "AVIGATE_CACHE"
 OFFLINE_ENV = "AVIGATE_OFFLINE"
+# Help of the --weights_cache / --offline flags, shared by every entry point that resolves weights.
+WEIGHTS_CACHE_HELP = (f"where released weights are downloaded (default: ${CACHE_ENV}, else "
+                      "$XDG_CACHE_HOME/avigate, else ~/.cache/avigate)")
+OFFLINE_HELP = f"never download weights (also ${OFFLINE_ENV}=1)"
 CACHE_APP_DIR = "avigate"
 PART_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"

@@ -103,10 +103,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="AST AudioSet checkpoint; the default released file is taken from modules/ or the "
                              "weights cache, else downloaded (default: %(default)s)")
     parser.add_argument("--weights_cache", default=None,
-                        help=f"where released weights are downloaded (default: ${weights.CACHE_ENV}, else "
-                             "$XDG_CACHE_HOME/avigate, else ~/.cache/avigate)")
+                        help=weights.WEIGHTS_CACHE_HELP)
     parser.add_argument("--offline", action="store_true",
-                        help=f"never download weights (also ${weights.OFFLINE_ENV}=1)")
+                        help=weights.OFFLINE_HELP)
     parser.add_argument("--max_missing_audio", type=float, default=DEFAULT_MAX_MISSING,
                         help="refuse the audio folder when more than this fraction of the videos have no file "
                              "(default: %(default)s; 1 = only when none has one)")
